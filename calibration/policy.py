@@ -1,0 +1,115 @@
+"""What a cache run computes and how it fills in what it skips: one validated, immutable config with a tag."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+MODES = ("fixed", "dynamic")
+FORECASTERS = ("reuse", "taylor", "foca")
+TIME_UNITS = ("step", "sigma")
+GRANULARITIES = ("module", "block")
+
+
+class PolicyError(ValueError):
+    """A setting the user chose that cannot work; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Which block evaluations are computed, and how skipped sites are produced.
+
+    mode "fixed" computes every `interval`-th step (FORA's schedule); mode "dynamic" computes the probe blocks
+    (the first `max(1, first_blocks)`) every step and skips the rest while the probe's residual changes by less than
+    `threshold` relative to the last computed step, at most `max_skips` steps in a row (First-Block-Cache/DBCache).
+    Steps before `warmup_steps` and outside the window [start, end) (fractions of the run's steps) are computed.
+    The first `first_blocks` and last `last_blocks` blocks are always computed.
+    """
+
+    mode: str = "fixed"
+    interval: int = 3
+    warmup_steps: int = 1
+    start: float = 0.0
+    end: float = 1.0
+    first_blocks: int = 0
+    last_blocks: int = 0
+    threshold: float = 0.1
+    max_skips: int = 3
+    forecaster: str = "reuse"
+    order: int = 1
+    time_unit: str = "step"
+    foca_lambda: float = 0.5
+    granularity: str = "module"
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _choice("forecaster", self.forecaster, FORECASTERS)
+        _choice("time_unit", self.time_unit, TIME_UNITS)
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _integer("interval", self.interval, 1, "N = 1 computes every step; N = 3 computes one step in three")
+        _integer("warmup_steps", self.warmup_steps, 0, "0 lets caching start at the first step")
+        _integer("first_blocks", self.first_blocks, 0, "0 lets every block be skipped")
+        _integer("last_blocks", self.last_blocks, 0, "0 lets every block be skipped")
+        _integer("max_skips", self.max_skips, 1, "it caps how many steps in a row the dynamic policy may skip")
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or not 1 <= self.order <= 3:
+            raise PolicyError(f"Taylor order must be 1, 2 or 3 (got {self.order!r}); higher orders amplify noise")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PolicyError(f"{name} must be a number in [0, 1] (got {value!r})")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise PolicyError(
+                f"the caching window must satisfy 0 <= start < end <= 1 (got start={self.start}, end={self.end}): "
+                "both are fractions of the sampling steps, e.g. start=0.1, end=0.9"
+            )
+        if not self.threshold > 0:
+            raise PolicyError(f"threshold must be > 0 (got {self.threshold}); typical values are 0.05-0.2")
+        if not 0.0 <= self.foca_lambda <= 1.0:
+            raise PolicyError(f"foca_lambda must be in [0, 1] (got {self.foca_lambda}); 1 = full curvature")
+
+    @property
+    def probe_blocks(self) -> int:
+        """Blocks computed every step in dynamic mode; their residual decides whether the rest is skipped."""
+        return max(1, self.first_blocks) if self.mode == "dynamic" else self.first_blocks
+
+    def computes_everything(self) -> bool:
+        return self.mode == "fixed" and self.interval == 1
+
+    def tag(self) -> str:
+        """A compact identity for logs, file names and prior metadata, e.g. `FORA_N3_W1` or `TAYLOR2_N4_W1_sigma`."""
+        if self.mode == "fixed":
+            parts = [f"N{self.interval}"]
+        else:
+            parts = [f"DYN{self.threshold:g}", f"K{self.max_skips}"]
+        parts.append(f"W{self.warmup_steps}")
+        if (self.start, self.end) != (0.0, 1.0):
+            parts.append(f"S{self.start:g}-{self.end:g}")
+        if self.first_blocks or self.last_blocks:
+            parts.append(f"F{self.first_blocks}B{self.last_blocks}")
+        if self.granularity == "block":
+            parts.append("G2")
+        head = {"reuse": "FORA", "taylor": f"TAYLOR{self.order}", "foca": f"FOCA{self.foca_lambda:g}"}[self.forecaster]
+        if self.forecaster != "reuse" and self.time_unit == "sigma":
+            parts.append("sigma")
+        return "_".join([head, *parts])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CachePolicy":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PolicyError(f"unknown policy settings {unknown}; known settings are {sorted(known)}")
+        return cls(**data)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PolicyError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _integer(name: str, value: object, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PolicyError(f"{name} must be an integer >= {minimum} (got {value!r}): {hint}")

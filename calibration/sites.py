@@ -1,0 +1,81 @@
+"""Running one block through the cache, at the two granularities the engine supports.
+
+* `gated_block` (G3): an adaLN block given as ordered sites (name, gate, pre-gate function). Computed sites run
+  their function; skipped ones are forecast; the gates are always the current step's. This is the granularity FORA,
+  TaylorSeer, GOC, TCC and ICC use.
+* `residual_block` (G2): any block, as a function from input streams to output streams. The cached value of each
+  stream is its residual (output − input); a skipped block returns input + forecast residual.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .state import ModelCall
+
+Site = tuple[str, Tensor, Callable[[Tensor], Tensor]]
+
+
+def gated_block(call: "ModelCall", index: int, sites: Sequence[Site], h: Tensor, flops: Mapping[str, float]) -> Tensor:
+    """`flops` gives per-sample FLOPs by site name, plus "modulation" for the always-computed adaLN part."""
+    call.enter(index, {"x": h})
+    compute = call.computes(index)
+    spent = full = flops.get("modulation", 0.0)
+    for name, gate, branch in sites:
+        cost = flops.get(name, 1.0)
+        full += cost
+        if compute:
+            value = branch(h)
+            call.remember(index, name, value)
+            spent += cost
+        else:
+            value, forecast_flops = call.recall(index, name)
+            spent += forecast_flops
+        h = h + gate * value
+    call.account(index, compute, full, spent, len(sites))
+    call.leave(index, {"x": h})
+    return h
+
+
+def residual_block(
+    call: "ModelCall",
+    index: int,
+    inputs: Mapping[str, Tensor],
+    run: Callable[[], Mapping[str, Tensor | None]],
+    flops: float | Callable[[], float] = 1.0,
+) -> dict[str, Tensor | None]:
+    """`run` computes the block; inputs may be modified in place by it, so they are copied first when cached.
+
+    Output streams that are None (e.g. SD3's last joint block drops its text stream) stay None on skipped steps. A
+    block whose output has a stream that is not input + residual cannot be skipped and is always computed.
+    `flops` may be a callable, read after the block ran (so a cost can be measured on the first computation).
+    """
+    call.enter(index, inputs)
+    if call.computes(index):
+        keys = call.state.layouts.get(index, tuple(inputs))
+        kept = {k: inputs[k].clone() for k in keys if k in inputs} if call.stores(index) else {}
+        outputs = dict(run())
+        cost = flops() if callable(flops) else flops
+        streams = [k for k, v in outputs.items() if v is not None and k in inputs and v.shape == inputs[k].shape]
+        if any(v is not None and k not in streams for k, v in outputs.items()):
+            call.state.uncacheable.add(index)
+        call.state.layouts[index] = tuple(outputs)
+        for k in streams:
+            if k in kept:
+                call.remember(index, f"residual.{k}", outputs[k] - kept[k])
+        call.account(index, True, cost, cost, max(len(streams), 1))
+    else:
+        outputs, spent = {}, 0.0
+        for k in call.state.layouts[index]:
+            if k in inputs:
+                residual, forecast_flops = call.recall(index, f"residual.{k}")
+                outputs[k] = inputs[k] + residual
+                spent += forecast_flops
+            else:
+                outputs[k] = None
+        call.account(index, False, flops() if callable(flops) else flops, spent, len(outputs))
+    call.leave(index, outputs)
+    return outputs

@@ -1,0 +1,203 @@
+"""The state of one sampling run: its clock, its per-branch caches, the current round's decision, its statistics.
+
+A *round* is one evaluation of the guided model at one σ: every conditioning branch (cond, uncond, …) is evaluated
+once, batched in one model call or spread over several. Rounds are detected from the calls themselves (a new σ, or a
+branch seen again), so Heun's two evaluations at one σ are two rounds. Each branch keeps its own caches; a branch
+whose input changes shape, dtype or device starts afresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .clock import StepClock
+from .forecast import Forecaster
+from .policy import CachePolicy, PolicyError
+from .registry import make_forecaster
+from .schedule import StepPlan
+from .sites import gated_block, residual_block
+from .stats import RunStats
+
+SiteKey = tuple[int, str]
+
+
+@dataclass
+class Round:
+    sigma: float
+    step: int
+    time: float
+    skip: bool | None
+    seen: set[Hashable] = field(default_factory=set)
+
+
+@dataclass
+class BranchCache:
+    signature: tuple
+    sites: dict[SiteKey, Forecaster] = field(default_factory=dict)
+    ready: set[int] = field(default_factory=set)
+    probe_ref: Tensor | None = None
+
+
+class RunState:
+    """Created at the start of a sampling run and dropped at its end; nothing in it outlives the run."""
+
+    def __init__(self, policy: CachePolicy, sigmas: Sequence[float], blocks: int) -> None:
+        if blocks < 1:
+            raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
+        self.policy = policy
+        self.blocks = blocks
+        self.clock = StepClock(sigmas)
+        self.plan = StepPlan(policy, self.clock.steps)
+        self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
+        self.stats = RunStats()
+        self.branches: dict[Hashable, BranchCache] = {}
+        self.round: Round | None = None
+        self._skips_in_row = 0
+        self._flops: dict[tuple[int, int], dict[str, float]] = {}
+        self.uncacheable: set[int] = set()
+        self.layouts: dict[int, tuple[str, ...]] = {}
+
+    def call(self, sigma: float, branches: Sequence[Hashable], x: Tensor) -> "ModelCall":
+        """Open one model call whose batch holds `branches` in order, in equal chunks of x's first dimension."""
+        if not branches or x.shape[0] % len(branches):
+            raise ValueError(f"a batch of {x.shape[0]} cannot hold {len(branches)} equal branch chunks")
+        sigma = float(sigma)
+        r = self.round
+        if r is None or sigma != r.sigma or any(b in r.seen for b in branches):
+            r = self.round = self._new_round(sigma)
+        r.seen.update(branches)
+        chunk = x.shape[0] // len(branches)
+        signature = (chunk, *x.shape[1:], x.dtype, x.device)
+        for b in branches:
+            cache = self.branches.get(b)
+            if cache is None or cache.signature != signature:
+                if cache is not None:
+                    self.stats.add_cache_bytes(-sum(f.nbytes for f in cache.sites.values()))
+                self.branches[b] = BranchCache(signature)
+        self.stats.model_calls += 1
+        return ModelCall(self, r, list(branches), chunk)
+
+    def _new_round(self, sigma: float) -> Round:
+        step = self.clock.step(sigma)
+        time = self.clock.position(sigma) if self.policy.time_unit == "step" else sigma
+        if self.policy.mode == "fixed":
+            skip: bool | None = not self.plan.full[step]
+        else:
+            skip = None if self.plan.cacheable[step] else False
+        if skip is False:
+            self._skips_in_row = 0
+        self.stats.rounds += 1
+        self.stats.steps.add(step)
+        return Round(sigma, step, time, skip)
+
+    def decide(self, residual: Tensor, branch: Hashable) -> bool:
+        """Dynamic policy: skip the round if the probe residual moved little since the last computed round."""
+        ref = self.branches[branch].probe_ref
+        skip = False
+        if ref is not None and self._skips_in_row < self.policy.max_skips:
+            change = (residual - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
+            skip = bool(change < self.policy.threshold)
+        self._skips_in_row = self._skips_in_row + 1 if skip else 0
+        return skip
+
+    def finish(self) -> RunStats:
+        """Release every cache; the statistics stay."""
+        self.branches.clear()
+        self.stats.add_cache_bytes(-self.stats.cache_bytes)
+        self.round = None
+        return self.stats
+
+
+class ModelCall:
+    """One model call inside a round: decides per block, stores and forecasts site values per branch chunk.
+
+    It is also a block runner for adaLN blocks that expose `sites(c)` (see `sites.py`): `call(i, block, h, c)`.
+    """
+
+    def __init__(self, state: RunState, round_: Round, branches: list[Hashable], chunk: int) -> None:
+        self.state = state
+        self.round = round_
+        self.branches = branches
+        self.chunk = chunk
+        self._stores = state.plan.may_skip_after(round_.step)
+        self._probe_inputs: Mapping[str, Tensor] | None = None
+
+    def computes(self, block: int) -> bool:
+        if block in self.state.always or not self.round.skip or block in self.state.uncacheable:
+            return True
+        return not all(block in self.state.branches[b].ready for b in self.branches)
+
+    def stores(self, block: int) -> bool:
+        """Whether values computed now can serve a later skip (nothing is kept when none can)."""
+        return self._stores and block not in self.state.always
+
+    def remember(self, block: int, name: str, value: Tensor) -> None:
+        if not self.stores(block):
+            return
+        state, t = self.state, self.round.time
+        for b, part in zip(self.branches, value.split(self.chunk)):
+            cache = state.branches[b]
+            forecaster = cache.sites.get((block, name))
+            if forecaster is None:
+                forecaster = cache.sites[(block, name)] = make_forecaster(state.policy)
+            before = forecaster.nbytes
+            forecaster.update(t, part.detach())
+            state.stats.add_cache_bytes(forecaster.nbytes - before)
+            cache.ready.add(block)
+
+    def recall(self, block: int, name: str) -> tuple[Tensor, float]:
+        """The forecast of a site for this call's batch, and the FLOPs the forecast spent per sample."""
+        t = self.round.time
+        forecasters = [self.state.branches[b].sites[(block, name)] for b in self.branches]
+        parts = [f.predict(t) for f in forecasters]
+        flops = forecasters[0].predict_flops(t) / max(self.chunk, 1)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), flops
+
+    def account(self, block: int, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:
+        stats, n = self.state.stats, self.chunk * len(self.branches)
+        stats.flops_full += full_flops * n
+        stats.flops_computed += spent_flops * n
+        if computed:
+            stats.blocks_computed += len(self.branches)
+            stats.sites_computed += sites * len(self.branches)
+        else:
+            stats.blocks_skipped += len(self.branches)
+            stats.sites_skipped += sites * len(self.branches)
+
+    def enter(self, block: int, inputs: Mapping[str, Tensor]) -> None:
+        if block == 0 and self.state.policy.mode == "dynamic":
+            self._probe_inputs = {k: v.clone() for k, v in inputs.items()}
+
+    def leave(self, block: int, outputs: Mapping[str, Tensor]) -> None:
+        """After the last probe block: the dynamic policy decides the round and refreshes references."""
+        state = self.state
+        if self._probe_inputs is None or block != state.policy.probe_blocks - 1:
+            return
+        keys = [k for k, v in outputs.items() if v is not None and k in self._probe_inputs]
+        residual = torch.cat([(outputs[k] - self._probe_inputs[k]).flatten(1) for k in keys], dim=1)
+        self._probe_inputs = None
+        parts = residual.split(self.chunk)
+        if self.round.skip is None:
+            self.round.skip = state.decide(parts[0], self.branches[0])
+        if not self.round.skip:
+            for b, part in zip(self.branches, parts):
+                state.branches[b].probe_ref = part
+
+    def __call__(self, index: int, block, h: Tensor, c: Tensor) -> Tensor:
+        flops = self.site_flops(index, block, h.shape[1])
+        if self.state.policy.granularity == "module":
+            return gated_block(self, index, block.sites(c), h, flops)
+        return residual_block(self, index, {"x": h}, lambda: {"x": block(h, c)}, sum(flops.values()) or 1.0)["x"]
+
+    def site_flops(self, index: int, block, tokens: int) -> dict[str, float]:
+        """Per-sample FLOPs by site when the block reports them (`site_flops(tokens)`), else equal weights."""
+        key = (index, tokens)
+        known = self.state._flops.get(key)
+        if known is None:
+            report = getattr(block, "site_flops", None)
+            known = self.state._flops[key] = report(tokens) if report is not None else {}
+        return known

@@ -1,0 +1,1 @@
+"""Calibration prior files (safetensors + provenance metadata)."""

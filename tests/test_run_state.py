@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from calibrated_cache.calibration import CachePolicy, RunState
+from calibrated_cache.testbed.sampling import flow_sigmas, sample
+
+STEPS, CFG = 12, 3.0
+LABELS = torch.tensor([3, 1, 4, 1])
+POLICIES = {
+    "fora": CachePolicy(interval=3),
+    "taylor": CachePolicy(interval=3, forecaster="taylor", order=2, warmup_steps=0),
+    "foca": CachePolicy(interval=4, forecaster="foca", time_unit="sigma"),
+    "block": CachePolicy(interval=3, granularity="block", forecaster="taylor"),
+    "dynamic": CachePolicy(mode="dynamic", threshold=0.3, max_skips=2, forecaster="taylor"),
+}
+
+
+def noise(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("granularity", ["module", "block"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_policy_that_computes_everything_is_bit_identical_to_the_unpatched_model(random_dit, sampler, granularity, batched):
+    plain, _ = sample(random_dit, LABELS, noise(), STEPS, CFG, sampler, batched=batched)
+    policy = CachePolicy(interval=1, granularity=granularity)
+    cached, run = sample(random_dit, LABELS, noise(), STEPS, CFG, sampler, policy=policy, batched=batched)
+    assert torch.equal(plain, cached)
+    assert run.stats.compute_fraction == 1.0 and run.stats.peak_cache_bytes == 0
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_batched_and_split_cfg_give_identical_results(random_dit, name):
+    batched, a = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=POLICIES[name], batched=True)
+    split, b = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=POLICIES[name], batched=False)
+    assert torch.equal(batched, split)
+    assert a.stats.blocks_skipped == b.stats.blocks_skipped > 0
+
+
+@pytest.mark.parametrize("name", ["fora", "taylor", "foca", "block"])
+def test_batch_of_four_gives_the_per_sample_results_of_batch_one(random_dit, name):
+    policy = POLICIES[name]
+    together, _ = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=policy)
+    alone = torch.cat([sample(random_dit, LABELS[i : i + 1], noise()[i : i + 1], STEPS, CFG, policy=policy)[0] for i in range(4)])
+    full, _ = sample(random_dit, LABELS, noise(), STEPS, CFG)
+    # Float batching in the matmuls differs at ~1e-6 (full computation shows the same); caching must add nothing.
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0)
+    assert (together - full).abs().max() > 100 * (together - alone).abs().max()
+
+
+def test_runs_are_isolated_from_each_other(random_dit):
+    policy = POLICIES["taylor"]
+    first, _ = sample(random_dit, LABELS, noise(seed=1), STEPS, CFG, policy=policy)
+    sample(random_dit, LABELS.flip(0), noise(seed=2), STEPS + 3, CFG, "heun", policy=policy)
+    again, _ = sample(random_dit, LABELS, noise(seed=1), STEPS, CFG, policy=policy)
+    assert torch.equal(first, again)
+
+
+def test_finishing_a_run_releases_its_caches(random_dit):
+    _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=POLICIES["foca"])
+    assert run.stats.peak_cache_bytes > 0
+    assert run.stats.cache_bytes == 0 and not run.branches
+
+
+def test_heun_counts_schedule_steps_and_every_evaluation(random_dit):
+    policy = CachePolicy(interval=2, warmup_steps=0)
+    _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, "heun", policy=policy, batched=False)
+    stats = run.stats
+    assert len(stats.steps) == STEPS
+    assert stats.rounds == 2 * STEPS - 1
+    assert stats.model_calls == 2 * (2 * STEPS - 1)
+    full_rounds = 1 + 2 * len(range(2, STEPS, 2))  # step 0 has one round, later steps two (corrector + own)
+    depth = len(random_dit.blocks)
+    assert stats.blocks_computed == full_rounds * 2 * depth
+    assert stats.blocks_computed + stats.blocks_skipped == stats.model_calls * depth
+
+
+def test_partial_schedule_applies_the_policy_from_its_own_first_step(random_dit):
+    sigmas = flow_sigmas(STEPS)[6:]
+    policy = CachePolicy(interval=3, warmup_steps=1)
+    _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=policy, sigmas=sigmas)
+    depth = len(random_dit.blocks)
+    assert len(run.stats.steps) == 6
+    assert run.stats.blocks_computed == 3 * depth * 2  # steps 0 (warm-up), 1 and 4, for cond and uncond
+
+
+def test_first_and_last_blocks_are_always_computed(random_dit):
+    policy = CachePolicy(interval=4, first_blocks=1, last_blocks=2)
+    _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=policy)
+    depth = len(random_dit.blocks)
+    full_steps = [0, 1, 5, 9]  # warm-up, then every 4th step
+    per_branch = sum(depth if s in full_steps else 1 + 2 for s in range(STEPS))
+    assert run.stats.blocks_computed == 2 * per_branch
+    assert run.stats.blocks_computed + run.stats.blocks_skipped == 2 * STEPS * depth
+
+
+def test_dynamic_policy_skips_while_the_probe_is_steady_and_caps_consecutive_skips(random_dit):
+    _, eager = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=CachePolicy(mode="dynamic", threshold=1e-6))
+    assert eager.stats.blocks_skipped == 0
+    lazy_policy = CachePolicy(mode="dynamic", threshold=1e6, max_skips=2, warmup_steps=1)
+    _, lazy = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=lazy_policy)
+    depth = len(random_dit.blocks)
+    # Step 0 is computed (warm-up, and the first anchor); then skip, skip, compute: steps 3, 6, 9.
+    computed_rounds = len(range(0, STEPS, 3))
+    probe_only_rounds = STEPS - computed_rounds
+    assert lazy.stats.blocks_computed == 2 * (computed_rounds * depth + probe_only_rounds)
+
+
+def test_a_change_of_shape_starts_the_branch_afresh(random_dit):
+    run = RunState(CachePolicy(interval=2, warmup_steps=0), flow_sigmas(4).tolist(), len(random_dit.blocks))
+    y = torch.tensor([1, 2])
+    for sigma, n in ((1.0, 2), (0.75, 2), (0.5, 1)):
+        x = noise(n)
+        call = run.call(sigma, ["cond"], x)
+        random_dit(x, torch.full((n,), sigma), y[:n], call)
+    assert run.branches["cond"].signature[0] == 1
+    assert run.stats.blocks_computed == 2 * len(random_dit.blocks)  # step 0 and the reset step 2
+
+
+def test_a_batch_that_does_not_split_into_branches_is_refused(random_dit):
+    run = RunState(CachePolicy(), flow_sigmas(4).tolist(), len(random_dit.blocks))
+    with pytest.raises(ValueError, match="cannot hold 2 equal branch chunks"):
+        run.call(1.0, ["cond", "uncond"], noise(3))
+
+
+def test_compute_fraction_weighs_skipped_sites_by_their_flops(random_dit):
+    _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=CachePolicy(interval=4, warmup_steps=0))
+    flops = random_dit.blocks[0].site_flops(16)
+    skipped_share = (flops["attn"] + flops["mlp"]) / sum(flops.values())
+    assert run.stats.compute_fraction == pytest.approx(1 - skipped_share * 9 / 12, rel=1e-9)
