@@ -32,9 +32,10 @@ class Forecaster(ABC):
         if len(self.times) > self.history:
             del self.times[0], self.values[0]
 
-    def predict(self, t: float) -> Tensor:
+    def predict(self, t: float, values: list[Tensor] | None = None) -> Tensor:
+        """Forecast at t; `values` may replace the stored anchors by others at the same times (batched branches)."""
         weights = self.weights(self.times, t)
-        active = [(w, v) for w, v in zip(weights, self.values) if w != 0.0]
+        active = [(w, v) for w, v in zip(weights, self.values if values is None else values) if w != 0.0]
         if len(active) == 1 and active[0][0] == 1.0:
             return active[0][1]
         (w0, v0), rest = active[0], active[1:]

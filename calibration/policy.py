@@ -38,7 +38,7 @@ class CachePolicy:
     forecaster: str = "reuse"
     order: int = 1
     time_unit: str = "step"
-    foca_lambda: float = 0.5
+    foca_lambda: float = 0.0
     granularity: str = "module"
 
     def __post_init__(self) -> None:

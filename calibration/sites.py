@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -31,10 +32,11 @@ def gated_block(call: "ModelCall", index: int, sites: Sequence[Site], h: Tensor,
             value = branch(h)
             call.remember(index, name, value)
             spent += cost
+            h = h + gate * value  # exactly the block's own arithmetic, so computing everything is bit-identical
         else:
             value, forecast_flops = call.recall(index, name)
             spent += forecast_flops
-        h = h + gate * value
+            h = torch.addcmul(h, gate, value)
     call.account(index, compute, full, spent, len(sites))
     call.leave(index, {"x": h})
     return h
@@ -55,22 +57,22 @@ def residual_block(
     """
     call.enter(index, inputs)
     if call.computes(index):
-        keys = call.state.layouts.get(index, tuple(inputs))
+        keys = [k for k, cached in call.state.layouts.get(index, ((k, True) for k in inputs)) if cached]
         kept = {k: inputs[k].clone() for k in keys if k in inputs} if call.stores(index) else {}
         outputs = dict(run())
         cost = flops() if callable(flops) else flops
         streams = [k for k, v in outputs.items() if v is not None and k in inputs and v.shape == inputs[k].shape]
         if any(v is not None and k not in streams for k, v in outputs.items()):
             call.state.uncacheable.add(index)
-        call.state.layouts[index] = tuple(outputs)
+        call.state.layouts[index] = tuple((k, k in streams) for k in outputs)
         for k in streams:
             if k in kept:
                 call.remember(index, f"residual.{k}", outputs[k] - kept[k])
         call.account(index, True, cost, cost, max(len(streams), 1))
     else:
         outputs, spent = {}, 0.0
-        for k in call.state.layouts[index]:
-            if k in inputs:
+        for k, cached in call.state.layouts[index]:
+            if cached:
                 residual, forecast_flops = call.recall(index, f"residual.{k}")
                 outputs[k] = inputs[k] + residual
                 spent += forecast_flops

@@ -59,7 +59,7 @@ class RunState:
         self._skips_in_row = 0
         self._flops: dict[tuple[int, int], dict[str, float]] = {}
         self.uncacheable: set[int] = set()
-        self.layouts: dict[int, tuple[str, ...]] = {}
+        self.layouts: dict[int, tuple[tuple[str, bool], ...]] = {}  # block outputs: (stream, has a residual)
 
     def call(self, sigma: float, branches: Sequence[Hashable], x: Tensor) -> "ModelCall":
         """Open one model call whose batch holds `branches` in order, in equal chunks of x's first dimension."""
@@ -112,6 +112,19 @@ class RunState:
         return self.stats
 
 
+def _adjacent(parts: list[Tensor]) -> Tensor | None:
+    """The tensor the parts were split from, if they are consecutive contiguous slices of one storage."""
+    head = parts[0]
+    if not head.is_contiguous():
+        return None
+    step = head.numel()
+    for i, p in enumerate(parts):
+        if (p.shape != head.shape or not p.is_contiguous() or p.untyped_storage().data_ptr() !=
+                head.untyped_storage().data_ptr() or p.storage_offset() != head.storage_offset() + i * step):
+            return None
+    return head.as_strided((len(parts) * head.shape[0], *head.shape[1:]), head.stride(), head.storage_offset())
+
+
 class ModelCall:
     """One model call inside a round: decides per block, stores and forecasts site values per branch chunk.
 
@@ -150,12 +163,22 @@ class ModelCall:
             cache.ready.add(block)
 
     def recall(self, block: int, name: str) -> tuple[Tensor, float]:
-        """The forecast of a site for this call's batch, and the FLOPs the forecast spent per sample."""
+        """The forecast of a site for this call's batch, and the FLOPs the forecast spent per sample.
+
+        When the branches were stored from one batched call and are recalled in the same order, their anchors are
+        adjacent slices of the same tensors: the forecast then runs once on the whole batch, with no concatenation.
+        """
         t = self.round.time
         forecasters = [self.state.branches[b].sites[(block, name)] for b in self.branches]
-        parts = [f.predict(t) for f in forecasters]
-        flops = forecasters[0].predict_flops(t) / max(self.chunk, 1)
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), flops
+        first = forecasters[0]
+        flops = first.predict_flops(t) / max(self.chunk, 1)
+        if len(forecasters) == 1:
+            return first.predict(t), flops
+        if all(f.times == first.times for f in forecasters):
+            joined = [_adjacent([f.values[j] for f in forecasters]) for j in range(len(first.values))]
+            if all(v is not None for v in joined):
+                return first.predict(t, joined), flops
+        return torch.cat([f.predict(t) for f in forecasters]), flops
 
     def account(self, block: int, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:
         stats, n = self.state.stats, self.chunk * len(self.branches)

@@ -1,1 +1,13 @@
-"""ComfyUI nodes. Only this package imports comfy; it is imported lazily by comfy_entrypoint."""
+"""ComfyUI nodes. Only this package imports comfy; ComfyUI loads it lazily through `comfy_entrypoint`."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply_node import ApplyCalibratedCacheNode
+from .policy_node import CachePolicyNode
+
+
+class CalibratedCacheExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [CachePolicyNode, ApplyCalibratedCacheNode]

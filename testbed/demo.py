@@ -14,7 +14,7 @@ from .png import image_grid, write_png
 from .sampling import sample
 from .weights import load_classifier, load_dit
 
-DEMO_POLICY = CachePolicy(interval=4, warmup_steps=0, forecaster="foca", foca_lambda=0.5)
+DEMO_POLICY = CachePolicy(interval=4, warmup_steps=0, forecaster="taylor", order=2)
 
 
 def run_demo(out_dir: str | Path, samples: int = 20, policy: CachePolicy = DEMO_POLICY) -> dict[str, float]:

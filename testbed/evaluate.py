@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
@@ -38,22 +36,3 @@ def evaluate(
     samples, _ = sample(model, labels, noise, steps, cfg, sampler=sampler)
     return score(classifier, samples, labels)
 
-
-def save_grid(images: Tensor, path: str | Path, columns: int = 10, scale: int = 6, gap: int = 1) -> Path:
-    """Tile (N, 1, H, W) images in [-1, 1] into a PNG (needs pillow), each pixel enlarged `scale` times.
-
-    Tiles are separated by `gap` mid-grey pixels, since black digit backgrounds would otherwise run together.
-    """
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = -(-n // columns)
-    grid = torch.zeros(rows * (h + gap) + gap, columns * (w + gap) + gap)
-    for i, img in enumerate(images[:, 0]):
-        r, c = divmod(i, columns)
-        top, left = gap + r * (h + gap), gap + c * (w + gap)
-        grid[top : top + h, left : left + w] = img
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    pixels = pixels.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    Image.fromarray(pixels.numpy()).save(path)
-    return Path(path)

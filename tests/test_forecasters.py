@@ -59,9 +59,10 @@ def test_foca_reproduces_linear_sequences_for_any_lambda(lam):
     assert f.predict(6.0).item() == pytest.approx(line(6.0))
 
 
-def test_foca_does_not_collapse_to_linear_extrapolation():
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_foca_does_not_collapse_to_linear_extrapolation(lam):
     """The degeneracy of methods.md §6.3: a corrector fed only the last two anchors equals 2F_k − F_{k−1}."""
-    f = feed(FocaForecaster(0.5), [0.0, 1.0, 2.0], lambda t: math.exp(t))
+    f = feed(FocaForecaster(lam), [0.0, 1.0, 2.0], lambda t: math.exp(t))
     linear = 2 * math.exp(2.0) - math.exp(1.0)
     assert abs(f.predict(3.0).item() - linear) > 0.5
     assert abs(f.predict(3.0).item() - math.exp(3.0)) < abs(linear - math.exp(3.0))

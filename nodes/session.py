@@ -1,0 +1,150 @@
+"""The hooks one Apply Calibrated Cache node registers on its model clone, and the state they share.
+
+A `CacheSession` is created at node time and holds only configuration until a sampler runs. Its OUTER_SAMPLE wrapper
+creates the run's `RunState` and drops it in `finally`, so every queue item, every sampler and every re-queue of a
+cached graph starts clean. PREDICT_NOISE and CALC_COND_BATCH mark the primary batch of each model evaluation, so
+auxiliary passes (Skip Layer Guidance) run uncached. APPLY_MODEL (called by every family) opens the engine's
+`ModelCall` with σ and the cond uuids of the batch; the block hooks read it. Block hooks are plain closures, because
+ComfyUI deep-copies `model_options` on every clone and must not copy the session with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import comfy.patcher_extension
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..calibration import CachePolicy, ModelCall, RunState, RunStats, residual_block
+from .families import BlockSite, Family
+
+log = logging.getLogger("calibrated_cache")
+KEY = "calibrated_cache"
+STREAMS = ("img", "txt")
+HAS_PREDICT_NOISE = hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE")
+
+
+class CacheSession:
+    def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None):
+        self.policy = policy
+        self.family = family
+        self.blocks = blocks
+        self.node_id = node_id
+        self.run: RunState | None = None
+        self.call: ModelCall | None = None
+        self.primary = True
+        self._evaluation_open = False
+        self._block_flops: dict[tuple, float] = {}
+        self.hooked = 0
+        self.last_report: dict[str, Any] | None = None
+
+    def outer_sample(self, executor, *args, **kwargs):
+        guider, sigmas = executor.class_obj, args[3]
+        if self.run is not None:
+            return executor(*args, **kwargs)
+        if guider.model_options.get("context_handler") is not None:
+            log.warning("calibrated_cache: context windows are active; this run is not cached")
+            return executor(*args, **kwargs)
+        self.run, self.hooked = RunState(self.policy, sigmas.flatten().tolist(), len(self.blocks)), 0
+        start = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            stats = self.run.finish()
+            self.run = self.call = None
+            self._report(stats, time.perf_counter() - start)
+
+    def predict_noise(self, executor, *args, **kwargs):
+        self._evaluation_open = True
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._evaluation_open = False
+
+    def calc_cond_batch(self, executor, *args, **kwargs):
+        """The first batch of an evaluation is primary; later ones (SLG and similar) must not touch the caches."""
+        previous, self.primary = self.primary, self._evaluation_open or not HAS_PREDICT_NOISE
+        self._evaluation_open = False
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.primary = previous
+
+    def apply_model(self, executor, *args, **kwargs):
+        x, sigma = args[0], args[1]
+        options = kwargs.get("transformer_options") or (args[5] if len(args) > 5 else {})
+        previous = self.call
+        self.call = None
+        if self.run is not None and self.primary:
+            branches = options.get("uuids") or options.get("cond_or_uncond") or [0]
+            self.call = self.run.call(float(sigma.flatten()[0]), list(branches), x)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.call = previous
+
+    def cached_block(self, site: BlockSite, streams: dict[str, torch.Tensor], run: Callable[[], dict]) -> dict:
+        """Run one block through the engine; its FLOPs are measured on its first computation for a shape."""
+        self.hooked += 1
+        key = (site.index, tuple((k, *v.shape[1:]) for k, v in streams.items()))
+        cost = self._block_flops.get(key)
+        if cost is not None:
+            return residual_block(self.call, site.index, streams, run, cost)
+        batch = next(iter(streams.values())).shape[0]
+
+        def measured() -> dict:
+            with FlopCounterMode(display=False) as counter:
+                out = run()
+            self._block_flops[key] = max(counter.get_total_flops() / batch, 1.0)
+            return out
+
+        return residual_block(self.call, site.index, streams, measured, lambda: self._block_flops.get(key, 1.0))
+
+    def _report(self, stats: RunStats, wall: float) -> None:
+        if self.hooked == 0:
+            log.warning("calibrated_cache: no %s block ran through the cache in this run; nothing was skipped. "
+                        "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
+        self.last_report = {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
+                            "wall_s": wall, **stats.to_dict()}
+        log.info("calibrated_cache [%s] %s: %s, wall %.2f s", self.policy.tag(), self.family.name, stats.summary(), wall)
+        _send_event("calibrated_cache.stats", self.last_report)
+
+
+def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None) -> Callable:
+    """A `patches_replace["dit"]` entry; it calls a patch another node set earlier on the same block, if any."""
+
+    def patch(args: dict, extra: dict) -> dict:
+        def run() -> dict:
+            return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+        if session.call is None:
+            return run()
+        streams = {k: args[k] for k in STREAMS if isinstance(args.get(k), torch.Tensor)}
+        return session.cached_block(site, streams, run)
+
+    return patch
+
+
+def forward_patch(session: CacheSession, site: BlockSite, original: Callable) -> Callable:
+    """An object patch of a block's `forward` for families without block replacement; the stream is `x`."""
+
+    def forward(*args, **kwargs):
+        if session.call is None:
+            return original(*args, **kwargs)
+        return session.cached_block(site, {"x": args[0]}, lambda: {"x": original(*args, **kwargs)})["x"]
+
+    return forward
+
+
+def _send_event(event: str, data: dict) -> None:
+    """Broadcast to the browser when a server runs; scripts and tests have none."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data)

@@ -1,0 +1,134 @@
+"""ComfyUI integration tier: skipped unless COMFYUI_PATH points at a ComfyUI checkout.
+
+Without COMFYUI_PATH every test module in this folder is reported as skipped at collection time, and neither the module
+nor ComfyUI is imported (so the default tier, whose venv has no ComfyUI, collects cleanly). With it, the checkout is put
+first on sys.path, ``comfy.cli_args.args.cpu`` is set before anything imports ``comfy.model_management`` (ComfyUI's
+cli_args parses no argv unless ``comfy.options.enable_args_parsing()`` was called, so pytest's options are never
+seen), and ``tiny_models`` (this folder's helper module) becomes importable.
+
+Never ``import nodes`` expecting the pack: with the checkout first on sys.path, ``nodes`` is ComfyUI's ``nodes.py``.
+Import the pack as ``calibrated_cache``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ENV_VAR = "COMFYUI_PATH"
+_REQUIRED_ENV = "COMFYUI_REQUIRED"  # "1": a set-but-unbootable COMFYUI_PATH is an error, not a skip (use in CI)
+_THREADS_ENV = "COMFY_TEST_THREADS"
+
+
+def _load_comfy_boot():
+    # By file path: with --import-mode=importlib this folder is not on sys.path (and must not be when skipping).
+    if "comfy_boot" in sys.modules:
+        return sys.modules["comfy_boot"]
+    spec = importlib.util.spec_from_file_location("comfy_boot", os.path.join(_HERE, "comfy_boot.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["comfy_boot"] = module
+    return module
+
+
+_boot = _load_comfy_boot()
+SKIP_REASON = _boot.comfyui_path_problem(os.environ.get(_ENV_VAR))
+COMFYUI_DIR = None
+
+if SKIP_REASON is None:
+    # Import-order sensitive, so done at conftest import, before any test module of this folder can import comfy.
+    try:
+        COMFYUI_DIR = _boot.bootstrap_comfy(os.environ[_ENV_VAR])
+    except Exception as exc:  # e.g. torchvision missing in this interpreter
+        if os.environ.get(_REQUIRED_ENV) == "1":
+            raise
+        SKIP_REASON = (f"{_ENV_VAR}={os.environ[_ENV_VAR]!r} is set but ComfyUI cannot be booted with "
+                       f"{sys.executable}: {type(exc).__name__}: {exc}")
+    else:
+        if _HERE not in sys.path:
+            sys.path.insert(1, _HERE)  # after the checkout: `import tiny_models` in this folder's test modules
+
+
+class _SkippedModule(pytest.Module):
+    """A test module that is reported as skipped instead of being imported."""
+
+    def collect(self):
+        pytest.skip(SKIP_REASON)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if SKIP_REASON is not None:
+        return _SkippedModule.from_parent(parent, path=module_path)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Run ComfyUI tests with few torch threads (default 1, override with COMFY_TEST_THREADS).
+
+    On a shared 2-core box, OpenMP worker threads contending with another busy process made the tiny models 20-50x
+    slower; one thread is fast and stable. Restored after each test so the rest of the session is unaffected.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get(_THREADS_ENV, "1"))))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> str:
+    """Absolute path of the ComfyUI checkout in use."""
+    return COMFYUI_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The `tiny_models` helper module (ComfyUI already booted in CPU mode)."""
+    import tiny_models
+
+    return tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory, tiny) -> str:
+    """A ComfyUI-style ``models`` dir with ``diffusion_models/tiny_<family lower-cased>.safetensors`` (loader families).
+
+    Also registered with ComfyUI's ``folder_paths`` (as an extra ``diffusion_models`` folder), so UNETLoader-style
+    lookups by file name (``tiny_sd3.safetensors``, ...) find them.
+    """
+    models_dir = str(tmp_path_factory.mktemp("comfy_models"))
+    for name, spec in tiny.SPECS.items():
+        if spec.via_loader:
+            tiny.save_tiny_unet(spec, models_dir)
+    import folder_paths  # ComfyUI's (the checkout is first on sys.path)
+
+    folder_paths.add_model_folder_path("diffusion_models", os.path.join(models_dir, "diffusion_models"))
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def _tiny_patchers(tiny, tiny_models_dir) -> dict:
+    return {}
+
+
+@pytest.fixture
+def tiny_bundle(tiny, tiny_models_dir, _tiny_patchers):
+    """Factory: ``tiny_bundle("Flux")`` -> TinyBundle with a fresh ``clone()`` of a session-cached ModelPatcher.
+
+    Clones share the model weights but not patches/options, so tests may add wrappers, object patches and
+    transformer_options freely. Conditioning and latent are rebuilt per call (cheap, deterministic).
+    """
+
+    def make(name: str):
+        if name not in _tiny_patchers:
+            _tiny_patchers[name] = tiny.build_family(name, tiny_models_dir).model_patcher
+        positive, negative, latent = tiny.make_inputs(name)
+        return tiny.TinyBundle(_tiny_patchers[name].clone(), positive, negative, latent)
+
+    return make

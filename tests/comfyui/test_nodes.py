@@ -1,0 +1,194 @@
+"""ComfyUI tier: the pack loaded by ComfyUI's own loader, patching real models of every supported family and
+sampling through `comfy.sample` (skipped without COMFYUI_PATH)."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from .tiny_models import FAMILIES, run_sampler
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
+                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """Load the repo as ComfyUI loads a cloned pack: custom_nodes/<any folder name>/__init__.py."""
+    import nodes
+
+    folder = tmp_path_factory.mktemp("custom_nodes") / "some_folder_name"
+    folder.symlink_to(REPO, target_is_directory=True)
+    assert asyncio.run(nodes.load_custom_node(str(folder)))
+    return nodes.NODE_CLASS_MAPPINGS["CalibratedCache_CachePolicy"], nodes.NODE_CLASS_MAPPINGS["CalibratedCache_Apply"]
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {}
+
+
+def bundle(bundles, family):
+    if family not in bundles:
+        bundles[family] = FAMILIES[family]()
+    return bundles[family]
+
+
+def patched(pack, model, **settings):
+    policy_node, apply_node = pack
+    policy = policy_node.execute(**{**SETTINGS, **settings}).result[0]
+    return apply_node.execute(model, policy).result[0]
+
+
+def session_of(model):
+    """The pack's session behind a patched model (its OUTER_SAMPLE wrapper is the session's bound method)."""
+    wrappers = model.wrappers["outer_sample"]["calibrated_cache"]
+    return wrappers[0].__self__
+
+
+def test_pack_loads_with_v3_nodes_tooltips_and_category(pack):
+    for node in pack:
+        schema = node.define_schema()
+        assert schema.category == "sampling/calibrated cache"
+        assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+
+
+def test_policy_node_refuses_impossible_settings_with_the_fix(pack):
+    policy_node, _ = pack
+    assert "interval must be an integer >= 1" in policy_node.validate_inputs(**{**SETTINGS, "interval": 0})
+    assert "0 <= start < end <= 1" in policy_node.validate_inputs(**{**SETTINGS, "start": 0.9, "end": 0.5})
+    assert policy_node.validate_inputs(**SETTINGS) is True
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_run_reaches_the_compute_fraction_stays_close_and_leaves_the_model_untouched(pack, bundles, family):
+    model, positive, negative, latent = bundle(bundles, family)
+    full = run_sampler(model, positive, negative, latent, steps=8, cfg=2.0)
+    cached_model = patched(pack, model)
+    cached = run_sampler(cached_model, positive, negative, latent, steps=8, cfg=2.0)
+    report = session_of(cached_model).last_report
+    assert report["steps"] == 8
+    assert report["compute_fraction"] == pytest.approx(5 / 8, abs=1e-6)  # steps 0 (warm-up), 1, 3, 5, 7
+    drift = ((cached - full).norm() / full.norm()).item()
+    assert 0 < drift < 0.25, drift
+    assert torch.equal(run_sampler(cached_model, positive, negative, latent, steps=8, cfg=2.0), cached)
+    assert torch.equal(run_sampler(model, positive, negative, latent, steps=8, cfg=2.0), full)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_policy_computing_everything_is_bit_identical_to_the_model(pack, bundles, family):
+    model, positive, negative, latent = bundle(bundles, family)
+    full = run_sampler(model, positive, negative, latent, steps=4, cfg=2.0)
+    exact = patched(pack, model, interval=1)
+    assert torch.equal(run_sampler(exact, positive, negative, latent, steps=4, cfg=2.0), full)
+
+
+@pytest.mark.parametrize("family", ["Flux", "Wan", "PixArt"])
+def test_split_cfg_under_low_memory_matches_batched_cfg(pack, bundles, family, monkeypatch):
+    import comfy.model_management
+
+    model, positive, negative, latent = bundle(bundles, family)
+    cached_model = patched(pack, model, forecaster="taylor", interval=3)
+    batched = run_sampler(cached_model, positive, negative, latent, steps=7, cfg=2.0)
+    calls_batched = session_of(cached_model).last_report["model_calls"]
+    # Report no free memory, as a busy GPU would: ComfyUI then runs cond and uncond as separate calls.
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: (0, 0) if torch_free_too else 0)
+    split = run_sampler(cached_model, positive, negative, latent, steps=7, cfg=2.0)
+    assert session_of(cached_model).last_report["model_calls"] == 2 * calls_batched
+    # Same decisions and caches; only the model's own float batching differs (outputs here reach ~1e3).
+    assert ((split - batched).norm() / batched.norm()).item() < 1e-5
+
+
+def test_cfg_one_runs_a_single_branch(pack, bundles):
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    cached_model = patched(pack, model)
+    run_sampler(cached_model, positive, negative, latent, steps=6, cfg=1.0)
+    report = session_of(cached_model).last_report
+    assert report["model_calls"] == 6 and report["blocks_skipped"] > 0
+
+
+def test_batch_of_two_gives_the_per_sample_results_of_batch_one(pack, bundles):
+    model, positive, negative, latent = bundle(bundles, "Wan")
+    samples = latent["samples"] if isinstance(latent, dict) else latent
+    pair = {"samples": torch.cat([samples, samples])} if isinstance(latent, dict) else torch.cat([samples, samples])
+    cached_model = patched(pack, model, forecaster="foca", interval=3)
+    together = run_sampler(cached_model, positive, negative, pair, steps=6, cfg=2.0)
+    alone = run_sampler(cached_model, positive, negative, latent, steps=6, cfg=2.0)
+    # comfy.sample draws one noise tensor for the whole batch, so the first sample shares noise with the single run
+    assert torch.allclose(together[:1], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler, calls_per_step", [("heun", 2), ("dpm_2", 2)])
+def test_multi_evaluation_samplers_count_schedule_steps(pack, bundles, sampler, calls_per_step):
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    cached_model = patched(pack, model)
+    run_sampler(cached_model, positive, negative, latent, steps=6, cfg=2.0, sampler=sampler)
+    report = session_of(cached_model).last_report
+    assert report["steps"] == 6
+    assert report["model_calls"] == calls_per_step * 6 - 1
+    assert report["blocks_skipped"] > 0
+
+
+def test_two_samplers_on_one_model_and_partial_schedules_each_get_a_fresh_run(pack, bundles):
+    """KSamplerAdvanced-style: steps 0-4 then 4-8 on the same patched model (Wan 2.2 two-pass layout)."""
+    model, positive, negative, latent = bundle(bundles, "Wan")
+    cached_model = patched(pack, model)
+    first = run_sampler(cached_model, positive, negative, latent, steps=8, cfg=2.0, start_step=0, last_step=4)
+    assert session_of(cached_model).last_report["steps"] == 4
+    second_latent = {"samples": first} if isinstance(latent, dict) else first
+    run_sampler(cached_model, positive, negative, second_latent, steps=8, cfg=2.0, start_step=4, last_step=8)
+    report = session_of(cached_model).last_report
+    assert report["steps"] == 4 and report["blocks_skipped"] > 0
+
+
+def test_two_patched_models_keep_separate_states(pack, bundles):
+    model, positive, negative, latent = bundle(bundles, "Wan")
+    high, low = patched(pack, model, interval=2), patched(pack, model, interval=3)
+    run_sampler(high, positive, negative, latent, steps=6, cfg=2.0)
+    run_sampler(low, positive, negative, latent, steps=6, cfg=2.0)
+    assert session_of(high) is not session_of(low)
+    assert session_of(high).last_report["compute_fraction"] > session_of(low).last_report["compute_fraction"]
+
+
+def test_requeue_with_a_new_seed_still_caches(pack, bundles):
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    cached_model = patched(pack, model)
+    for seed in (1, 2):
+        run_sampler(cached_model, positive, negative, latent, steps=6, cfg=2.0, seed=seed)
+        assert session_of(cached_model).last_report["blocks_skipped"] > 0
+        assert session_of(cached_model).run is None
+
+
+@pytest.mark.parametrize("family", ["Flux", "PixArt"])
+def test_lora_applied_before_the_patch_still_applies(pack, bundles, family):
+    """Weight patches (what a LoRA loader adds) must reach blocks the pack hooks, object-patched ones included."""
+    model, positive, negative, latent = bundle(bundles, family)
+    lora = model.clone()
+    keys = [k for k in lora.model.state_dict() if ".0." in k and k.endswith(".weight") and "diffusion_model" in k]
+    key = next(k for k in keys if lora.model.state_dict()[k].ndim == 2)
+    weight = lora.model.state_dict()[key]
+    lora.add_patches({key: (torch.randn_like(weight) * 0.05,)}, 1.0)
+    with_lora = run_sampler(lora, positive, negative, latent, steps=4, cfg=2.0)
+    assert not torch.equal(with_lora, run_sampler(model, positive, negative, latent, steps=4, cfg=2.0))
+    exact = patched(pack, lora, interval=1)
+    assert torch.equal(run_sampler(exact, positive, negative, latent, steps=4, cfg=2.0), with_lora)
+
+
+def test_unsupported_models_get_a_clear_message_at_patch_time(pack):
+    import comfy.model_patcher
+
+    class HiDreamImageTransformer2DModel(torch.nn.Module):
+        pass
+
+    class BaseModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = HiDreamImageTransformer2DModel()
+
+    model = comfy.model_patcher.ModelPatcher(BaseModel(), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot cache HiDreamImageTransformer2DModel yet"):
+        patched(pack, model)

@@ -1,0 +1,434 @@
+"""Tiny random-weight ComfyUI diffusion models for the ComfyUI integration test tier.
+
+This is a plain helper module (not a test file). Importing it boots ComfyUI's `comfy` package from the checkout named
+by the ``COMFYUI_PATH`` environment variable, in CPU mode, without parsing any command line arguments. Use it only
+under ``tests/comfyui`` (whose conftest skips everything when ``COMFYUI_PATH`` is not set).
+
+Every family builder returns a :class:`TinyBundle` ``(model_patcher, positive, negative, latent)``:
+
+* ``model_patcher``: a ``comfy.model_patcher.ModelPatcher`` around a real ComfyUI ``BaseModel`` subclass whose
+  ``diffusion_model`` is a few-block, narrow version of the family's transformer with deterministic random weights.
+* ``positive`` / ``negative``: ComfyUI CONDITIONING lists ``[[cross_attn, {...}]]`` with the widths the family's text
+  encoder would produce (random for positive, zeros for negative, as ``ConditioningZeroOut`` would give), built with
+  a fixed seed.
+* ``latent``: an empty (all-zero) latent tensor in the family's latent layout, like the Empty*Latent nodes produce.
+
+Three families (SD3, Wan 2.1 T2V, HunyuanVideo) go through ComfyUI's own detection and UNETLoader path: their state dict
+is saved as safetensors into ``<dir>/diffusion_models/`` and loaded back with ``comfy.sd.load_diffusion_model``. The
+others (Flux, PixArt Sigma, Lumina 2, Qwen-Image) cannot be made tiny through detection (it hard-codes their widths),
+so they are built directly from ``comfy.supported_models`` configs with a small ``unet_config``.
+
+Weights are random (not trained): outputs are meaningless as images, but finite, deterministic, and every block
+contributes (no zero-initialised gates or output layers), so block skipping and caching change the result.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable, NamedTuple
+
+try:  # this folder is on sys.path when conftest.py enabled the tier; standalone scripts: load by file path
+    import comfy_boot
+except ImportError:  # pragma: no cover
+    import importlib.util as _ilu
+
+    _spec = _ilu.spec_from_file_location("comfy_boot", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                    "comfy_boot.py"))
+    comfy_boot = _ilu.module_from_spec(_spec)
+    sys.modules["comfy_boot"] = comfy_boot
+    _spec.loader.exec_module(comfy_boot)
+
+COMFYUI_DIR = comfy_boot.bootstrap_comfy()
+
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit  # noqa: E402
+import comfy.model_detection  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.supported_models  # noqa: E402
+
+
+class TinyBundle(NamedTuple):
+    """What a family builder returns; unpacks as ``model_patcher, positive, negative, latent``."""
+
+    model_patcher: Any
+    positive: list
+    negative: list
+    latent: torch.Tensor
+
+
+class FamilySpec(NamedTuple):
+    """Static facts about a tiny family, for assertions."""
+
+    name: str
+    unet_config: dict  # config the tiny diffusion model is built from (detected config for the loader families)
+    block_lists: dict  # attribute of diffusion_model -> expected number of blocks
+    latent_shape: tuple
+    context_shape: tuple  # positive cross_attn shape [batch, tokens, width]
+    cond_extras: dict  # other keys in the conditioning dict (pooled_output width, guidance, attention_mask)
+    via_loader: bool  # True: saved as safetensors and loaded with comfy.sd.load_diffusion_model
+    detected_as: str  # comfy.supported_models class name
+    model_class: str  # diffusion_model class name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights and conditioning
+
+_NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+WEIGHT_GAIN = 1.0  # fan-in scaled matrices: attention is not uniform, blocks and prompts visibly matter
+
+
+def init_tiny_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02,
+                      gain: float | None = WEIGHT_GAIN) -> torch.nn.Module:
+    """Deterministic random weights for every parameter of `module` (plus SD3's fixed pos_embed table).
+
+    Norm scales are 1 (plus N(0, std) noise); matrices of linear and conv layers (any parameter named ``weight`` with
+    2+ dims) are N(0, gain / sqrt(fan_in)) when `gain` is set, else N(0, std); everything else (biases, modulation
+    tables, gates, output layers, embeddings) is N(0, std). Nothing is left at zero, so every block and the final
+    layer contribute to the output.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for mod in module.modules():
+            is_norm = isinstance(mod, _NORM_TYPES) or type(mod).__name__.lower().endswith("norm")
+            for p_name, p in mod.named_parameters(recurse=False):
+                scale = std
+                if gain is not None and p_name == "weight" and p.ndim >= 2:
+                    scale = gain / math.sqrt(p[0].numel())
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale
+                if is_norm and p.ndim == 1 and p_name in ("weight", "scale"):
+                    noise = noise + 1.0
+                p.copy_(noise.to(p.dtype))
+            for b_name, b in mod.named_buffers(recurse=False):
+                # MMDiT (SD3) keeps a fixed sin-cos table in an uninitialised (torch.empty) persistent buffer that
+                # checkpoints fill in. Give it the real table. Other buffers are computed by their modules: keep them.
+                if b_name == "pos_embed" and b.ndim == 3 and b.shape[0] == 1:
+                    side = math.isqrt(b.shape[1])
+                    if side * side == b.shape[1]:
+                        table = mmdit.get_2d_sincos_pos_embed(b.shape[2], side)
+                        b.copy_(torch.from_numpy(table).reshape(b.shape).to(b.dtype))
+                    else:
+                        b.copy_((torch.randn(b.shape, generator=gen) * std).to(b.dtype))
+    return module
+
+
+def _randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def make_conditioning(context_shape, extras: dict, seed: int = 1234) -> tuple[list, list]:
+    """Positive (random, fixed seed) and negative (zeros, like ConditioningZeroOut) CONDITIONING lists.
+
+    `extras` maps conditioning-dict keys to either an int width (a ``[1, width]`` tensor, e.g. pooled_output), a
+    float/str constant (e.g. guidance) or a tensor (used as is for both, e.g. an attention mask).
+    """
+    pos_ctx = _randn(context_shape, seed)
+    pos_extra, neg_extra = {}, {}
+    for i, (key, value) in enumerate(extras.items()):
+        if isinstance(value, int) and not isinstance(value, bool):
+            pos_extra[key] = _randn((context_shape[0], value), seed + 1 + i)
+            neg_extra[key] = torch.zeros_like(pos_extra[key])
+        elif isinstance(value, torch.Tensor):
+            pos_extra[key] = value.clone()
+            neg_extra[key] = value.clone()
+        else:
+            pos_extra[key] = value
+            neg_extra[key] = value
+    positive = [[pos_ctx, pos_extra]]
+    negative = [[torch.zeros_like(pos_ctx), neg_extra]]
+    return positive, negative
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building models
+
+_TMP_DIR: str | None = None
+
+
+def default_models_dir() -> str:
+    """A per-process temporary ComfyUI-style ``models`` directory (removed at exit)."""
+    global _TMP_DIR
+    if _TMP_DIR is None:
+        _TMP_DIR = tempfile.mkdtemp(prefix="tiny_comfy_models_")
+        atexit.register(shutil.rmtree, _TMP_DIR, True)
+    return _TMP_DIR
+
+
+def _patcher(model) -> Any:
+    mm = comfy.model_management
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def _model_config(unet_config: dict, expected: str):
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
+    if model_config is None or type(model_config).__name__ != expected:
+        raise RuntimeError(f"{unet_config} matched {type(model_config).__name__}, expected {expected}")
+    return model_config
+
+
+def build_direct(spec: FamilySpec, seed: int = 0) -> Any:
+    """Build a float32 BaseModel from `spec.unet_config` straight from the comfy classes, wrap it in a ModelPatcher."""
+    model_config = _model_config(spec.unet_config, spec.detected_as)
+    model_config.set_inference_dtype(torch.float32, None)  # what comfy.sd does on CPU; sets unet_config["dtype"]
+    model = model_config.get_model({})
+    init_tiny_weights(model.diffusion_model, seed=seed)
+    model.eval()
+    return _patcher(model)
+
+
+def unet_file_name(name: str, seed: int = 0) -> str:
+    """File name of a saved tiny model: ``tiny_sd3.safetensors`` (seed 0), ``tiny_sd3_s7.safetensors`` (seed 7)."""
+    return f"tiny_{name.lower()}{'' if seed == 0 else f'_s{seed}'}.safetensors"
+
+
+def save_tiny_unet(spec: FamilySpec, models_dir: str | None = None, seed: int = 0) -> str:
+    """Save the tiny diffusion model's state dict into ``<models_dir>/diffusion_models/`` (if not there yet).
+
+    ``models_dir`` defaults to a per-process temporary directory. Returns the file's path.
+    """
+    models_dir = models_dir or default_models_dir()
+    out_dir = os.path.join(models_dir, "diffusion_models")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, unet_file_name(spec.name, seed))
+    if not os.path.exists(path):
+        model_config = _model_config(spec.unet_config, spec.detected_as)
+        model_config.set_inference_dtype(torch.float32, None)
+        model = model_config.get_model({})
+        init_tiny_weights(model.diffusion_model, seed=seed)
+        sd = {k: v.contiguous() for k, v in model.diffusion_model.state_dict().items()}
+        tmp = path + f".tmp{os.getpid()}"
+        safetensors.torch.save_file(sd, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def build_via_loader(spec: FamilySpec, models_dir: str | None = None, seed: int = 0) -> Any:
+    """Save the tiny model and load it back through ComfyUI's detection + UNETLoader code path."""
+    path = save_tiny_unet(spec, models_dir, seed)
+    patcher = comfy.sd.load_diffusion_model(path)
+    got = type(patcher.model.model_config).__name__
+    if got != spec.detected_as:
+        raise RuntimeError(f"{path} was detected as {got}, expected {spec.detected_as}")
+    return patcher
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Family specs. Token counts are small; widths are those of the family's real text encoder.
+
+TOKENS = 16
+
+SPECS: dict[str, FamilySpec] = {
+    # MMDiT: hidden = 64 * depth, heads = depth (hard-wired in comfy's MMDiT); pos_embed_max_size 16 -> latent <= 32x32.
+    "SD3": FamilySpec(
+        name="SD3",
+        unet_config={
+            "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+            "adm_in_channels": 2048,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 128}},
+            "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+            "x_block_self_attn_layers": [],
+        },
+        block_lists={"joint_blocks": 2},
+        latent_shape=(1, 16, 32, 32),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={"pooled_output": 2048},
+        via_loader=True, detected_as="SD3", model_class="OpenAISignatureMMDITWrapper",
+    ),
+    # Wan 2.1: heads = dim // 128 is what detection infers.
+    "Wan": FamilySpec(
+        name="Wan",
+        unet_config={
+            "image_model": "wan2.1", "model_type": "t2v", "dim": 128, "out_dim": 16, "num_heads": 1, "ffn_dim": 256,
+            "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16,
+        },
+        block_lists={"blocks": 2},
+        latent_shape=(1, 16, 2, 16, 16),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={},
+        via_loader=True, detected_as="WAN21_T2V", model_class="WanModel",
+    ),
+    # HunyuanVideo: heads = hidden // 128, axes_dim [16, 56, 56] are what detection infers.
+    "HunyuanVideo": FamilySpec(
+        name="HunyuanVideo",
+        unet_config={
+            "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+            "vec_in_dim": 768, "axes_dim": [16, 56, 56], "meanflow": False, "context_in_dim": 4096,
+            "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 2, "depth_single_blocks": 2,
+            "theta": 256, "qkv_bias": True, "byt5": False, "guidance_embed": False,
+        },
+        block_lists={"double_blocks": 2, "single_blocks": 2},
+        latent_shape=(1, 16, 2, 16, 16),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={"pooled_output": 768},
+        via_loader=True, detected_as="HunyuanVideo", model_class="HunyuanVideo",
+    ),
+    # Flux dev (guidance-distilled): T5-XXL context 4096, CLIP-L pooled 768.
+    "Flux": FamilySpec(
+        name="Flux",
+        unet_config={
+            "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
+            "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2,
+            "depth": 2, "depth_single_blocks": 4, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+        },
+        block_lists={"double_blocks": 2, "single_blocks": 4},
+        latent_shape=(1, 16, 32, 32),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={"pooled_output": 768, "guidance": 3.5},
+        via_loader=False, detected_as="Flux", model_class="Flux",
+    ),
+    # PixArt Sigma (PixArtMS): T5-XXL context 4096, no pooled output, EPS prediction, SDXL 4-channel latent.
+    "PixArt": FamilySpec(
+        name="PixArt",
+        unet_config={
+            "image_model": "pixart_sigma", "micro_condition": False, "patch_size": 2, "in_channels": 4,
+            "hidden_size": 128, "depth": 3, "num_heads": 2, "caption_channels": 4096, "model_max_length": 300,
+            "pe_interpolation": None, "input_size": None,
+        },
+        block_lists={"blocks": 3},
+        latent_shape=(1, 4, 48, 48),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={},
+        via_loader=False, detected_as="PixArtSigma", model_class="PixArtMS",
+    ),
+    # Lumina 2 (NextDiT): Gemma-2-2B context 2304; the text encoder also gives an attention mask (-> num_tokens).
+    "Lumina2": FamilySpec(
+        name="Lumina2",
+        unet_config={
+            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 128, "cap_feat_dim": 2304,
+            "n_layers": 3, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True,
+            "axes_dims": [16, 24, 24], "axes_lens": [300, 512, 512],
+        },
+        block_lists={"layers": 3, "noise_refiner": 1, "context_refiner": 1},
+        latent_shape=(1, 16, 32, 32),
+        context_shape=(1, TOKENS, 2304),
+        cond_extras={"attention_mask": torch.ones(1, TOKENS, dtype=torch.long)},
+        via_loader=False, detected_as="Lumina2", model_class="NextDiT",
+    ),
+    # Qwen-Image: Qwen2.5-VL-7B context 3584, no pooled output, Wan 2.1 latent layout [B, 16, T, H, W].
+    "QwenImage": FamilySpec(
+        name="QwenImage",
+        unet_config={
+            "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "patch_size": 2, "num_layers": 3,
+            "attention_head_dim": 64, "num_attention_heads": 2, "joint_attention_dim": 3584,
+            "axes_dims_rope": (16, 24, 24),
+        },
+        block_lists={"transformer_blocks": 3},
+        latent_shape=(1, 16, 1, 32, 32),
+        context_shape=(1, TOKENS, 3584),
+        cond_extras={},
+        via_loader=False, detected_as="QwenImage", model_class="QwenImageTransformer2DModel",
+    ),
+}
+
+
+def build_family(name: str, models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    """Build the tiny bundle of family `name` (a key of SPECS / FAMILIES)."""
+    spec = SPECS[name]
+    if spec.via_loader:
+        patcher = build_via_loader(spec, models_dir, seed)
+    else:
+        patcher = build_direct(spec, seed)
+    dm_class = type(patcher.model.diffusion_model).__name__
+    if dm_class != spec.model_class:
+        raise RuntimeError(f"{name}: diffusion model is {dm_class}, expected {spec.model_class}")
+    positive, negative, latent = make_inputs(name, seed)
+    return TinyBundle(patcher, positive, negative, latent)
+
+
+def make_inputs(name: str, seed: int = 0) -> tuple[list, list, torch.Tensor]:
+    """Fresh ``(positive, negative, latent)`` for family `name`: deterministic conditioning, empty (zero) latent."""
+    spec = SPECS[name]
+    positive, negative = make_conditioning(spec.context_shape, spec.cond_extras, seed=1234 + seed)
+    latent = torch.zeros(spec.latent_shape, dtype=torch.float32)
+    return positive, negative, latent
+
+
+def build_sd3(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("SD3", models_dir, seed)
+
+
+def build_wan21(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("Wan", models_dir, seed)
+
+
+def build_hunyuan_video(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("HunyuanVideo", models_dir, seed)
+
+
+def build_flux(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("Flux", models_dir, seed)
+
+
+def build_pixart(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("PixArt", models_dir, seed)
+
+
+def build_lumina2(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("Lumina2", models_dir, seed)
+
+
+def build_qwen_image(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("QwenImage", models_dir, seed)
+
+
+FAMILIES: dict[str, Callable[..., TinyBundle]] = {
+    "SD3": build_sd3,
+    "Wan": build_wan21,
+    "HunyuanVideo": build_hunyuan_video,
+    "Flux": build_flux,
+    "PixArt": build_pixart,
+    "Lumina2": build_lumina2,
+    "QwenImage": build_qwen_image,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def run_sampler(model_patcher, positive, negative, latent, steps: int = 6, cfg: float = 2.0, sampler: str = "euler",
+                scheduler: str = "simple", seed: int = 1, start_step: int | None = None,
+                last_step: int | None = None, denoise: float = 1.0, add_noise: bool = True,
+                force_full_denoise: bool = False, callback=None) -> torch.Tensor:
+    """Sample like ComfyUI's KSampler / KSamplerAdvanced (nodes.common_ksampler) and return the output latent tensor.
+
+    `latent` is a tensor or a LATENT dict ``{"samples": tensor, ...}`` (``noise_mask`` / ``batch_index`` honoured).
+    `start_step` / `last_step` / `add_noise` / `force_full_denoise` mirror KSamplerAdvanced (its
+    ``return_with_leftover_noise == "disable"`` is ``force_full_denoise=True``); with the defaults this is KSampler.
+    """
+    noise_mask = None
+    batch_inds = None
+    if isinstance(latent, dict):
+        noise_mask = latent.get("noise_mask")
+        batch_inds = latent.get("batch_index")
+        latent = latent["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(model_patcher, latent)
+    if add_noise:
+        noise = comfy.sample.prepare_noise(latent, seed, batch_inds)
+    else:
+        noise = torch.zeros(latent.size(), dtype=latent.dtype, layout=latent.layout, device="cpu")
+    return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               denoise=denoise, disable_noise=not add_noise, start_step=start_step,
+                               last_step=last_step, force_full_denoise=force_full_denoise, noise_mask=noise_mask,
+                               callback=callback, disable_pbar=True, seed=seed)
+
+
+def diffusion_model(model_patcher) -> torch.nn.Module:
+    """The transformer inside a bundle's ModelPatcher."""
+    return model_patcher.model.diffusion_model
+
+
+def count_params(model_patcher) -> int:
+    return sum(p.numel() for p in diffusion_model(model_patcher).parameters())
