@@ -56,7 +56,10 @@ def residual_block(
     `flops` may be a callable, read after the block ran (so a cost can be measured on the first computation).
     """
     call.enter(index, inputs)
-    if call.computes(index):
+    layout = call.state.layouts.get(index, ())
+    if call.computes(index) or not all(
+        k in inputs and call.fits(index, f"residual.{k}", inputs[k]) for k, cached in layout if cached
+    ):
         keys = [k for k, cached in call.state.layouts.get(index, ((k, True) for k in inputs)) if cached]
         kept = {k: inputs[k].clone() for k in keys if k in inputs} if call.stores(index) else {}
         outputs = dict(run())

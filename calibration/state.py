@@ -144,6 +144,12 @@ class ModelCall:
             return True
         return not all(block in self.state.branches[b].ready for b in self.branches)
 
+    def fits(self, block: int, name: str, like: Tensor) -> bool:
+        """Whether every branch's cached value of a site has the shape of `like`'s chunks (a text stream can change
+        length mid-run when ComfyUI batches conds differently); a site that does not fit is computed."""
+        shape = (self.chunk, *like.shape[1:])
+        return all(self.state.branches[b].sites[(block, name)].values[-1].shape == shape for b in self.branches)
+
     def stores(self, block: int) -> bool:
         """Whether values computed now can serve a later skip (nothing is kept when none can)."""
         return self._stores and block not in self.state.always
@@ -155,7 +161,9 @@ class ModelCall:
         for b, part in zip(self.branches, value.split(self.chunk)):
             cache = state.branches[b]
             forecaster = cache.sites.get((block, name))
-            if forecaster is None:
+            if forecaster is None or forecaster.values[-1].shape != part.shape:
+                if forecaster is not None:
+                    state.stats.add_cache_bytes(-forecaster.nbytes)
                 forecaster = cache.sites[(block, name)] = make_forecaster(state.policy)
             before = forecaster.nbytes
             forecaster.update(t, part.detach())
@@ -200,9 +208,12 @@ class ModelCall:
         state = self.state
         if self._probe_inputs is None or block != state.policy.probe_blocks - 1:
             return
-        keys = [k for k, v in outputs.items() if v is not None and k in self._probe_inputs]
-        residual = torch.cat([(outputs[k] - self._probe_inputs[k]).flatten(1) for k in keys], dim=1)
-        self._probe_inputs = None
+        probe, self._probe_inputs = self._probe_inputs, None
+        # Streams change shape across segments (Flux single blocks take cat(txt, img)); only like-for-like counts.
+        keys = [k for k, v in outputs.items() if v is not None and k in probe and v.shape == probe[k].shape]
+        if not keys:
+            return
+        residual = torch.cat([(outputs[k] - probe[k]).flatten(1) for k in keys], dim=1)
         parts = residual.split(self.chunk)
         if self.round.skip is None:
             self.round.skip = state.decide(parts[0], self.branches[0])

@@ -48,7 +48,11 @@ class CacheSession:
         if guider.model_options.get("context_handler") is not None:
             log.warning("calibrated_cache: context windows are active; this run is not cached")
             return executor(*args, **kwargs)
-        self.run, self.hooked = RunState(self.policy, sigmas.flatten().tolist(), len(self.blocks)), 0
+        try:
+            self.run, self.hooked = RunState(self.policy, sigmas.flatten().tolist(), len(self.blocks)), 0
+        except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
+            log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
+            return executor(*args, **kwargs)
         start = time.perf_counter()
         try:
             return executor(*args, **kwargs)

@@ -129,3 +129,45 @@ def test_compute_fraction_weighs_skipped_sites_by_their_flops(random_dit):
     flops = random_dit.blocks[0].site_flops(16)
     skipped_share = (flops["attn"] + flops["mlp"]) / sum(flops.values())
     assert run.stats.compute_fraction == pytest.approx(1 - skipped_share * 9 / 12, rel=1e-9)
+
+
+def _streams(n: int, img: int, txt: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"img": torch.randn(n, img, 8, generator=g)}
+    if txt is not None:
+        out["txt"] = torch.randn(n, txt, 8, generator=g)
+    return out
+
+
+def _double(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v * 1.01 + 0.1 for k, v in s.items()}
+
+
+def test_dynamic_probe_spanning_double_and_single_blocks_does_not_crash():
+    """Flux-like: block 0 takes {img, txt}; block 1 (single) takes cat(txt, img) as one longer `img` stream."""
+    from calibrated_cache.calibration import residual_block
+
+    run = RunState(CachePolicy(mode="dynamic", first_blocks=2, threshold=10.0), flow_sigmas(4).tolist(), 3)
+    for sigma in flow_sigmas(4)[:-1].tolist():
+        call = run.call(sigma, ["cond"], torch.zeros(1, 4))
+        double = residual_block(call, 0, _streams(1, 4, 2), lambda: _double(_streams(1, 4, 2)))
+        joined = {"img": torch.cat([double["txt"], double["img"]], dim=1)}
+        single = residual_block(call, 1, joined, lambda: _double(joined))
+        residual_block(call, 2, single, lambda: _double(single))
+    assert run.stats.blocks_computed == 3 * 4  # no like-for-like probe stream: every round is computed
+
+
+def test_a_text_stream_that_changes_length_mid_run_is_computed_not_forecast():
+    """ComfyUI pads text to a common length when it batches conds, not when it runs them apart."""
+    from calibrated_cache.calibration import residual_block
+
+    run = RunState(CachePolicy(interval=4, warmup_steps=0), flow_sigmas(4).tolist(), 1)
+    first = _streams(2, 4, 6)
+    residual_block(run.call(1.0, ["uncond", "cond"], torch.zeros(2, 4)), 0, first, lambda: _double(first))
+    shorter = _streams(1, 4, 3)
+    call = run.call(0.75, ["cond"], torch.zeros(1, 4))
+    out = residual_block(call, 0, shorter, lambda: _double(shorter))
+    assert out["txt"].shape == (1, 3, 8) and run.stats.blocks_computed == 3
+    again = run.call(0.5, ["cond"], torch.zeros(1, 4))
+    assert residual_block(again, 0, shorter, lambda: _double(shorter))["txt"].shape == (1, 3, 8)
+    assert run.stats.blocks_skipped == 1  # the recomputed value became the new anchor

@@ -192,3 +192,21 @@ def test_unsupported_models_get_a_clear_message_at_patch_time(pack):
     model = comfy.model_patcher.ModelPatcher(BaseModel(), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match="cannot cache HiDreamImageTransformer2DModel yet"):
         patched(pack, model)
+
+
+@pytest.mark.parametrize("sigmas", [[0.0, 0.5, 1.0], [0.7]], ids=["flipped", "single"])
+def test_schedules_the_engine_cannot_follow_run_uncached_instead_of_failing(pack, bundles, sigmas):
+    """FlipSigmas (unsampling) and SplitSigmas at the last step reach the sampler; the cache steps aside."""
+    from types import SimpleNamespace
+
+    model, *_ = bundle(bundles, "Wan")
+    session = session_of(patched(pack, model))
+
+    class Executor:
+        class_obj = SimpleNamespace(model_options={})
+
+        def __call__(self, *args, **kwargs):
+            return "sampled"
+
+    assert session.outer_sample(Executor(), None, None, None, torch.tensor(sigmas)) == "sampled"
+    assert session.run is None
