@@ -43,8 +43,12 @@ class CacheSession:
 
     def outer_sample(self, executor, *args, **kwargs):
         guider, sigmas = executor.class_obj, args[3]
-        if self.run is not None:
-            return executor(*args, **kwargs)
+        if self.run is not None:  # a sampler nested inside this run's model calls: run it uncached
+            outer, self.run = self.run, None
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                self.run = outer
         if guider.model_options.get("context_handler") is not None:
             log.warning("calibrated_cache: context windows are active; this run is not cached")
             return executor(*args, **kwargs)
@@ -83,7 +87,8 @@ class CacheSession:
         previous = self.call
         self.call = None
         if self.run is not None and self.primary:
-            branches = options.get("uuids") or options.get("cond_or_uncond") or [0]
+            # uuids are stable per cond entry; older ComfyUI lacks them, so chunk position keeps entries apart
+            branches = options.get("uuids") or list(enumerate(options.get("cond_or_uncond") or [0]))
             self.call = self.run.call(float(sigma.flatten()[0]), list(branches), x)
         try:
             return executor(*args, **kwargs)

@@ -210,3 +210,28 @@ def test_schedules_the_engine_cannot_follow_run_uncached_instead_of_failing(pack
 
     assert session.outer_sample(Executor(), None, None, None, torch.tensor(sigmas)) == "sampled"
     assert session.run is None
+
+
+def test_a_sampler_nested_in_a_run_on_the_same_model_runs_uncached(pack, bundles):
+    from types import SimpleNamespace
+
+    model, *_ = bundle(bundles, "Wan")
+    session = session_of(patched(pack, model))
+    seen = []
+
+    class Inner:
+        class_obj = SimpleNamespace(model_options={})
+
+        def __call__(self, *args, **kwargs):
+            seen.append(session.run)
+            return "inner"
+
+    class Outer(Inner):
+        def __call__(self, *args, **kwargs):
+            outer_run = session.run
+            assert session.outer_sample(Inner(), None, None, None, torch.tensor([1.0, 0.5, 0.0])) == "inner"
+            assert session.run is outer_run
+            return "outer"
+
+    assert session.outer_sample(Outer(), None, None, None, torch.tensor([1.0, 0.5, 0.0])) == "outer"
+    assert seen == [None] and session.run is None
