@@ -56,14 +56,17 @@ def residual_block(
     `flops` may be a callable, read after the block ran (so a cost can be measured on the first computation).
     """
     call.enter(index, inputs)
-    layout = call.state.layouts.get(index, ())
+    layout = call.state.layouts.get(index)
+    cached_streams = [k for k, cached in layout if cached] if layout is not None else list(inputs)
+
+    def cost() -> float:
+        return flops() if callable(flops) else flops
+
     if call.computes(index) or not all(
-        k in inputs and call.fits(index, f"residual.{k}", inputs[k]) for k, cached in layout if cached
+        k in inputs and call.fits(index, f"residual.{k}", inputs[k]) for k in cached_streams
     ):
-        keys = [k for k, cached in call.state.layouts.get(index, ((k, True) for k in inputs)) if cached]
-        kept = {k: inputs[k].clone() for k in keys if k in inputs} if call.stores(index) else {}
+        kept = {k: inputs[k].clone() for k in cached_streams if k in inputs} if call.stores(index) else {}
         outputs = dict(run())
-        cost = flops() if callable(flops) else flops
         streams = [k for k, v in outputs.items() if v is not None and k in inputs and v.shape == inputs[k].shape]
         if any(v is not None and k not in streams for k, v in outputs.items()):
             call.state.uncacheable.add(index)
@@ -71,7 +74,8 @@ def residual_block(
         for k in streams:
             if k in kept:
                 call.remember(index, f"residual.{k}", outputs[k] - kept[k])
-        call.account(index, True, cost, cost, max(len(streams), 1))
+        spent = cost()
+        call.account(index, True, spent, spent, max(len(streams), 1))
     else:
         outputs, spent = {}, 0.0
         for k, cached in call.state.layouts[index]:
@@ -81,6 +85,6 @@ def residual_block(
                 spent += forecast_flops
             else:
                 outputs[k] = None
-        call.account(index, False, flops() if callable(flops) else flops, spent, len(outputs))
+        call.account(index, False, cost(), spent, len(outputs))
     call.leave(index, outputs)
     return outputs

@@ -57,7 +57,7 @@ class RunState:
         self.branches: dict[Hashable, BranchCache] = {}
         self.round: Round | None = None
         self._skips_in_row = 0
-        self._flops: dict[tuple[int, int], dict[str, float]] = {}
+        self.site_costs: dict[tuple[int, int], dict[str, float]] = {}  # (block, tokens) -> FLOPs per site
         self.uncacheable: set[int] = set()
         self.layouts: dict[int, tuple[tuple[str, bool], ...]] = {}  # block outputs: (stream, has a residual)
 
@@ -230,8 +230,8 @@ class ModelCall:
     def site_flops(self, index: int, block, tokens: int) -> dict[str, float]:
         """Per-sample FLOPs by site when the block reports them (`site_flops(tokens)`), else equal weights."""
         key = (index, tokens)
-        known = self.state._flops.get(key)
+        known = self.state.site_costs.get(key)
         if known is None:
             report = getattr(block, "site_flops", None)
-            known = self.state._flops[key] = report(tokens) if report is not None else {}
+            known = self.state.site_costs[key] = report(tokens) if report is not None else {}
         return known

@@ -14,22 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import FAMILIES, run_sampler  # noqa: E402  (importing it boots ComfyUI in CPU mode)
+from tiny_models import FAMILIES, load_pack, run_sampler  # noqa: E402  (importing it boots ComfyUI in CPU mode)
 
 from calibrated_cache.testbed.bench import timed  # noqa: E402
-
-
-def load_pack():
-    """Load the repo as ComfyUI loads a cloned pack and return its Cache Policy and Apply node classes."""
-    import asyncio
-    import tempfile
-
-    import nodes
-
-    folder = Path(tempfile.mkdtemp()) / "calibrated_cache"
-    folder.symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
-    assert asyncio.run(nodes.load_custom_node(str(folder)))
-    return nodes.NODE_CLASS_MAPPINGS["CalibratedCache_CachePolicy"], nodes.NODE_CLASS_MAPPINGS["CalibratedCache_Apply"]
 
 
 def main() -> int:

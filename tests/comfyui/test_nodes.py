@@ -1,29 +1,20 @@
 """ComfyUI tier: the pack loaded by ComfyUI's own loader, patching real models of every supported family and
 sampling through `comfy.sample` (skipped without COMFYUI_PATH)."""
 
-import asyncio
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 
-from .tiny_models import FAMILIES, run_sampler
+from .tiny_models import FAMILIES, load_pack, run_sampler
 
-REPO = Path(__file__).resolve().parents[2]
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    """Load the repo as ComfyUI loads a cloned pack: custom_nodes/<any folder name>/__init__.py."""
-    import nodes
-
-    folder = tmp_path_factory.mktemp("custom_nodes") / "some_folder_name"
-    folder.symlink_to(REPO, target_is_directory=True)
-    assert asyncio.run(nodes.load_custom_node(str(folder)))
-    return nodes.NODE_CLASS_MAPPINGS["CalibratedCache_CachePolicy"], nodes.NODE_CLASS_MAPPINGS["CalibratedCache_Apply"]
+    return load_pack(str(tmp_path_factory.mktemp("custom_nodes")))
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,14 @@ contributes (no zero-initialised gates or output layers), so block skipping and 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import math
 import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 try:  # this folder is on sys.path when conftest.py enabled the tier; standalone scripts: load by file path
@@ -432,3 +434,15 @@ def diffusion_model(model_patcher) -> torch.nn.Module:
 
 def count_params(model_patcher) -> int:
     return sum(p.numel() for p in diffusion_model(model_patcher).parameters())
+
+
+def load_pack(parent: str | None = None) -> tuple[type, type]:
+    """Load the repo as ComfyUI loads a cloned pack (custom_nodes/<any folder name>/__init__.py) and return its Cache
+    Policy and Apply Calibrated Cache node classes."""
+    import nodes
+
+    folder = Path(parent or tempfile.mkdtemp()) / "some_folder_name"
+    folder.symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
+    if not asyncio.run(nodes.load_custom_node(str(folder))):
+        raise RuntimeError("ComfyUI could not load the pack; its log says why")
+    return nodes.NODE_CLASS_MAPPINGS["CalibratedCache_CachePolicy"], nodes.NODE_CLASS_MAPPINGS["CalibratedCache_Apply"]
