@@ -1,8 +1,9 @@
-"""`python -m calibrated_cache`: the headless commands (demo, benchmark, testbed training)."""
+"""`python -m calibrated_cache`: the headless commands (demo, benchmark, TCC priors, testbed training)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Sequence
 
 
@@ -21,6 +22,46 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"\nJSON written to {args.json}")
+    return 0
+
+
+def _fit_priors(args: argparse.Namespace) -> int:
+    from .calibration import CachePolicy, PolicyError
+    from .priors import save_priors
+    from .testbed.fit_priors import fit_testbed
+    from .testbed.weights import load_dit
+
+    try:
+        policy = CachePolicy(interval=args.interval, warmup_steps=args.warmup, forecaster=args.forecaster,
+                             order=args.order, granularity=args.granularity)
+    except PolicyError as err:
+        raise SystemExit(f"error: {err}") from None
+    if policy.computes_everything():
+        raise SystemExit("error: interval 1 computes every step: there is nothing to calibrate; use 2 or more")
+    model, meta = load_dit()
+    steps = args.steps or int(meta["bench_steps"])
+    cfg = float(meta["bench_cfg"]) if args.cfg is None else args.cfg
+    out = args.out or f"dit.{policy.tag()}.tcc.safetensors"
+    if os.path.exists(out) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it or --out to choose another name")
+    priors, prior_meta = fit_testbed(model, policy, args.samples, steps, cfg, args.sampler, args.shift, args.variant,
+                                     not args.oneshot, args.rounds, args.batch)
+    path = save_priors(out, priors, prior_meta)
+    r = prior_meta["report"]
+    print(f"{r['sites']} sites, rel_l2 against full computation on the {args.samples} calibration samples: "
+          f"{r['rel_l2_before']:.4f} without priors, {r['rel_l2_after']:.4f} with them")
+    print(f"written {path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .priors import PriorFileError, load_priors
+    from .priors.report import summarize
+
+    try:
+        print(summarize(load_priors(args.file), args.sites))
+    except PriorFileError as err:
+        raise SystemExit(f"error: {err}") from None
     return 0
 
 
@@ -54,6 +95,31 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-quality", action="store_true", help="run the speed section only")
     bench.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift of the quality runs (default 1)")
     bench.set_defaults(run=_bench)
+
+    fit = sub.add_parser("fit-priors", help="fit TCC calibration priors for a cache policy on the testbed")
+    fit.add_argument("--interval", type=int, default=3, help="policy: compute one step in N (default 3)")
+    fit.add_argument("--forecaster", default="reuse", help="policy: reuse, taylor or foca (default reuse)")
+    fit.add_argument("--order", type=int, default=1, help="policy: Taylor order (default 1)")
+    fit.add_argument("--warmup", type=int, default=0, help="policy: warm-up steps (default 0)")
+    fit.add_argument("--granularity", default="module", help="policy: module (G3) or block (G2)")
+    fit.add_argument("--variant", default="auto",
+                     help="prior form: auto (default: drift for reuse, mm for taylor/foca), drift, trend or mm")
+    fit.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+    fit.add_argument("--batch", type=int, help="samples per batch (default: all in one)")
+    fit.add_argument("--rounds", type=int, default=1, help="fit rounds (default 1; more when batched)")
+    fit.add_argument("--oneshot", action="store_true", help="ablation: fit every prior on one uncalibrated run")
+    fit.add_argument("--steps", type=int, help="sampling steps (default: the benchmark's 24)")
+    fit.add_argument("--cfg", type=float, help="guidance scale (default: the benchmark's 2.0)")
+    fit.add_argument("--sampler", default="euler", help="euler or heun (default euler)")
+    fit.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift (default 1)")
+    fit.add_argument("--out", help="prior file (default dit.<policy tag>.tcc.safetensors)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    fit.set_defaults(run=_fit_priors)
+
+    inspect = sub.add_parser("inspect", help="print a prior file's metadata and per-step summary")
+    inspect.add_argument("file", help="a .tcc.safetensors file")
+    inspect.add_argument("--sites", action="store_true", help="also list every site")
+    inspect.set_defaults(run=_inspect)
 
     for name, fn, text in (
         ("train-dit", _train_dit, "retrain the testbed DiT on scikit-learn's digits (needs scikit-learn)"),

@@ -34,7 +34,7 @@ def gated_block(call: "ModelCall", index: int, sites: Sequence[Site], h: Tensor,
             spent += cost
             h = h + gate * value  # exactly the block's own arithmetic, so computing everything is bit-identical
         else:
-            value, forecast_flops = call.recall(index, name)
+            value, forecast_flops = call.recall(index, name, lambda: branch(h))
             spent += forecast_flops
             h = torch.addcmul(h, gate, value)
     call.account(index, compute, full, spent, len(sites))
@@ -78,9 +78,10 @@ def residual_block(
         call.account(index, True, spent, spent, max(len(streams), 1))
     else:
         outputs, spent = {}, 0.0
+        truth = _truth(call, inputs, run)
         for k, cached in call.state.layouts[index]:
             if cached:
-                residual, forecast_flops = call.recall(index, f"residual.{k}")
+                residual, forecast_flops = call.recall(index, f"residual.{k}", truth and (lambda k=k: truth()[k]))
                 outputs[k] = inputs[k] + residual
                 spent += forecast_flops
             else:
@@ -88,3 +89,23 @@ def residual_block(
         call.account(index, False, cost(), spent, len(outputs))
     call.leave(index, outputs)
     return outputs
+
+
+def _truth(call: "ModelCall", inputs: Mapping[str, Tensor], run: Callable[[], Mapping[str, Tensor | None]]):
+    """For fitting calibrators: the residuals the block would produce now, computed once on first request and on
+    copies, since a block may modify its inputs in place."""
+    calibrator = call.state.calibrator
+    if calibrator is None or not calibrator.needs_truth:
+        return None
+    done: dict[str, Tensor] = {}
+
+    def residuals() -> dict[str, Tensor]:
+        if not done:
+            kept = {k: v.clone() for k, v in inputs.items()}
+            outputs = run()
+            done.update({k: outputs[k] - kept[k] for k in kept if outputs.get(k) is not None})
+            for k, v in kept.items():
+                inputs[k].copy_(v)
+        return done
+
+    return residuals

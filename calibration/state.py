@@ -9,11 +9,12 @@ whose input changes shape, dtype or device starts afresh.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .calibrator import Calibrator, Reused, Site
 from .clock import StepClock
 from .forecast import Forecaster
 from .policy import CachePolicy, PolicyError
@@ -23,10 +24,12 @@ from .sites import gated_block, residual_block
 from .stats import RunStats
 
 SiteKey = tuple[int, str]
+CALIBRATION_FLOPS = 4  # per element: at most two fused multiply-adds (see tcc.py), counted as honest compute
 
 
 @dataclass
 class Round:
+    index: int
     sigma: float
     step: int
     time: float
@@ -39,17 +42,23 @@ class BranchCache:
     signature: tuple
     sites: dict[SiteKey, Forecaster] = field(default_factory=dict)
     ready: set[int] = field(default_factory=set)
+    anchors: dict[int, tuple[float, int]] = field(default_factory=dict)  # block -> (σ, step) of its newest store
     probe_ref: Tensor | None = None
 
 
 class RunState:
     """Created at the start of a sampling run and dropped at its end; nothing in it outlives the run."""
 
-    def __init__(self, policy: CachePolicy, sigmas: Sequence[float], blocks: int) -> None:
+    def __init__(
+        self, policy: CachePolicy, sigmas: Sequence[float], blocks: int, calibrator: Calibrator | None = None
+    ) -> None:
         if blocks < 1:
             raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
         self.policy = policy
         self.blocks = blocks
+        self.calibrator = calibrator
+        if calibrator is not None:
+            calibrator.start()
         self.clock = StepClock(sigmas)
         self.plan = StepPlan(policy, self.clock.steps)
         self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
@@ -61,8 +70,14 @@ class RunState:
         self.uncacheable: set[int] = set()
         self.layouts: dict[int, tuple[tuple[str, bool], ...]] = {}  # block outputs: (stream, has a residual)
 
-    def call(self, sigma: float, branches: Sequence[Hashable], x: Tensor) -> "ModelCall":
-        """Open one model call whose batch holds `branches` in order, in equal chunks of x's first dimension."""
+    def call(
+        self, sigma: float, branches: Sequence[Hashable], x: Tensor, roles: Sequence[str] | None = None
+    ) -> "ModelCall":
+        """Open one model call whose batch holds `branches` in order, in equal chunks of x's first dimension.
+
+        `roles` name what each branch is ("cond", "uncond") for calibrators, whose priors outlive the run's branch
+        identities; by default a branch is its own role.
+        """
         if not branches or x.shape[0] % len(branches):
             raise ValueError(f"a batch of {x.shape[0]} cannot hold {len(branches)} equal branch chunks")
         sigma = float(sigma)
@@ -79,7 +94,10 @@ class RunState:
                     self.stats.add_cache_bytes(-sum(f.nbytes for f in cache.sites.values()))
                 self.branches[b] = BranchCache(signature)
         self.stats.model_calls += 1
-        return ModelCall(self, r, list(branches), chunk)
+        roles = [str(b) for b in branches] if roles is None else [str(x) for x in roles]
+        if len(roles) != len(branches):
+            raise ValueError(f"{len(branches)} branches need {len(branches)} roles (got {len(roles)})")
+        return ModelCall(self, r, list(branches), chunk, roles)
 
     def _new_round(self, sigma: float) -> Round:
         step = self.clock.step(sigma)
@@ -92,7 +110,7 @@ class RunState:
             self._skips_in_row = 0
         self.stats.rounds += 1
         self.stats.steps.add(step)
-        return Round(sigma, step, time, skip)
+        return Round(self.stats.rounds - 1, sigma, step, time, skip)
 
     def decide(self, residual: Tensor, branch: Hashable) -> bool:
         """Dynamic policy: skip the round if the probe residual moved little since the last computed round."""
@@ -131,18 +149,30 @@ class ModelCall:
     It is also a block runner for adaLN blocks that expose `sites(c)` (see `sites.py`): `call(i, block, h, c)`.
     """
 
-    def __init__(self, state: RunState, round_: Round, branches: list[Hashable], chunk: int) -> None:
+    def __init__(self, state: RunState, round_: Round, branches: list[Hashable], chunk: int, roles: list[str]) -> None:
         self.state = state
         self.round = round_
         self.branches = branches
+        self.roles = roles
         self.chunk = chunk
         self._stores = state.plan.may_skip_after(round_.step)
         self._probe_inputs: Mapping[str, Tensor] | None = None
+        self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
 
     def computes(self, block: int) -> bool:
-        if block in self.state.always or not self.round.skip or block in self.state.uncacheable:
+        reuses = not (block in self.state.always or not self.round.skip or block in self.state.uncacheable) and all(
+            block in self.state.branches[b].ready for b in self.branches)
+        calibrator = self.state.calibrator
+        if calibrator is not None and calibrator.reference:
+            if reuses:
+                self._observed.add(block)
             return True
-        return not all(block in self.state.branches[b].ready for b in self.branches)
+        return not reuses
+
+    def sites(self, block: int, name: str) -> list[Site]:
+        r, caches = self.round, self.state.branches
+        return [Site(role, r.index, r.sigma, sigma, r.step - step, block, name)
+                for role, b in zip(self.roles, self.branches) for sigma, step in [caches[b].anchors[block]]]
 
     def fits(self, block: int, name: str, like: Tensor) -> bool:
         """Whether every branch's cached value of a site has the shape of `like`'s chunks (a text stream can change
@@ -151,10 +181,16 @@ class ModelCall:
         return all(self.state.branches[b].sites[(block, name)].values[-1].shape == shape for b in self.branches)
 
     def stores(self, block: int) -> bool:
-        """Whether values computed now can serve a later skip (nothing is kept when none can)."""
-        return self._stores and block not in self.state.always
+        """Whether values computed now can serve a later skip (nothing is kept when none can), or are observed."""
+        return (self._stores and block not in self.state.always) or block in self._observed
 
     def remember(self, block: int, name: str, value: Tensor) -> None:
+        """Store a computed value; in a reference run, a value the policy would have reused is observed instead, so
+        the caches hold exactly what the cached run's would."""
+        if block in self._observed:
+            for site, part in zip(self.sites(block, name), value.split(self.chunk)):
+                self.state.calibrator.observe(site, part)
+            return
         if not self.stores(block):
             return
         state, t = self.state, self.round.time
@@ -165,12 +201,36 @@ class ModelCall:
                 if forecaster is not None:
                     state.stats.add_cache_bytes(-forecaster.nbytes)
                 forecaster = cache.sites[(block, name)] = make_forecaster(state.policy)
+                if state.calibrator is not None:
+                    forecaster.history = max(forecaster.history, state.calibrator.anchors)
             before = forecaster.nbytes
             forecaster.update(t, part.detach())
             state.stats.add_cache_bytes(forecaster.nbytes - before)
             cache.ready.add(block)
+            cache.anchors[block] = (self.round.sigma, self.round.step)
 
-    def recall(self, block: int, name: str) -> tuple[Tensor, float]:
+    def recall(self, block: int, name: str, truth: Callable[[], Tensor] | None = None) -> tuple[Tensor, float]:
+        """The value used in place of a site's computation for this call's batch (the forecast, corrected by the
+        run's calibrator if any), and the FLOPs spent on it per sample. `truth` computes the site (for fitting)."""
+        value, flops = self._forecast(block, name)
+        calibrator = self.state.calibrator
+        if calibrator is not None:
+            reused = Reused(value, lambda: self._increment(block, name), truth if calibrator.needs_truth else None)
+            value = calibrator.calibrate(self.sites(block, name), reused)
+            flops += CALIBRATION_FLOPS * value[: self.chunk].numel() / max(self.chunk, 1)
+        return value, flops
+
+    def _increment(self, block: int, name: str) -> Tensor | None:
+        """Newest minus previous anchor, scaled by (t − t_newest) / (t_newest − t_previous), for the batch."""
+        t, parts = self.round.time, []
+        for b in self.branches:
+            f = self.state.branches[b].sites[(block, name)]
+            if len(f.times) < 2:
+                return None
+            parts.append((f.values[-1] - f.values[-2]) * ((t - f.times[-1]) / (f.times[-1] - f.times[-2])))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _forecast(self, block: int, name: str) -> tuple[Tensor, float]:
         """The forecast of a site for this call's batch, and the FLOPs the forecast spent per sample.
 
         When the branches were stored from one batched call and are recalled in the same order, their anchors are

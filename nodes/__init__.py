@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import folders
 from .apply_node import ApplyCalibratedCacheNode
+from .fit_node import FitTccPriorsNode
 from .policy_node import CachePolicyNode
+
+folders.register()
 
 
 class CalibratedCacheExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CachePolicyNode, ApplyCalibratedCacheNode]
+        return [CachePolicyNode, ApplyCalibratedCacheNode, FitTccPriorsNode]

@@ -4,8 +4,12 @@ A `CacheSession` is created at node time and holds only configuration until a sa
 creates the run's `RunState` and drops it in `finally`, so every queue item, every sampler and every re-queue of a
 cached graph starts clean. PREDICT_NOISE and CALC_COND_BATCH mark the primary batch of each model evaluation, so
 auxiliary passes (Skip Layer Guidance) run uncached. APPLY_MODEL (called by every family) opens the engine's
-`ModelCall` with σ and the cond uuids of the batch; the block hooks read it. Block hooks are plain closures, because
-ComfyUI deep-copies `model_options` on every clone and must not copy the session with them.
+`ModelCall` with σ and the cond uuids of the batch, each named by its role ("cond", "uncond"), since priors outlive
+the uuids; the block hooks read it. Block hooks are plain closures, because ComfyUI deep-copies `model_options` on every
+clone and must not copy the session with them.
+
+A session may carry a calibrator: TCC priors from a file (checked against each run's schedule before it samples), or
+the fit that Fit TCC Priors sets for each of its runs.
 """
 
 from __future__ import annotations
@@ -19,17 +23,24 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..calibration import CachePolicy, ModelCall, RunState, RunStats, residual_block
+from ..calibration.calibrator import Calibrator
+from ..priors import PriorMismatch, check_schedule, run_warnings
 from .families import BlockSite, Family
+from .fitted import FittedPriors
 
 log = logging.getLogger("calibrated_cache")
 KEY = "calibrated_cache"
 STREAMS = ("img", "txt")
 HAS_PREDICT_NOISE = hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE")
+ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 
 class CacheSession:
-    def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None):
+    def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None,
+                 priors: FittedPriors | None = None):
         self.policy = policy
+        self.priors = priors
+        self.calibrator: Calibrator | None = priors.priors if priors is not None else None  # Fit sets it per run
         self.family = family
         self.blocks = blocks
         self.node_id = node_id
@@ -52,11 +63,16 @@ class CacheSession:
         if guider.model_options.get("context_handler") is not None:
             log.warning("calibrated_cache: context windows are active; this run is not cached")
             return executor(*args, **kwargs)
+        schedule = sigmas.flatten().tolist()
         try:
-            self.run, self.hooked = RunState(self.policy, sigmas.flatten().tolist(), len(self.blocks)), 0
+            run = RunState(self.policy, schedule, len(self.blocks), self.calibrator)
         except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
             log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
             return executor(*args, **kwargs)
+        if self.priors is not None:
+            cfg = getattr(guider, "cfg", None)  # CFGGuider's; other guiders have none to compare
+            self._check_priors(schedule, cfg if isinstance(cfg, (int, float)) else None)
+        self.run, self.hooked = run, 0
         start = time.perf_counter()
         try:
             return executor(*args, **kwargs)
@@ -64,6 +80,16 @@ class CacheSession:
             stats = self.run.finish()
             self.run = self.call = None
             self._report(stats, time.perf_counter() - start)
+
+    def _check_priors(self, schedule: list[float], cfg: float | None) -> None:
+        """Refuse a run the priors cannot serve before it samples; say so when they only transfer approximately."""
+        meta, name = self.priors.meta, self.priors.name
+        try:
+            note = check_schedule(meta, self.policy, schedule, name)
+        except PriorMismatch as err:
+            raise ValueError(str(err)) from None
+        for warning in ([note] if note else []) + run_warnings(meta, cfg=cfg):
+            log.warning("calibrated_cache: %s", warning)
 
     def predict_noise(self, executor, *args, **kwargs):
         self._evaluation_open = True
@@ -88,8 +114,10 @@ class CacheSession:
         self.call = None
         if self.run is not None and self.primary:
             # uuids are stable per cond entry; older ComfyUI lacks them, so chunk position keeps entries apart
-            branches = options.get("uuids") or list(enumerate(options.get("cond_or_uncond") or [0]))
-            self.call = self.run.call(float(sigma.flatten()[0]), list(branches), x)
+            kinds = options.get("cond_or_uncond") or [0]
+            branches = list(options.get("uuids") or enumerate(kinds))
+            roles = [ROLES.get(k, str(k)) for k in kinds] if len(kinds) == len(branches) else [str(b) for b in branches]
+            self.call = self.run.call(float(sigma.flatten()[0]), branches, x, roles)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -116,9 +144,11 @@ class CacheSession:
         if self.hooked == 0:
             log.warning("calibrated_cache: no %s block ran through the cache in this run; nothing was skipped. "
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
+        priors = self.priors.name if self.priors is not None else None
         self.last_report = {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
-                            "wall_s": wall, **stats.to_dict()}
-        log.info("calibrated_cache [%s] %s: %s, wall %.2f s", self.policy.tag(), self.family.name, stats.summary(), wall)
+                            "priors": priors, "wall_s": wall, **stats.to_dict()}
+        log.info("calibrated_cache [%s] %s: %s, wall %.2f s%s", self.policy.tag(), self.family.name, stats.summary(),
+                 wall, f", priors {priors}" if priors else "")
         _send_event("calibrated_cache.stats", self.last_report)
 
 

@@ -1,1 +1,19 @@
-"""Calibration prior files (safetensors + provenance metadata)."""
+"""Prior files: format, validation against a run, model fingerprints and summaries. Pure torch; never imports comfy."""
+
+from .fingerprint import model_fingerprint
+from .format import PriorFile, PriorFileError, load_priors, read_metadata, save_priors
+from .validate import PriorMismatch, check_model, check_policy, check_schedule, run_warnings
+
+__all__ = [
+    "PriorFile",
+    "PriorFileError",
+    "PriorMismatch",
+    "check_model",
+    "check_policy",
+    "check_schedule",
+    "load_priors",
+    "model_fingerprint",
+    "read_metadata",
+    "run_warnings",
+    "save_priors",
+]

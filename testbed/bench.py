@@ -17,13 +17,16 @@ from torch import Tensor
 
 from .. import __version__
 from ..calibration import CachePolicy
+from ..calibration.tcc import TccPriors
+from ..priors import check_schedule
 from .evaluate import bench_inputs, score
+from .fit_priors import fit_testbed
 from .metrics import psnr, rel_l2
 from .model import DiT, DiTConfig
-from .sampling import sample
+from .sampling import flow_sigmas, sample
 from .weights import load_classifier, load_dit
 
-SCHEMA = "calibrated_cache.bench/1"
+SCHEMA = "calibrated_cache.bench/2"
 INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4, 0.17: 6}
 MAX_SKIPS = 16  # lets the dynamic policy reach the lowest target fraction; its threshold does the rest
 
@@ -34,6 +37,14 @@ class Method:
     params: dict[str, Any]
     policy: CachePolicy | None
     target: float | None = None
+    tcc: dict[str, Any] | None = None  # fit_testbed settings: TCC priors are fitted on calibration seeds, then applied
+
+
+CALIBRATION_SAMPLES = 64
+TCC_ROWS = (("fora+tcc", {"forecaster": "reuse"}, {}),
+            ("taylor+tcc", {"forecaster": "taylor", "order": 1}, {}),
+            ("foca+tcc", {"forecaster": "foca", "foca_lambda": 0.0}, {}),
+            ("fora+tcc-oneshot", {"forecaster": "reuse"}, {"sequential": False}))
 
 
 def fixed_methods() -> list[Method]:
@@ -48,6 +59,25 @@ def fixed_methods() -> list[Method]:
         ):
             policy = CachePolicy(interval=n, warmup_steps=0, **extra)
             methods.append(Method(name, {"interval": n, **extra}, policy, target))
+    return methods
+
+
+def tcc_methods(targets: tuple[float, ...]) -> list[Method]:
+    """Each base method with TCC priors (variant "auto": drift on FORA, mm on forecasters), and the one-shot ablation
+    (all priors estimated from one uncalibrated cached trajectory), at the same schedules as the rows without
+    priors."""
+    return [Method(name, {"interval": INTERVALS[t], **extra, **fit}, CachePolicy(interval=INTERVALS[t], warmup_steps=0,
+                                                                                    **extra), t, fit)
+            for t in targets for name, extra, fit in TCC_ROWS]
+
+
+def tcc_ablation_methods() -> list[Method]:
+    """The prior's form at N=3 on each base: drift, trend and moment matching (the published design)."""
+    methods = []
+    for name, extra, _ in TCC_ROWS[:3]:
+        policy = CachePolicy(interval=3, warmup_steps=0, **extra)
+        methods += [Method(f"{name}-{v}", {"interval": 3, **extra, "variant": v}, policy, 0.33, {"variant": v})
+                    for v in ("drift", "trend", "mm")]
     return methods
 
 
@@ -113,26 +143,59 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     labels, noise = bench_inputs(model, samples)
 
-    def run(policy: CachePolicy | None) -> tuple[Tensor, Any]:
-        return sample(model, labels, noise, steps, cfg, policy=policy, shift=shift)
+    def run(policy: CachePolicy | None, priors: TccPriors | None = None) -> tuple[Tensor, Any]:
+        return sample(model, labels, noise, steps, cfg, policy=policy, shift=shift, calibrator=priors)
 
     run(None)  # warm the allocator and kernels before anything is timed
     (full, _), full_wall = timed(lambda: run(None), 1)
     methods = [Method("engine-all", {"interval": 1}, CachePolicy(interval=1))] + fixed_methods()
     methods += dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
+    methods += tcc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
 
     def rows_for(methods: list[Method]) -> list[dict[str, Any]]:
         rows = []
         for m in methods:
-            (x, state), wall = timed(lambda: run(m.policy), 1)
+            priors, fit_s = None, None
+            if m.tcc is not None:
+                start = time.perf_counter()
+                calibration = CALIBRATION_SAMPLES // 2 if quick else CALIBRATION_SAMPLES
+                priors, _ = fit_testbed(model, m.policy, calibration, steps, cfg, shift=shift, **m.tcc)
+                fit_s = time.perf_counter() - start
+            (x, state), wall = timed(lambda: run(m.policy, priors), 1)
             rows.append(row_for(m, x, full, state.stats.compute_fraction, wall, full_wall, classifier, labels))
+            if fit_s is not None:
+                rows[-1]["fit_s"] = fit_s
         return rows
 
     full_row = row_for(Method("full", {}, None), full, full, 1.0, full_wall, full_wall, classifier, labels)
     return {"config": {"samples": samples, "steps": steps, "cfg": cfg, "sampler": "euler", "shift": shift, "seed": 0,
                        "model": meta["config"]},
             "rows": [full_row, *rows_for(methods)],
-            "ablation": [] if quick else rows_for(ablation_methods())}
+            "ablation": [] if quick else rows_for(ablation_methods() + tcc_ablation_methods()),
+            "transfer": None if quick else transfer_section(model, classifier, cfg, shift)}
+
+
+def transfer_section(model: DiT, classifier, cfg: float, shift: float, samples: int = 128) -> dict[str, Any]:
+    """TCC priors fitted on 20 steps, applied at 20, 25 and 30 steps (interpolated over σ), against no priors and
+    against priors refitted at each step count; FORA N=3 on `samples` benchmark requests."""
+    policy = CachePolicy(interval=3, warmup_steps=0)
+    labels, noise = bench_inputs(model, samples)
+    fitted, meta = fit_testbed(model, policy, CALIBRATION_SAMPLES, 20, cfg, shift=shift)
+    rows = []
+    for steps in (20, 25, 30):
+        sigmas = flow_sigmas(steps, shift)
+        note = check_schedule(meta, policy, sigmas.tolist(), "the 20-step priors")
+        full, _ = sample(model, labels, noise, steps, cfg, sigmas=sigmas)
+        candidates: list[tuple[str, TccPriors | None]] = [("fora", None), ("fora+tcc@20", fitted)]
+        if steps != 20:
+            candidates.append((f"fora+tcc@{steps}", fit_testbed(model, policy, CALIBRATION_SAMPLES, steps, cfg,
+                                                                shift=shift)[0]))
+        for name, priors in candidates:
+            x, state = sample(model, labels, noise, steps, cfg, policy=policy, sigmas=sigmas, calibrator=priors)
+            rows.append({"steps": steps, "method": name, "compute_fraction": state.stats.compute_fraction,
+                         "rel_l2": rel_l2(x, full), "fd": score(classifier, x, labels)["fd"],
+                         "interpolated": priors is fitted and note is not None})
+    return {"config": {"policy": policy.tag(), "fitted_steps": 20, "samples": samples}, "rows": rows}
 
 
 def row_for(m: Method, x: Tensor, full: Tensor, fraction: float, wall: float, full_wall: float, classifier, labels) -> dict:
@@ -247,7 +310,15 @@ def format_tables(report: dict[str, Any]) -> str:
         lines += ["", f"quality: {c['samples']} samples, {c['steps']} Euler steps (shift {c['shift']}), cfg {c['cfg']}"]
         lines += _quality_table(report["quality"]["rows"])
         if report["quality"]["ablation"]:
-            lines += ["", "ablation at FORA N=4's schedule"] + _quality_table(report["quality"]["ablation"])
+            lines += ["", "ablation at FORA N=4's schedule (TCC prior forms at N=3)"]
+            lines += _quality_table(report["quality"]["ablation"])
+        if report["quality"].get("transfer"):
+            t = report["quality"]["transfer"]
+            lines += ["", f"TCC priors fitted on {t['config']['fitted_steps']} steps, {t['config']['policy']}, "
+                          f"{t['config']['samples']} samples",
+                      f"{'steps':>5} {'method':<14} {'compute':>7} {'rel_l2':>7} {'fd':>7}"]
+            lines += [f"{r['steps']:>5} {r['method']:<14} {r['compute_fraction']:>7.3f} {r['rel_l2']:>7.4f} "
+                      f"{r['fd']:>7.3f}" for r in t["rows"]]
     s = report["speed"]
     c = s["config"]
     lines += ["", f"speed: block stack width {c['width']}, depth {c['depth']}, {c['tokens']} tokens, batch {c['batch']}"

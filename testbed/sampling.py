@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..calibration import CachePolicy, RunState
+from ..calibration.calibrator import Calibrator
 from .model import DiT
 
 Velocity = Callable[[Tensor, float], Tensor]
@@ -79,12 +80,14 @@ def sample(
     batched: bool = True,
     shift: float = 1.0,
     sigmas: Tensor | None = None,
+    calibrator: Calibrator | None = None,
 ) -> tuple[Tensor, RunState | None]:
-    """Sample `labels` from `noise`; with a policy, returns the run state (its stats) next to the samples."""
+    """Sample `labels` from `noise`; with a policy, returns the run state (its stats) next to the samples. A
+    calibrator corrects the values the policy reuses (or, in a reference run, observes the full ones)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {sorted(SAMPLERS)}")
     sigmas = flow_sigmas(steps, shift) if sigmas is None else sigmas
-    run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks))
+    run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks), calibrator)
     velocity = GuidedVelocity(model, labels, cfg, batched, run)
     x = SAMPLERS[sampler](velocity, noise * sigmas[0].item(), sigmas)
     if run is not None:

@@ -12,7 +12,7 @@ from calibrated_cache.testbed.png import write_png
 
 def test_module_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "calibrated_cache", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "bench", "train-dit", "train-classifier"):
+    for command in ("demo", "bench", "fit-priors", "inspect", "train-dit", "train-classifier"):
         assert command in out.stdout
 
 
@@ -48,12 +48,16 @@ def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
     loaded = json.loads((tmp_path / "bench.json").read_text())
     assert loaded["schema"] == SCHEMA
     rows = loaded["quality"]["rows"]
-    assert {r["method"] for r in rows} == {"full", "engine-all", "fora", "taylor1", "taylor2", "foca", "fbcache"}
+    assert {r["method"] for r in rows} == {"full", "engine-all", "fora", "taylor1", "taylor2", "foca", "fbcache",
+                                           "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot"}
     for row in rows:
         assert set(row) >= {"method", "params", "compute_fraction", "wall_s", "wall_speedup", "rel_l2", "psnr", "fd", "accuracy"}
     engine_all = next(r for r in rows if r["method"] == "engine-all")
     assert engine_all["bit_identical"] and engine_all["rel_l2"] == 0.0
     fora = {r["target_fraction"]: r["compute_fraction"] for r in rows if r["method"] == "fora"}
     assert fora[0.25] == pytest.approx(0.25, abs=0.03) and fora[0.5] == pytest.approx(0.5, abs=0.03)
+    tcc = {(r["method"], r["target_fraction"]): r for r in rows if "tcc" in r["method"]}
+    assert {t for _, t in tcc} == {0.5, 0.33} and all(r["fit_s"] > 0 for r in tcc.values())
+    assert tcc[("fora+tcc", 0.33)]["compute_fraction"] == pytest.approx(fora[0.33], abs=0.01)
     speed = loaded["speed"]["rows"]
     assert all(r["ideal_speedup"] == pytest.approx(1 / r["compute_fraction"]) for r in speed)

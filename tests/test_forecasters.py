@@ -18,6 +18,13 @@ def test_reuse_returns_the_last_anchor():
     assert len(f.values) == 1
 
 
+def test_reuse_still_returns_the_newest_anchor_when_a_calibrator_keeps_more():
+    f = ReuseForecaster()
+    f.history = 2
+    feed(f, [0, 1, 2], lambda t: 3.0 * t)
+    assert len(f.values) == 2 and f.predict(5.0).item() == 6.0
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_taylor_reproduces_lines_exactly_at_every_order(order):
     line = lambda t: 1.0 - 2.0 * t  # noqa: E731

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from .tiny_models import FAMILIES, load_pack, run_sampler
+from .tiny_models import force_split_cfg, FAMILIES, load_pack, run_sampler
 
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
@@ -79,15 +79,11 @@ def test_policy_computing_everything_is_bit_identical_to_the_model(pack, bundles
 
 @pytest.mark.parametrize("family", ["Flux", "Wan", "PixArt"])
 def test_split_cfg_under_low_memory_matches_batched_cfg(pack, bundles, family, monkeypatch):
-    import comfy.model_management
-
     model, positive, negative, latent = bundle(bundles, family)
     cached_model = patched(pack, model, forecaster="taylor", interval=3)
     batched = run_sampler(cached_model, positive, negative, latent, steps=7, cfg=2.0)
     calls_batched = session_of(cached_model).last_report["model_calls"]
-    # Report no free memory, as a busy GPU would: ComfyUI then runs cond and uncond as separate calls.
-    monkeypatch.setattr(comfy.model_management, "get_free_memory",
-                        lambda dev=None, torch_free_too=False: (0, 0) if torch_free_too else 0)
+    force_split_cfg(monkeypatch)
     split = run_sampler(cached_model, positive, negative, latent, steps=7, cfg=2.0)
     assert session_of(cached_model).last_report["model_calls"] == 2 * calls_batched
     # Same decisions and caches; only the model's own float batching differs (outputs here reach ~1e3).

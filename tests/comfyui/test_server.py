@@ -1,5 +1,6 @@
-"""ComfyUI tier: a real ComfyUI server, started headless, loads the pack and runs a workflow with both nodes through
-its HTTP API (skipped without COMFYUI_PATH)."""
+"""ComfyUI tier: a real ComfyUI server, started headless, loads the pack and runs workflows with its nodes through its
+HTTP API: caching, then fitting TCC priors in one prompt and sampling with the saved file in another (skipped without
+COMFYUI_PATH)."""
 
 import json
 import os
@@ -11,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 from .tiny_models import SPECS, save_tiny_unet
 
@@ -67,11 +70,12 @@ def server(tmp_path_factory, comfyui_dir):
         log.close()
 
 
-def workflow(model_name: str, seed: int) -> dict:
+def workflow(model_name: str, seed: int, prefix: str = "cc_test", **apply_inputs) -> dict:
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model_name, "weight_dtype": "default"}},
         "2": {"class_type": "CalibratedCache_CachePolicy", "inputs": POLICY},
-        "3": {"class_type": "CalibratedCache_Apply", "inputs": {"model": ["1", 0], "policy": ["2", 0]}},
+        "3": {"class_type": "CalibratedCache_Apply",
+              "inputs": {"model": ["1", 0], "policy": ["2", 0], **apply_inputs}},
         "4": {"class_type": "CCTest_ZeroConditioning", "inputs": {"tokens": 16, "dim": 4096, "pooled_dim": 0, "seed": 0}},
         "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
         "6": {"class_type": "EmptyHunyuanLatentVideo",
@@ -79,8 +83,23 @@ def workflow(model_name: str, seed: int) -> dict:
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["3", 0], "seed": seed, "steps": 9, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
             "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "cc_test"}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}},
     }
+
+
+def fit_workflow(model_name: str) -> dict:
+    """Fit TCC priors for the KSampler settings of `workflow` and save them in the cache_priors folder."""
+    prompt = workflow(model_name, 0)
+    fit = {"model": ["1", 0], "policy": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "latent": ["6", 0],
+           "samples": 2, "seed": 0, "steps": 9, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
+           "variant": "drift", "checkpoint": model_name, "save_to": "cache_priors folder", "overwrite": False}
+    return {k: prompt[k] for k in ("1", "2", "4", "5", "6")} | {"9": {"class_type": "CalibratedCache_FitTCCPriors",
+                                                                     "inputs": fit}}
+
+
+def saved_latent(base: Path, prefix: str):
+    (path,) = (base / "output").glob(f"{prefix}_*.latent")
+    return safetensors.torch.load_file(str(path))["latent_tensor"]
 
 
 def run_prompt(url: str, prompt: dict) -> dict:
@@ -103,10 +122,36 @@ def test_server_lists_the_pack_nodes_with_their_types(server):
 
 def test_workflow_with_both_nodes_runs_cached_and_requeues_with_a_new_seed(server):
     url, _, model_name, log_path = server
+    start = len(log_path.read_text())
     for seed in (1, 2):
         result = run_prompt(url, workflow(model_name, seed))
         assert result["status"]["status_str"] == "success", result["status"]
-    lines = [line for line in log_path.read_text().splitlines() if "calibrated_cache [TAYLOR2_N3_W1_G2] Wan" in line]
-    assert len(lines) == 2, log_path.read_text()[-3000:]
+    log = log_path.read_text()[start:]
+    lines = [line for line in log.splitlines() if "calibrated_cache [TAYLOR2_N3_W1_G2] Wan" in line]
+    assert len(lines) == 2, log[-3000:]
     # 9 steps: warm-up step 0, then steps 1, 4, 7 computed, 2 blocks, cond + uncond; each run starts afresh.
     assert all("computed 16 of 36 block evaluations over 9 steps" in line for line in lines), lines
+
+
+def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
+    url, info, model_name, log_path = server
+    assert info["CalibratedCache_FitTCCPriors"]["output"] == ["TCC_PRIORS", "STRING"]
+    assert set(info["CalibratedCache_Apply"]["input"]["optional"]) == {"priors", "prior_file"}
+    assert model_name in info["CalibratedCache_FitTCCPriors"]["input"]["required"]["checkpoint"][1]["options"]
+    fitted = run_prompt(url, fit_workflow(model_name))
+    assert fitted["status"]["status_str"] == "success", fitted["status"]
+    (report,) = fitted["outputs"]["9"]["text"]
+    name = f"{Path(model_name).stem}.TAYLOR2_N3_W1_G2.tcc.safetensors"
+    base = log_path.parent
+    assert str(base / "models" / "cache_priors" / name) in report and "with priors" in report
+    assert _get(f"{url}/models/cache_priors") == [name]
+    assert name in _get(f"{url}/object_info/CalibratedCache_Apply")["CalibratedCache_Apply"]["input"]["optional"][
+        "prior_file"][1]["options"]
+
+    for prefix, inputs in (("cc_plain", {}), ("cc_priors", {"prior_file": name})):
+        result = run_prompt(url, workflow(model_name, 1, prefix, **inputs))
+        assert result["status"]["status_str"] == "success", result["status"]
+    lines = [line for line in log_path.read_text().splitlines() if line.endswith(f", priors {name}")]
+    assert len(lines) == 1 and "calibrated_cache [TAYLOR2_N3_W1_G2] Wan: computed 16 of 36" in lines[0], lines
+    plain, calibrated = saved_latent(base, "cc_plain"), saved_latent(base, "cc_priors")
+    assert plain.shape == calibrated.shape and not torch.equal(plain, calibrated)

@@ -156,6 +156,12 @@ def make_conditioning(context_shape, extras: dict, seed: int = 1234) -> tuple[li
 _TMP_DIR: str | None = None
 
 
+def force_split_cfg(monkeypatch) -> None:
+    """Report no free memory, as a busy GPU would: ComfyUI then evaluates cond and uncond in separate calls."""
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: (0, 0) if torch_free_too else 0)
+
+
 def default_models_dir() -> str:
     """A per-process temporary ComfyUI-style ``models`` directory (removed at exit)."""
     global _TMP_DIR

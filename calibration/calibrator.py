@@ -1,0 +1,68 @@
+"""The interface correctors implement: correct the value the policy uses where it skips a computation, and (in
+reference runs, which compute everything) see the full value at each place where the policy would have skipped.
+
+The engine calls a calibrator with a batch of equal chunks, one per conditioning branch of the model call, so that a
+correction costs one fused elementwise operation per site however many branches share the call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Site:
+    """One value the policy reuses: a site of one block, for one conditioning role, in one round of the run.
+
+    `round` counts model evaluations of the run (Heun has two per step); `anchor_sigma` is σ of the round whose
+    computation the reused value comes from, so `anchor_sigma − sigma` is how stale it is, and `stale_steps` how
+    many schedule steps lie in between.
+    """
+
+    role: str
+    round: int
+    sigma: float
+    anchor_sigma: float
+    stale_steps: int
+    block: int
+    name: str
+
+
+@dataclass
+class Reused:
+    """What a calibrator may use at a reuse site, for the whole batch of the model call (one chunk per site).
+
+    `value` is the policy's value (reuse or forecast) and must not be modified. `increment()` is the newest anchor
+    minus the one before, scaled to this round's staleness (the Taylor-1 step), or None while a branch has a single
+    anchor. `truth()` computes the site on the current input: offered only to calibrators with `needs_truth`.
+    """
+
+    value: Tensor
+    increment: Callable[[], Tensor | None]
+    truth: Callable[[], Tensor] | None = None
+
+
+class Calibrator(ABC):
+    """`reference = True` makes the run compute every block and call `observe` where the policy would skip.
+
+    `anchors` is how many computed values per site the calibrator needs kept (the policy's forecaster may keep
+    fewer); `needs_truth` asks the engine to offer the site's true value (fitting only: it costs a computation).
+    """
+
+    reference: bool = False
+    anchors: int = 1
+    needs_truth: bool = False
+
+    def start(self) -> None:
+        """A sampling run begins: drop whatever was derived for the previous one (a calibrator outlives runs)."""
+
+    def observe(self, site: Site, value: Tensor) -> None:
+        """The full-computation value at a site the policy reuses (reference runs only)."""
+
+    @abstractmethod
+    def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
+        """Return the corrected value of `reused.value`, whose equal chunks belong to `sites` in order."""

@@ -1,0 +1,378 @@
+"""TCC, Trajectory-Consistent Calibration: offline, site-local priors that correct each value the policy reuses, fitted
+in sampling order on a cache-side trajectory that already carries every earlier prior.
+
+Every prior is per channel (the last dimension) and applied as at most two fused multiply-adds:
+
+    ĥ = a ⊙ h̃ + g ⊙ Δ + b
+
+h̃ is the value the policy uses (reuse or forecast), Δ the increment between the site's two newest computed values
+scaled to the current staleness (zero while there is one). The variants differ in what they fit:
+
+* "drift" (default): a = 1; least squares of (g, b) against the site recomputed on the current cache-side input. It
+  learns, per site and channel, how much of the recent drift continues and how stale values are biased.
+* "trend": least squares of (a, g, b) against the same target; a < 1 shrinks values toward the channel mean, which
+  lowers the error per site but blurs samples.
+* "mm": moment matching to the full trajectory, the published design: a = clamp(sd_f / (sd_c + ε), 0.5, 2),
+  b = μ_f − a·μ_c, g = 0, with μ, sd the moments over tokens and batch.
+
+The README gives the measurements behind the default. What makes a fit trajectory-consistent is `TccFit`'s order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .calibrator import Calibrator, Reused, Site
+
+VARIANTS = ("drift", "trend", "mm")
+EPS = 1e-6
+RIDGE = 1e-6
+SCALE_RANGE = (0.5, 2.0)
+SiteKey = tuple[str, int, int, str]  # role, round, block, site name
+
+
+def site_key(site: Site) -> SiteKey:
+    return site.role, site.round, site.block, site.name
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.detach().reshape(-1, x.shape[-1])
+
+
+@dataclass
+class SitePrior:
+    """One site's correction, and where in the schedule it was fitted (for transfer to other schedules)."""
+
+    a: Tensor
+    g: Tensor
+    b: Tensor
+    sigma: float
+    anchor_sigma: float
+    stale_steps: int
+    before: float = float("nan")  # mean squared error of h̃ against the target on the calibration set
+    after: float = float("nan")  # the same for ĥ
+
+    def moved(self, device: torch.device, dtype: torch.dtype) -> "SitePrior":
+        return SitePrior(*(t.to(device, dtype) for t in (self.a, self.g, self.b)), self.sigma, self.anchor_sigma,
+                         self.stale_steps, self.before, self.after)
+
+
+@dataclass
+class LeastSquares:
+    """Per-channel normal equations of the variant's regression, accumulated in float64 over any number of batches.
+
+    "drift" regresses y − h̃ on (Δ, 1), keeping a = 1; "trend" regresses y on (h̃, Δ, 1).
+    """
+
+    variant: str
+    gram: Tensor | None = None  # (C, k, k)
+    cross: Tensor | None = None  # (C, k)
+    yy: Tensor | None = None  # (C,)
+    count: int = 0
+
+    def add(self, value: Tensor, increment: Tensor | None, target: Tensor) -> None:
+        h, y = _rows(value), _rows(target)
+        d = _rows(increment) if increment is not None else torch.zeros_like(h)
+        y, cols = (y - h, [d]) if self.variant == "drift" else (y, [h, d])
+        cols.append(torch.ones_like(h))
+        k = len(cols)
+        gram = h.new_empty((h.shape[1], k, k), dtype=torch.float64)
+        for i in range(k):
+            for j in range(i, k):
+                gram[:, i, j] = gram[:, j, i] = (cols[i] * cols[j]).sum(0, dtype=torch.float64)
+        cross = torch.stack([(u * y).sum(0, dtype=torch.float64) for u in cols], -1)
+        yy = y.square().sum(0, dtype=torch.float64)
+        if self.gram is None:
+            self.gram, self.cross, self.yy = gram, cross, yy
+        else:
+            self.gram += gram
+            self.cross += cross
+            self.yy += yy
+        self.count += h.shape[0]
+
+    def solve(self, site: Site) -> SitePrior:
+        k = self.gram.shape[-1]
+        ridge = RIDGE * self.gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+        eye = torch.eye(k, dtype=self.gram.dtype, device=self.gram.device)
+        beta = torch.linalg.solve(self.gram + ridge[:, None, None] * eye, self.cross.unsqueeze(-1)).squeeze(-1)
+        unchanged = torch.zeros_like(beta)  # the coefficients of h̃ itself, for the error before calibration
+        if self.variant == "drift":
+            a, g = torch.ones_like(beta[:, 0]), beta[:, 0]
+        else:
+            unchanged[:, 0] = 1.0
+            a, g = beta[:, 0], beta[:, 1]
+        return SitePrior(a.float(), g.float(), beta[:, -1].float(), site.sigma, site.anchor_sigma, site.stale_steps,
+                         self._mse(unchanged), self._mse(beta))
+
+    def _mse(self, beta: Tensor) -> float:
+        """Mean squared error of the fit `beta` over everything added, from the sufficient statistics alone."""
+        sse = self.yy - 2 * (beta * self.cross).sum(-1) + torch.einsum("ci,cij,cj->c", beta, self.gram, beta)
+        return float(sse.sum().clamp_min(0.0) / (self.count * beta.shape[0]))
+
+
+@dataclass
+class Moments:
+    """Per-channel mean and variance, streamed in float64."""
+
+    sum: Tensor | None = None
+    sumsq: Tensor | None = None
+    count: int = 0
+
+    def add(self, x: Tensor) -> None:
+        rows = _rows(x)
+        s, q = rows.sum(0, dtype=torch.float64), rows.square().sum(0, dtype=torch.float64)
+        if self.sum is None:
+            self.sum, self.sumsq = s, q
+        else:
+            self.sum += s
+            self.sumsq += q
+        self.count += rows.shape[0]
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        mean = self.sum / self.count
+        return mean.float(), (self.sumsq / self.count - mean.square()).clamp_min(0.0).sqrt().float()
+
+
+@dataclass
+class MomentMatch:
+    """The "mm" fit: moments of h̃ on the cache side against the full trajectory's moments of the same site."""
+
+    full: Moments
+    cache: Moments = field(default_factory=Moments)
+
+    def add(self, value: Tensor, increment: Tensor | None, target: Tensor | None) -> None:
+        self.cache.add(value)
+
+    def solve(self, site: Site) -> SitePrior:
+        mu_c, sd_c = self.cache.mean_std()
+        mu_f, sd_f = self.full.mean_std()
+        a = (sd_f / (sd_c + EPS)).clamp(*SCALE_RANGE)
+        return SitePrior(a, torch.zeros_like(a), mu_f - a * mu_c, site.sigma, site.anchor_sigma, site.stale_steps)
+
+
+def correct(reused: Reused, priors: list[SitePrior | None]) -> Tensor:
+    """ĥ = a ⊙ h̃ + g ⊙ Δ + b for each chunk (identity where a chunk has no prior), in at most two fused ops."""
+    value = reused.value
+    if all(p is None for p in priors):
+        return value
+    channels = value.shape[-1]
+    for p in priors:
+        if p is not None and p.a.shape != (channels,):
+            raise ValueError(f"a prior has {p.a.shape[0]} channels but the model's value has {channels}: "
+                             "the priors belong to another model")
+    view = (len(priors),) + (1,) * (value.dim() - 1) + (channels,)
+
+    def stacked(name: str, fill: float) -> Tensor:
+        rows = [value.new_full((channels,), fill) if p is None else getattr(p, name).to(value) for p in priors]
+        return torch.stack(rows).view(view)
+
+    chunks = value.unflatten(0, (len(priors), value.shape[0] // len(priors)))
+    out = torch.addcmul(stacked("b", 0.0), chunks, stacked("a", 1.0))
+    if any(p is not None and bool(p.g.any()) for p in priors):
+        increment = reused.increment()
+        if increment is not None:
+            out.addcmul_(increment.unflatten(0, chunks.shape[:2]), stacked("g", 0.0))
+    return out.flatten(0, 1)
+
+
+class TccPriors(Calibrator):
+    """Fitted priors. On the schedule they were fitted for, each reuse site finds its own prior (same round, σ and
+    anchor σ). Elsewhere (another step count or sampler) a site gets the prior interpolated over σ between the fitted
+    sites of the same block, site name, role and steps since the anchor (the k-th reuse after a computation has its
+    own drift), with its staleness terms rescaled to the actual gap:
+    a = 1 + α·gap, b = β·gap with α = (a − 1)/gap and β = b/gap interpolated; g multiplies an increment that is
+    already scaled to the staleness, so it is interpolated as is. `priors.validate` decides up front whether a
+    schedule is close enough for this to be sound.
+    """
+
+    anchors = 2
+
+    def __init__(self, priors: dict[SiteKey, SitePrior], variant: str) -> None:
+        check_variant(variant)
+        self.priors = priors
+        self.variant = variant
+        self._lines: dict[tuple[str, int, str, int], list[SitePrior]] = {}
+        for (role, _, block, name), prior in priors.items():
+            self._lines.setdefault((role, block, name, prior.stale_steps), []).append(prior)
+        for line in self._lines.values():
+            line.sort(key=lambda p: p.sigma)
+        self._ready: dict[tuple, SitePrior | None] = {}
+
+    def start(self) -> None:
+        self._ready.clear()
+
+    def lookup(self, site: Site, like: Tensor) -> SitePrior | None:
+        """The site's prior on `like`'s device and dtype, derived once per site and run (not per step), and released
+        when the next run starts."""
+        key = (site, like.device, like.dtype)
+        if key not in self._ready:
+            prior = self.priors.get(site_key(site))
+            if prior is None or not (_close(prior.sigma, site.sigma) and _close(prior.anchor_sigma, site.anchor_sigma)):
+                prior = self._interpolate(site)
+            self._ready[key] = None if prior is None else prior.moved(like.device, like.dtype)
+        return self._ready[key]
+
+    def _interpolate(self, site: Site) -> SitePrior | None:
+        line = self._lines.get((site.role, site.block, site.name, site.stale_steps))
+        gap = site.anchor_sigma - site.sigma
+        if not line or gap <= 0:
+            return None
+        upper = next((i for i, p in enumerate(line) if p.sigma >= site.sigma), len(line) - 1)
+        lo, hi = line[max(upper - 1, 0)], line[upper]
+        w = 0.0 if hi.sigma == lo.sigma else min(max((site.sigma - lo.sigma) / (hi.sigma - lo.sigma), 0.0), 1.0)
+
+        def per_gap(p: SitePrior) -> tuple[Tensor, Tensor]:
+            fitted_gap = max(p.anchor_sigma - p.sigma, 1e-12)
+            return (p.a - 1) / fitted_gap, p.b / fitted_gap
+
+        (alpha_lo, beta_lo), (alpha_hi, beta_hi) = per_gap(lo), per_gap(hi)
+        alpha, beta = torch.lerp(alpha_lo, alpha_hi, w), torch.lerp(beta_lo, beta_hi, w)
+        return SitePrior(1 + alpha * gap, torch.lerp(lo.g, hi.g, w), beta * gap, site.sigma, site.anchor_sigma,
+                         site.stale_steps)
+
+    def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
+        return correct(reused, [self.lookup(s, reused.value) for s in sites])
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-3)
+
+
+class TccFit(Calibrator):
+    """Fits TCC priors over runs of the cached policy on the calibration requests.
+
+    "mm" first needs a `reference` run (full computation; its moments are the targets); the other variants compare
+    with the site recomputed on the cache-side input, offered by the engine. In the cache-side runs:
+
+    * `sequential` (the trajectory-consistent fit): each site's prior is estimated from everything seen there so far
+      and applied at once, so every later site is fitted on a trajectory that already carries it;
+    * otherwise the priors of the previous round stay fixed (none before the first `end_round`: the one-shot
+      ablation, fitted on one uncalibrated cached trajectory) while fresh statistics are collected, and `end_round`
+      re-estimates them all. Rounds are how a calibration set larger than one batch converges.
+    """
+
+    anchors = 2
+
+    def __init__(self, variant: str = "drift", sequential: bool = True) -> None:
+        check_variant(variant)
+        self.variant = variant
+        self.sequential = sequential
+        self.reference = variant == "mm"
+        self.needs_truth = variant != "mm"
+        self.full: dict[SiteKey, Moments] = {}
+        self.stats: dict[SiteKey, LeastSquares | MomentMatch] = {}
+        self.seen: dict[SiteKey, Site] = {}
+        self._frozen: TccPriors | None = None
+
+    def observe(self, site: Site, value: Tensor) -> None:
+        self.full.setdefault(site_key(site), Moments()).add(value)
+
+    def end_reference(self) -> None:
+        if not self.full:
+            raise ValueError("the reference run met no site where the policy reuses: there is nothing to calibrate")
+        self.reference = False
+
+    def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
+        if self.reference:
+            raise RuntimeError("a reference run computes every block; it never asks for calibration")
+        value, chunk = reused.value, reused.value.shape[0] // len(sites)
+        increment = None if self.variant == "mm" else reused.increment()
+        truth = reused.truth() if self.needs_truth else None
+        applied: list[SitePrior | None] = []
+        for i, site in enumerate(sites):
+            part = slice(i * chunk, (i + 1) * chunk)
+            stats = self._stats(site)
+            if stats is None:
+                applied.append(None)
+                continue
+            stats.add(value[part], None if increment is None else increment[part], None if truth is None else truth[part])
+            self.seen[site_key(site)] = site
+            if self.sequential:
+                applied.append(stats.solve(site))
+            else:
+                applied.append(None if self._frozen is None else self._frozen.lookup(site, value))
+        return correct(reused, applied)
+
+    def _stats(self, site: Site) -> LeastSquares | MomentMatch | None:
+        key = site_key(site)
+        stats = self.stats.get(key)
+        if stats is None:
+            if self.variant == "mm":
+                if key not in self.full:  # the reference run never reached this site: nothing to match it to
+                    return None
+                stats = MomentMatch(self.full[key])
+            else:
+                stats = LeastSquares(self.variant)
+            self.stats[key] = stats
+        return stats
+
+    def end_round(self) -> None:
+        """Freeze the priors fitted so far (applied, unchanged, through the next round) and collect afresh."""
+        self._frozen = self.priors()
+        self.stats = {}
+        self.sequential = False
+
+    def priors(self) -> TccPriors:
+        """The priors estimated from the statistics of the current round."""
+        return TccPriors({k: s.solve(self.seen[k]) for k, s in self.stats.items()}, self.variant)
+
+
+def resolve_variant(variant: str, forecaster: str) -> str:
+    """"auto" picks what the benchmark found best: drift on reuse (FORA), which it turns into a learned forecast;
+    moment matching on a forecaster, whose forecast drift would only replace."""
+    if variant == "auto":
+        return "drift" if forecaster == "reuse" else "mm"
+    check_variant(variant)
+    return variant
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"TCC variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
+
+
+SampleRun = Callable[[Calibrator | None, bool], Tensor]
+
+
+def fit_tcc(run: SampleRun, variant: str = "drift", sequential: bool = True, rounds: int = 1) -> tuple[TccPriors, dict]:
+    """The whole fit over the calibration requests, and a report on them.
+
+    `run(calibrator, cached)` samples every calibration request (in as many batches as it likes) with full
+    computation (`cached=False`) or through the policy, and returns the final latents. Runs: full, cached without
+    priors, (mm: the reference), the cache-side fit rounds, then cached with the fitted priors; the report gives the
+    relative L2 error of the last against full computation, before and after calibration.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1 (got {rounds})")
+    full = run(None, False)
+    before = run(None, True)
+    fit = TccFit(variant, sequential)
+    if fit.reference:
+        run(fit, True)
+        fit.end_reference()
+    for r in range(rounds):
+        if r:
+            fit.end_round()
+        run(fit, True)
+    priors = fit.priors()
+    if not priors.priors:
+        raise ValueError("the policy reused nothing on the calibration runs: there is nothing to calibrate")
+    after = run(priors, True)
+    report = {"rel_l2_before": _rel_l2(before, full), "rel_l2_after": _rel_l2(after, full),
+              "sites": len(priors.priors), "rounds": rounds, "sequential": sequential}
+    return priors, report
+
+
+def fit_runs(variant: str, rounds: int) -> int:
+    """How many sampling runs `fit_tcc` makes (for progress bars)."""
+    return 3 + (variant == "mm") + rounds
+
+
+def _rel_l2(x: Tensor, ref: Tensor) -> float:
+    """Mean over samples of ||x − ref|| / ||ref||, as the benchmark reports it."""
+    d, r = (x.float() - ref.float()).flatten(1), ref.float().flatten(1)
+    return float((d.norm(dim=1) / r.norm(dim=1).clamp_min(1e-12)).mean())

@@ -1,0 +1,51 @@
+"""Human-readable summaries of prior files (`python -m calibrated_cache inspect FILE`)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from .format import PriorFile
+
+
+def summarize(prior: PriorFile, per_site: bool = False) -> str:
+    meta, priors = prior.meta, prior.priors.priors
+    lines = [f"{k:<13} {meta[k] if k not in ('sigmas',) else _sigmas(meta[k])}" for k in
+             ("method", "variant", "policy_tag", "sampler", "scheduler", "steps", "sigmas", "cfg", "samples",
+              "pack_version", "created")]
+    lines.append(f"{'model':<13} " + ", ".join(f"{k} {v}" for k, v in meta["model"].items()))
+    if meta.get("report"):
+        lines.append(f"{'report':<13} " + ", ".join(f"{k} {_num(v)}" for k, v in meta["report"].items()))
+    channels = {p.a.numel() for p in priors.values()}
+    lines.append(f"{'sites':<13} {len(priors)} ({', '.join(sorted({k[0] for k in priors}))}), "
+                 f"{'/'.join(str(c) for c in sorted(channels))} channels")
+    rows: dict[tuple[str, int, float], list] = defaultdict(list)
+    for (role, round_, _, _), p in priors.items():
+        rows[(role, round_, p.sigma)].append(p)
+    lines.append("")
+    lines.append(f"{'role':<8} {'round':>5} {'sigma':>7} {'sites':>5} {'mse before':>11} {'mse after':>11} "
+                 f"{'mean |g|':>9} {'mean |b|':>9}")
+    for (role, round_, sigma), ps in sorted(rows.items()):
+        before = sum(p.before for p in ps) / len(ps)
+        after = sum(p.after for p in ps) / len(ps)
+        g = sum(float(p.g.abs().mean()) for p in ps) / len(ps)
+        b = sum(float(p.b.abs().mean()) for p in ps) / len(ps)
+        lines.append(f"{role:<8} {round_:>5} {sigma:>7.4f} {len(ps):>5} {_num(before):>11} {_num(after):>11} "
+                     f"{g:>9.4f} {b:>9.4f}")
+    if per_site:
+        lines.append("")
+        for key, p in sorted(priors.items()):
+            lines.append(f"{'/'.join(map(str, key)):<40} a {float(p.a.mean()):.4f} g {float(p.g.mean()):.4f} "
+                         f"b {float(p.b.abs().mean()):.4f} mse {_num(p.before)} -> {_num(p.after)}")
+    return "\n".join(lines)
+
+
+def _sigmas(values: list[float]) -> str:
+    return f"{len(values)} values, {values[0]:.4g} → {values[-1]:.4g}"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return str(value)

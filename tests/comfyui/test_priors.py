@@ -1,0 +1,280 @@
+"""ComfyUI tier: Fit TCC Priors and prior files in Apply Calibrated Cache, called directly on tiny real models
+(skipped without COMFYUI_PATH)."""
+
+import importlib
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+from .tiny_models import force_split_cfg, SPECS, build_family, load_pack, run_sampler, save_tiny_unet
+
+SETTINGS = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
+                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
+TAG = "TAYLOR2_N3_W1_G2"
+FIT = dict(samples=2, seed=0, steps=9, cfg=2.0, sampler_name="euler", scheduler="simple", variant="drift",
+           checkpoint="none", save_to="cache_priors folder", overwrite=False)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    import nodes
+
+    load_pack(str(tmp_path_factory.mktemp("custom_nodes")))
+    policy, apply, fit = (nodes.NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply",
+                                                                                      "FitTCCPriors"))
+    return policy, apply, fit
+
+
+@pytest.fixture(scope="module")
+def modules(pack):
+    """The pack's node modules as ComfyUI loaded them (under a path-derived package name)."""
+    package = pack[2].__module__.rsplit(".", 1)[0]
+    return {name: importlib.import_module(f"{package}.{name}") for name in ("fitted", "folders")}
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """Empty cache_priors, checkpoints and diffusion_models folders, so that no test writes into the checkout."""
+    import folder_paths
+
+    paths = {name: tmp_path / name for name in ("cache_priors", "checkpoints", "diffusion_models")}
+    for name, path in paths.items():
+        path.mkdir()
+        extensions = {".safetensors"} if name == "cache_priors" else set(folder_paths.supported_pt_extensions)
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(path)], extensions))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return build_family("Wan")
+
+
+def policy_of(pack, **settings):
+    return pack[0].execute(**{**SETTINGS, **settings}).result[0]
+
+
+def fit(pack, bundle, policy=None, **options):
+    model, positive, negative, latent = bundle
+    return pack[2].execute(model, policy or policy_of(pack), positive, negative, {"samples": latent},
+                           **{**FIT, **options})
+
+
+def apply(pack, model, policy=None, **inputs):
+    return pack[1].execute(model, policy or policy_of(pack), **inputs).result[0]
+
+
+def session_of(model):
+    return model.wrappers["outer_sample"]["calibrated_cache"][0].__self__
+
+
+def rel_l2(x, ref):
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def test_fit_node_is_a_v3_output_node_with_tooltips_and_the_folder_is_registered(pack):
+    import folder_paths
+
+    schema = pack[2].define_schema()
+    assert schema.category == "sampling/calibrated cache" and schema.is_output_node
+    assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+    assert [o.io_type for o in schema.outputs] == ["TCC_PRIORS", "STRING"]
+    assert folder_paths.folder_names_and_paths["cache_priors"][1] == {".safetensors"}
+    apply_inputs = {i.id: i for i in pack[1].define_schema().inputs}
+    assert apply_inputs["priors"].optional and apply_inputs["prior_file"].options[0] == "none"
+
+
+def test_a_cache_priors_folder_from_extra_model_paths_stays_first(modules, tmp_path, monkeypatch):
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, "cache_priors")
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "cache_priors")
+    modules["folders"].register()
+    assert folder_paths.folder_names_and_paths["cache_priors"] == ([default], {".safetensors"})
+    # What utils/extra_config.py makes of `cache_priors: <dir>` before custom nodes load: an empty extension set.
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "cache_priors", ([str(tmp_path)], set()))
+    modules["folders"].register()
+    assert folder_paths.folder_names_and_paths["cache_priors"] == ([str(tmp_path), default], {".safetensors"})
+    assert modules["folders"].prior_folder() == str(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["Wan", "SD3"])
+def test_fitted_priors_lower_the_error_against_full_computation(pack, folders, modules, family):
+    bundle = build_family(family)
+    out = fit(pack, bundle)
+    priors, report = out.result
+    path = folders["cache_priors"] / f"model.{TAG}.tcc.safetensors"
+    assert priors.path == str(path) and path.exists() and str(path) in report
+    assert out.ui.as_dict() == {"text": (report,)}
+    meta, numbers = priors.meta, priors.meta["report"]
+    assert all(math.isfinite(numbers[k]) for k in ("rel_l2_before", "rel_l2_after"))
+    assert numbers["rel_l2_after"] < numbers["rel_l2_before"], report
+    assert meta["policy_tag"] == TAG and meta["policy"]["granularity"] == "block"
+    assert meta["seeds"] == [0, 1] and meta["samples"] == 2 and len(meta["sigmas"]) == 10
+    assert meta["model"]["family"] == family and "name" not in meta["model"]
+    on_disk = modules["fitted"].load(str(path))
+    assert {k: on_disk.meta[k] for k in ("model", "policy", "sigmas", "seeds", "report")} == \
+        {k: meta[k] for k in ("model", "policy", "sigmas", "seeds", "report")}
+    assert set(on_disk.priors.priors) == set(priors.priors.priors)
+    # Applied to a calibration seed, the priors do what the report says, through a plain KSampler-style call.
+    model, positive, negative, latent = bundle
+    full = run_sampler(model, positive, negative, latent, steps=9, cfg=2.0, seed=0)
+    plain = run_sampler(apply(pack, model), positive, negative, latent, steps=9, cfg=2.0, seed=0)
+    calibrated_model = apply(pack, model, priors=priors)
+    calibrated = run_sampler(calibrated_model, positive, negative, latent, steps=9, cfg=2.0, seed=0)
+    assert rel_l2(calibrated, full) < rel_l2(plain, full)
+    assert session_of(calibrated_model).last_report["priors"] == path.name
+
+
+def test_prior_file_by_name_matches_the_socket_and_a_refit_changes_the_fingerprint(pack, folders, wan):
+    priors = fit(pack, wan).result[0]
+    name = os.path.basename(priors.path)
+    assert name in next(i for i in pack[1].define_schema().inputs if i.id == "prior_file").options
+    model, positive, negative, latent = wan
+    by_socket = run_sampler(apply(pack, model, priors=priors), positive, negative, latent, steps=9, cfg=2.0)
+    by_file = run_sampler(apply(pack, model, prior_file=name), positive, negative, latent, steps=9, cfg=2.0)
+    assert torch.equal(by_socket, by_file)
+    before = pack[1].fingerprint_inputs(prior_file=name)
+    os.utime(priors.path, ns=(0, 0))
+    assert pack[1].fingerprint_inputs(prior_file=name) != before
+    assert pack[1].fingerprint_inputs(prior_file="none") == pack[1].fingerprint_inputs()
+
+
+def test_priors_apply_by_role_so_split_cfg_matches_batched_cfg(pack, folders, wan, monkeypatch):
+    priors = fit(pack, wan).result[0]
+    model, positive, negative, latent = wan
+    calibrated = apply(pack, model, priors=priors)
+    batched = run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0)
+    calls_batched = session_of(calibrated).last_report["model_calls"]
+    force_split_cfg(monkeypatch)
+    split = run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0)
+    assert session_of(calibrated).last_report["model_calls"] == 2 * calls_batched
+    assert rel_l2(split, batched) < 1e-5
+
+
+def test_saved_beside_the_checkpoint_and_named_after_it(pack, folders, modules):
+    path = save_tiny_unet(SPECS["Wan"], str(folders["diffusion_models"].parent))
+    bundle = build_family("Wan", str(folders["diffusion_models"].parent))
+    assert "tiny_wan.safetensors" in modules["folders"].checkpoints()
+    priors = fit(pack, bundle, checkpoint="tiny_wan.safetensors", save_to="beside checkpoint").result[0]
+    assert priors.path == os.path.join(os.path.dirname(path), f"tiny_wan.{TAG}.tcc.safetensors")
+    assert priors.meta["model"]["name"] == "tiny_wan.safetensors"
+    assert modules["folders"].prior_files() == [f"tiny_wan.{TAG}.tcc.safetensors"]
+    assert "tiny_wan.safetensors" in modules["folders"].checkpoints()  # the prior file is not offered as a model
+    apply(pack, bundle.model_patcher, prior_file=f"tiny_wan.{TAG}.tcc.safetensors")
+
+
+def test_priors_of_another_model_are_refused_naming_both(pack, folders, modules, wan):
+    priors = fit(pack, wan, checkpoint="none").result[0]
+    other = build_family("Wan", seed=1).model_patcher
+    with pytest.raises(ValueError, match=r"fitted for another model .*\(differs in weights\)") as err:
+        apply(pack, other, priors=priors)
+    for identity in (priors.meta["model"], modules["fitted"].fingerprint(other, "Wan")):
+        assert f"Wan architecture {identity['architecture']} weights {identity['weights']}" in str(err.value)
+
+
+def test_priors_of_another_policy_are_refused(pack, folders, wan):
+    priors = fit(pack, wan).result[0]
+    with pytest.raises(ValueError, match=f"fitted for cache policy {TAG}; this run uses FORA_N3_W1_G2"):
+        apply(pack, wan.model_patcher, policy_of(pack, forecaster="reuse"), priors=priors)
+
+
+def test_lora_patches_change_the_fingerprint_and_loading_them_does_not(pack, modules, wan):
+    fitted = modules["fitted"]
+    model = wan.model_patcher
+    lora = model.clone()
+    key = next(k for k, v in lora.model.state_dict().items() if k.startswith("diffusion_model.") and v.ndim == 2)
+    lora.add_patches({key: (torch.randn_like(lora.model.state_dict()[key]) * 0.05,)}, 1.0)
+    base = fitted.fingerprint(model, "Wan")
+    patched = fitted.fingerprint(lora, "Wan")
+    assert patched["weights"] == base["weights"] and patched["patches"] != base.get("patches")
+    # While the LoRA clone is loaded its patch sits in the weights; the identity must not see it.
+    run_sampler(lora, wan.positive, wan.negative, wan.latent, steps=2, cfg=2.0)
+    diffusion_model = model.get_model_object("diffusion_model")
+    fresh = fitted.model_fingerprint(fitted._unpatched_state(lora, diffusion_model), "Wan",
+                                     fitted.patches_description(lora))
+    assert fresh == patched
+
+
+def test_a_damaged_or_foreign_prior_file_gives_a_clear_message(pack, folders, wan):
+    import safetensors.torch
+
+    good = fit(pack, wan).result[0]
+    data = open(good.path, "rb").read()
+    (folders["cache_priors"] / "half.tcc.safetensors").write_bytes(data[: len(data) // 2])
+    safetensors.torch.save_file({"x": torch.zeros(2)}, str(folders["cache_priors"] / "foreign.tcc.safetensors"))
+    with pytest.raises(ValueError, match="half.tcc.safetensors .*truncated"):
+        apply(pack, wan.model_patcher, prior_file="half.tcc.safetensors")
+    with pytest.raises(ValueError, match="foreign.tcc.safetensors is not a calibrated_cache TCC prior file"):
+        apply(pack, wan.model_patcher, prior_file="foreign.tcc.safetensors")
+    with pytest.raises(ValueError, match="gone.tcc.safetensors was not found"):
+        apply(pack, wan.model_patcher, prior_file="gone.tcc.safetensors")
+    assert pack[1].fingerprint_inputs(prior_file="gone.tcc.safetensors") == "missing"
+    apply(pack, wan.model_patcher, priors=good, prior_file="half.tcc.safetensors")  # the socket wins
+
+
+def test_a_schedule_too_far_from_the_fitted_one_is_refused_at_sampling_and_a_near_one_is_noted(pack, folders, wan,
+                                                                                              caplog):
+    priors = fit(pack, wan).result[0]
+    model, positive, negative, latent = wan
+    calibrated = apply(pack, model, priors=priors)
+    with pytest.raises(ValueError, match="Refit the priors with this scheduler and step count"):
+        run_sampler(calibrated, positive, negative, latent, steps=30, cfg=2.0)
+    assert session_of(calibrated).run is None
+    with caplog.at_level(logging.INFO, logger="calibrated_cache"):
+        run_sampler(calibrated, positive, negative, latent, steps=10, cfg=3.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("priors are interpolated over σ" in w for w in warnings), warnings
+    assert any("fitted at cfg 2, this run uses cfg 3" in w for w in warnings), warnings
+    assert session_of(calibrated).last_report["blocks_skipped"] > 0
+
+
+@pytest.mark.parametrize("at_call", [2, 40], ids=["full-run", "fit-run"])  # 18 model calls per run
+def test_an_interrupted_fit_leaves_no_file(pack, folders, wan, at_call):
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    model = wan.model_patcher.clone()
+    calls = []
+
+    def interrupt_later(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            comfy.model_management.interrupt_current_processing(True)
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_interrupt", interrupt_later)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            fit(pack, (model, *wan[1:]))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert len(calls) == at_call  # the callback stopped the sampler at the step it was raised in
+    assert list(folders["cache_priors"].iterdir()) == []
+
+
+def test_an_existing_file_is_kept_unless_overwrite_is_enabled(pack, folders, wan):
+    target = folders["cache_priors"] / f"model.{TAG}.tcc.safetensors"
+    target.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="already exists. Enable overwrite to refit it, or rename"):
+        fit(pack, wan)
+    assert target.read_bytes() == b"keep me"
+    fit(pack, wan, overwrite=True)
+    assert target.read_bytes() != b"keep me"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mode="dynamic"), "needs a fixed-interval policy"),
+    (dict(interval=1), "interval 1 computes every step"),
+], ids=["dynamic", "interval-1"])
+def test_policies_tcc_cannot_fit_are_refused(pack, folders, wan, settings, message):
+    with pytest.raises(ValueError, match=message):
+        fit(pack, wan, policy_of(pack, **settings))
+
+
+def test_a_model_already_through_apply_is_refused(pack, folders, wan):
+    with pytest.raises(ValueError, match="Connect the model from before Apply Calibrated Cache"):
+        fit(pack, (apply(pack, wan.model_patcher), *wan[1:]))
