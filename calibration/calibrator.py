@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 
@@ -36,14 +37,25 @@ class Site:
 class Reused:
     """What a calibrator may use at a reuse site, for the whole batch of the model call (one chunk per site).
 
-    `value` is the policy's value (reuse or forecast) and must not be modified. `increment()` is the newest anchor
-    minus the one before, scaled to this round's staleness (the Taylor-1 step), or None while a branch has a single
-    anchor. `truth()` computes the site on the current input: offered only to calibrators with `needs_truth`.
+    `value` is the policy's value (reuse or forecast) and must not be modified. `anchors()` gives the site's newest and
+    previous computed values for the batch and, per chunk, the staleness ratio (t − t_newest) / (t_newest −
+    t_previous), or None while a branch has a single anchor. `truth()` computes the site on the current input:
+    offered only to calibrators with `needs_truth`.
     """
 
     value: Tensor
-    increment: Callable[[], Tensor | None]
+    anchors: Callable[[], tuple[Tensor, Tensor, list[float]] | None]
     truth: Callable[[], Tensor] | None = None
+
+    def increment(self) -> Tensor | None:
+        """Newest minus previous anchor, scaled to this round's staleness (the Taylor-1 step), for the batch."""
+        got = self.anchors()
+        if got is None:
+            return None
+        newest, previous, scales = got
+        ratio = torch.tensor(scales, dtype=newest.dtype, device=newest.device)
+        return (newest - previous) * ratio.repeat_interleave(newest.shape[0] // len(scales)).view(
+            -1, *(1,) * (newest.dim() - 1))
 
 
 class Calibrator(ABC):

@@ -24,7 +24,7 @@ from .sites import gated_block, residual_block
 from .stats import RunStats
 
 SiteKey = tuple[int, str]
-CALIBRATION_FLOPS = 4  # per element: at most two fused multiply-adds (see tcc.py), counted as honest compute
+CALIBRATION_FLOPS = 6  # per element: at most three fused multiply-adds (see tcc.py), counted as honest compute
 
 
 @dataclass
@@ -215,20 +215,25 @@ class ModelCall:
         value, flops = self._forecast(block, name)
         calibrator = self.state.calibrator
         if calibrator is not None:
-            reused = Reused(value, lambda: self._increment(block, name), truth if calibrator.needs_truth else None)
+            reused = Reused(value, lambda: self._anchors(block, name), truth if calibrator.needs_truth else None)
             value = calibrator.calibrate(self.sites(block, name), reused)
             flops += CALIBRATION_FLOPS * value[: self.chunk].numel() / max(self.chunk, 1)
         return value, flops
 
-    def _increment(self, block: int, name: str) -> Tensor | None:
-        """Newest minus previous anchor, scaled by (t − t_newest) / (t_newest − t_previous), for the batch."""
-        t, parts = self.round.time, []
-        for b in self.branches:
-            f = self.state.branches[b].sites[(block, name)]
-            if len(f.times) < 2:
-                return None
-            parts.append((f.values[-1] - f.values[-2]) * ((t - f.times[-1]) / (f.times[-1] - f.times[-2])))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def _anchors(self, block: int, name: str) -> tuple[Tensor, Tensor, list[float]] | None:
+        """The newest and previous anchors of a site for the batch (without copies when the branches were stored
+        from one batched call), and each branch's staleness ratio (t − t_newest) / (t_newest − t_previous)."""
+        t = self.round.time
+        forecasters = [self.state.branches[b].sites[(block, name)] for b in self.branches]
+        if any(len(f.times) < 2 for f in forecasters):
+            return None
+        scales = [(t - f.times[-1]) / (f.times[-1] - f.times[-2]) for f in forecasters]
+        pairs = []
+        for j in (-1, -2):
+            parts = [f.values[j] for f in forecasters]
+            joined = parts[0] if len(parts) == 1 else _adjacent(parts)
+            pairs.append(torch.cat(parts) if joined is None else joined)
+        return pairs[0], pairs[1], scales
 
     def _forecast(self, block: int, name: str) -> tuple[Tensor, float]:
         """The forecast of a site for this call's batch, and the FLOPs the forecast spent per sample.

@@ -154,28 +154,50 @@ class MomentMatch:
         return SitePrior(a, torch.zeros_like(a), mu_f - a * mu_c, site.sigma, site.anchor_sigma, site.stale_steps)
 
 
-def correct(reused: Reused, priors: list[SitePrior | None]) -> Tensor:
-    """ĥ = a ⊙ h̃ + g ⊙ Δ + b for each chunk (identity where a chunk has no prior), in at most two fused ops."""
-    value = reused.value
+@dataclass
+class Stacked:
+    """The priors of a model call's chunks, stacked to broadcast over the batch: (chunks, 1, …, 1, channels)."""
+
+    a: Tensor
+    b: Tensor
+    g: Tensor | None  # None when no chunk's prior uses the increment
+
+
+def stack(priors: list[SitePrior | None], like: Tensor) -> Stacked | None:
+    """None when no chunk has a prior; chunks without one get the identity."""
     if all(p is None for p in priors):
-        return value
-    channels = value.shape[-1]
+        return None
+    channels = like.shape[-1]
     for p in priors:
         if p is not None and p.a.shape != (channels,):
             raise ValueError(f"a prior has {p.a.shape[0]} channels but the model's value has {channels}: "
                              "the priors belong to another model")
-    view = (len(priors),) + (1,) * (value.dim() - 1) + (channels,)
+    view = (len(priors),) + (1,) * (like.dim() - 1) + (channels,)
 
     def stacked(name: str, fill: float) -> Tensor:
-        rows = [value.new_full((channels,), fill) if p is None else getattr(p, name).to(value) for p in priors]
+        rows = [like.new_full((channels,), fill) if p is None else getattr(p, name).to(like) for p in priors]
         return torch.stack(rows).view(view)
 
-    chunks = value.unflatten(0, (len(priors), value.shape[0] // len(priors)))
-    out = torch.addcmul(stacked("b", 0.0), chunks, stacked("a", 1.0))
-    if any(p is not None and bool(p.g.any()) for p in priors):
-        increment = reused.increment()
-        if increment is not None:
-            out.addcmul_(increment.unflatten(0, chunks.shape[:2]), stacked("g", 0.0))
+    uses_g = any(p is not None and bool(p.g.any()) for p in priors)
+    return Stacked(stacked("a", 1.0), stacked("b", 0.0), stacked("g", 0.0) if uses_g else None)
+
+
+def correct(reused: Reused, priors: Stacked | None) -> Tensor:
+    """ĥ = a ⊙ h̃ + g ⊙ Δ + b for each chunk, in at most three fused passes; `reused.value` is left untouched."""
+    if priors is None:
+        return reused.value
+    chunks = reused.value.unflatten(0, (priors.a.shape[0], reused.value.shape[0] // priors.a.shape[0]))
+    out = torch.addcmul(priors.b, chunks, priors.a)
+    anchors = reused.anchors() if priors.g is not None else None
+    if anchors is not None:  # g ⊙ k(newest − previous) as two in-place passes, with k folded into the small g
+        newest, previous, scales = anchors
+        if all(k == scales[0] for k in scales):
+            gain = priors.g * scales[0]
+        else:
+            gain = priors.g * torch.tensor(scales, dtype=priors.g.dtype, device=priors.g.device).view(
+                -1, *(1,) * (priors.g.dim() - 1))
+        out.addcmul_(newest.unflatten(0, chunks.shape[:2]), gain)
+        out.addcmul_(previous.unflatten(0, chunks.shape[:2]), gain, value=-1.0)
     return out.flatten(0, 1)
 
 
@@ -200,21 +222,17 @@ class TccPriors(Calibrator):
             self._lines.setdefault((role, block, name, prior.stale_steps), []).append(prior)
         for line in self._lines.values():
             line.sort(key=lambda p: p.sigma)
-        self._ready: dict[tuple, SitePrior | None] = {}
+        self._stacked: dict[tuple, Stacked | None] = {}
 
     def start(self) -> None:
-        self._ready.clear()
+        self._stacked.clear()
 
     def lookup(self, site: Site, like: Tensor) -> SitePrior | None:
-        """The site's prior on `like`'s device and dtype, derived once per site and run (not per step), and released
-        when the next run starts."""
-        key = (site, like.device, like.dtype)
-        if key not in self._ready:
-            prior = self.priors.get(site_key(site))
-            if prior is None or not (_close(prior.sigma, site.sigma) and _close(prior.anchor_sigma, site.anchor_sigma)):
-                prior = self._interpolate(site)
-            self._ready[key] = None if prior is None else prior.moved(like.device, like.dtype)
-        return self._ready[key]
+        """The site's prior on `like`'s device and dtype: its own on the fitted schedule, else interpolated."""
+        prior = self.priors.get(site_key(site))
+        if prior is None or not (_close(prior.sigma, site.sigma) and _close(prior.anchor_sigma, site.anchor_sigma)):
+            prior = self._interpolate(site)
+        return None if prior is None else prior.moved(like.device, like.dtype)
 
     def _interpolate(self, site: Site) -> SitePrior | None:
         line = self._lines.get((site.role, site.block, site.name, site.stale_steps))
@@ -235,7 +253,13 @@ class TccPriors(Calibrator):
                          site.stale_steps)
 
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
-        return correct(reused, [self.lookup(s, reused.value) for s in sites])
+        """Stacked priors are derived once per site group and run (not per step) and released when the next run
+        starts, so a correction costs only its multiply-adds and never synchronises a GPU."""
+        value = reused.value
+        key = (tuple(sites), value.dim(), value.device, value.dtype)
+        if key not in self._stacked:
+            self._stacked[key] = stack([self.lookup(s, value) for s in sites], value)
+        return correct(reused, self._stacked[key])
 
 
 def _close(a: float, b: float) -> bool:
@@ -295,7 +319,7 @@ class TccFit(Calibrator):
                 applied.append(stats.solve(site))
             else:
                 applied.append(None if self._frozen is None else self._frozen.lookup(site, value))
-        return correct(reused, applied)
+        return correct(reused, stack(applied, value))
 
     def _stats(self, site: Site) -> LeastSquares | MomentMatch | None:
         key = site_key(site)

@@ -3,7 +3,8 @@ import torch
 
 from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.calibration.calibrator import Calibrator, Reused, Site
-from calibrated_cache.calibration.tcc import LeastSquares, MomentMatch, Moments, SitePrior, TccFit, TccPriors, correct, fit_tcc
+from calibrated_cache.calibration.tcc import (LeastSquares, MomentMatch, Moments, SitePrior, TccFit, TccPriors, correct,
+                                             fit_tcc, stack)
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.metrics import rel_l2
 from calibrated_cache.testbed.sampling import flow_sigmas, sample
@@ -22,11 +23,25 @@ def prior(a, g, b, site=SITE) -> SitePrior:
     return SitePrior(torch.tensor(a), torch.tensor(g), torch.tensor(b), site.sigma, site.anchor_sigma, site.stale_steps)
 
 
+def corrected(value, increment, priors):
+    """`increment` given as newest = increment, previous = 0 with unit staleness ratios."""
+    anchors = None if increment is None else (increment, torch.zeros_like(increment), [1.0] * len(priors))
+    return correct(Reused(value, lambda: anchors), stack(priors, value))
+
+
+def test_the_increment_is_the_anchor_difference_scaled_per_chunk():
+    newest, previous = torch.full((4, 2), 3.0), torch.ones(4, 2)
+    increment = Reused(newest, lambda: (newest, previous, [0.5, 2.0])).increment()
+    assert torch.equal(increment, torch.tensor([[1.0, 1.0]] * 2 + [[4.0, 4.0]] * 2))
+    priors = [prior([1.0, 1.0], [1.0, 1.0], [0.0, 0.0])] * 2
+    out = correct(Reused(torch.zeros(4, 2), lambda: (newest, previous, [0.5, 2.0])), stack(priors, newest))
+    assert torch.equal(out, increment)
+
+
 def test_correction_applies_each_chunk_its_own_prior_and_leaves_the_input_untouched():
     value = torch.ones(4, 3, 2)
     before = value.clone()
-    out = correct(Reused(value, lambda: torch.full_like(value, 2.0)),
-                  [prior([2.0, 1.0], [0.5, 0.0], [0.0, 1.0]), None])
+    out = corrected(value, torch.full_like(value, 2.0), [prior([2.0, 1.0], [0.5, 0.0], [0.0, 1.0]), None])
     assert torch.equal(value, before)
     assert torch.equal(out[:2], torch.tensor([3.0, 2.0]).expand(2, 3, 2))
     assert torch.equal(out[2:], value[2:])
@@ -34,13 +49,13 @@ def test_correction_applies_each_chunk_its_own_prior_and_leaves_the_input_untouc
 
 def test_correction_without_an_increment_uses_scale_and_shift_only():
     value = torch.ones(2, 5, 2)
-    out = correct(Reused(value, lambda: None), [prior([1.0, 1.0], [9.0, 9.0], [0.5, -0.5])])
+    out = corrected(value, None, [prior([1.0, 1.0], [9.0, 9.0], [0.5, -0.5])])
     assert torch.equal(out, value + torch.tensor([0.5, -0.5]))
 
 
 def test_correction_refuses_priors_of_another_width():
     with pytest.raises(ValueError, match="another model"):
-        correct(Reused(torch.ones(1, 2, 4), lambda: None), [prior([1.0, 1.0], [0.0, 0.0], [0.0, 0.0])])
+        corrected(torch.ones(1, 2, 4), None, [prior([1.0, 1.0], [0.0, 0.0], [0.0, 0.0])])
 
 
 def test_drift_least_squares_recovers_a_known_per_channel_drift():
@@ -72,7 +87,7 @@ def test_moment_matching_gives_the_reused_value_the_full_trajectory_moments():
     full.add(target)
     mm = MomentMatch(full)
     mm.add(cached, None, None)
-    out = correct(Reused(cached, lambda: None), [mm.solve(SITE)])
+    out = corrected(cached, None, [mm.solve(SITE)])
     assert torch.allclose(out.mean((0, 1)), target.mean((0, 1)), atol=1e-4)
     assert torch.allclose(out.std((0, 1), unbiased=False), target.std((0, 1), unbiased=False), atol=1e-3)
 
@@ -196,4 +211,5 @@ def test_priors_apply_to_every_site_they_know_and_pass_others_through():
     value = torch.ones(2, 1, 2)
     other = Site("uncond", 3, 0.5, 0.6, 1, 1, "attn")
     out = priors.calibrate([SITE, other], Reused(value, lambda: None))
+    assert torch.equal(priors.calibrate([SITE, other], Reused(value, lambda: None)), out)  # from the stacked cache
     assert torch.equal(out, torch.tensor([[[2.0, 2.0]], [[1.0, 1.0]]]))
