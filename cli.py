@@ -6,6 +6,9 @@ import argparse
 import os
 from typing import Sequence
 
+from .calibration.policy import FORECASTERS, GRANULARITIES
+from .calibration.tcc import VARIANTS
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .testbed.demo import run_demo
@@ -77,6 +80,13 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return train(args.rest)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m calibrated_cache", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,19 +108,19 @@ def parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit-priors", help="fit TCC calibration priors for a cache policy on the testbed")
     fit.add_argument("--interval", type=int, default=3, help="policy: compute one step in N (default 3)")
-    fit.add_argument("--forecaster", default="reuse", help="policy: reuse, taylor or foca (default reuse)")
+    fit.add_argument("--forecaster", default="reuse", choices=FORECASTERS, help="policy: how skipped sites are filled")
     fit.add_argument("--order", type=int, default=1, help="policy: Taylor order (default 1)")
     fit.add_argument("--warmup", type=int, default=0, help="policy: warm-up steps (default 0)")
-    fit.add_argument("--granularity", default="module", help="policy: module (G3) or block (G2)")
-    fit.add_argument("--variant", default="auto",
+    fit.add_argument("--granularity", default="module", choices=GRANULARITIES, help="policy: module (G3) or block (G2)")
+    fit.add_argument("--variant", default="auto", choices=("auto", *VARIANTS),
                      help="prior form: auto (default: drift for reuse, mm for taylor/foca), drift, trend or mm")
-    fit.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
-    fit.add_argument("--batch", type=int, help="samples per batch (default: all in one)")
-    fit.add_argument("--rounds", type=int, default=1, help="fit rounds (default 1; more when batched)")
+    fit.add_argument("--samples", type=positive, default=64, help="calibration samples (default 64)")
+    fit.add_argument("--batch", type=positive, help="samples per batch (default: all in one)")
+    fit.add_argument("--rounds", type=positive, default=1, help="fit rounds (default 1; more when batched)")
     fit.add_argument("--oneshot", action="store_true", help="ablation: fit every prior on one uncalibrated run")
-    fit.add_argument("--steps", type=int, help="sampling steps (default: the benchmark's 24)")
+    fit.add_argument("--steps", type=positive, help="sampling steps (default: the benchmark's 24)")
     fit.add_argument("--cfg", type=float, help="guidance scale (default: the benchmark's 2.0)")
-    fit.add_argument("--sampler", default="euler", help="euler or heun (default euler)")
+    fit.add_argument("--sampler", default="euler", choices=("euler", "heun"), help="sampler (default euler)")
     fit.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift (default 1)")
     fit.add_argument("--out", help="prior file (default dit.<policy tag>.tcc.safetensors)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing file")

@@ -216,8 +216,10 @@ class ModelCall:
         calibrator = self.state.calibrator
         if calibrator is not None:
             reused = Reused(value, lambda: self._anchors(block, name), truth if calibrator.needs_truth else None)
-            value = calibrator.calibrate(self.sites(block, name), reused)
-            flops += CALIBRATION_FLOPS * value[: self.chunk].numel() / max(self.chunk, 1)
+            calibrated = calibrator.calibrate(self.sites(block, name), reused)
+            if calibrated is not value:  # a site without a prior comes back unchanged and costs nothing
+                flops += CALIBRATION_FLOPS * value[: self.chunk].numel() / max(self.chunk, 1)
+            value = calibrated
         return value, flops
 
     def _anchors(self, block: int, name: str) -> tuple[Tensor, Tensor, list[float]] | None:

@@ -40,7 +40,14 @@ def site_key(site: Site) -> SiteKey:
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x.detach().reshape(-1, x.shape[-1])
+    """Values as (rows, channels) in float32, so products of half-precision activations cannot overflow."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def _host(x: Tensor) -> Tensor:
+    """A per-channel reduction (taken on the device in float32) accumulated on the CPU in float64, which every
+    backend supports there (MPS has no float64)."""
+    return x.detach().to("cpu", torch.float64)
 
 
 @dataclass
@@ -55,15 +62,20 @@ class SitePrior:
     stale_steps: int
     before: float = float("nan")  # mean squared error of h̃ against the target on the calibration set
     after: float = float("nan")  # the same for ĥ
+    uses_g: bool = field(init=False)  # known on the CPU, so applying priors never asks a GPU
 
-    def moved(self, device: torch.device, dtype: torch.dtype) -> "SitePrior":
-        return SitePrior(*(t.to(device, dtype) for t in (self.a, self.g, self.b)), self.sigma, self.anchor_sigma,
-                         self.stale_steps, self.before, self.after)
+    def __post_init__(self) -> None:
+        self.a, self.g, self.b = (t.detach().to("cpu", torch.float32) for t in (self.a, self.g, self.b))
+        self.uses_g = bool(self.g.any())
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.a, self.g, self.b))
 
 
 @dataclass
 class LeastSquares:
-    """Per-channel normal equations of the variant's regression, accumulated in float64 over any number of batches.
+    """Per-channel normal equations of the variant's regression, accumulated in float64 on the CPU over any number
+    of batches.
 
     "drift" regresses y − h̃ on (Δ, 1), keeping a = 1; "trend" regresses y on (h̃, Δ, 1).
     """
@@ -80,12 +92,12 @@ class LeastSquares:
         y, cols = (y - h, [d]) if self.variant == "drift" else (y, [h, d])
         cols.append(torch.ones_like(h))
         k = len(cols)
-        gram = h.new_empty((h.shape[1], k, k), dtype=torch.float64)
+        gram = h.new_empty((h.shape[1], k, k))
         for i in range(k):
             for j in range(i, k):
-                gram[:, i, j] = gram[:, j, i] = (cols[i] * cols[j]).sum(0, dtype=torch.float64)
-        cross = torch.stack([(u * y).sum(0, dtype=torch.float64) for u in cols], -1)
-        yy = y.square().sum(0, dtype=torch.float64)
+                gram[:, i, j] = gram[:, j, i] = (cols[i] * cols[j]).sum(0)
+        gram, cross = _host(gram), _host(torch.stack([(u * y).sum(0) for u in cols], -1))
+        yy = _host(y.square().sum(0))
         if self.gram is None:
             self.gram, self.cross, self.yy = gram, cross, yy
         else:
@@ -116,7 +128,7 @@ class LeastSquares:
 
 @dataclass
 class Moments:
-    """Per-channel mean and variance, streamed in float64."""
+    """Per-channel mean and variance, streamed in float64 on the CPU."""
 
     sum: Tensor | None = None
     sumsq: Tensor | None = None
@@ -124,7 +136,7 @@ class Moments:
 
     def add(self, x: Tensor) -> None:
         rows = _rows(x)
-        s, q = rows.sum(0, dtype=torch.float64), rows.square().sum(0, dtype=torch.float64)
+        s, q = _host(rows.sum(0)), _host(rows.square().sum(0))
         if self.sum is None:
             self.sum, self.sumsq = s, q
         else:
@@ -178,7 +190,7 @@ def stack(priors: list[SitePrior | None], like: Tensor) -> Stacked | None:
         rows = [like.new_full((channels,), fill) if p is None else getattr(p, name).to(like) for p in priors]
         return torch.stack(rows).view(view)
 
-    uses_g = any(p is not None and bool(p.g.any()) for p in priors)
+    uses_g = any(p is not None and p.uses_g for p in priors)
     return Stacked(stacked("a", 1.0), stacked("b", 0.0), stacked("g", 0.0) if uses_g else None)
 
 
@@ -211,12 +223,11 @@ class TccPriors(Calibrator):
     schedule is close enough for this to be sound.
     """
 
-    anchors = 2
-
     def __init__(self, priors: dict[SiteKey, SitePrior], variant: str) -> None:
         check_variant(variant)
         self.priors = priors
         self.variant = variant
+        self.anchors = 2 if any(p.uses_g for p in priors.values()) else 1  # the drift term needs the previous anchor
         self._lines: dict[tuple[str, int, str, int], list[SitePrior]] = {}
         for (role, _, block, name), prior in priors.items():
             self._lines.setdefault((role, block, name, prior.stale_steps), []).append(prior)
@@ -224,15 +235,12 @@ class TccPriors(Calibrator):
             line.sort(key=lambda p: p.sigma)
         self._stacked: dict[tuple, Stacked | None] = {}
 
-    def start(self) -> None:
-        self._stacked.clear()
-
-    def lookup(self, site: Site, like: Tensor) -> SitePrior | None:
-        """The site's prior on `like`'s device and dtype: its own on the fitted schedule, else interpolated."""
+    def lookup(self, site: Site) -> SitePrior | None:
+        """The site's own prior on the fitted schedule, else one interpolated from its neighbours."""
         prior = self.priors.get(site_key(site))
         if prior is None or not (_close(prior.sigma, site.sigma) and _close(prior.anchor_sigma, site.anchor_sigma)):
             prior = self._interpolate(site)
-        return None if prior is None else prior.moved(like.device, like.dtype)
+        return prior
 
     def _interpolate(self, site: Site) -> SitePrior | None:
         line = self._lines.get((site.role, site.block, site.name, site.stale_steps))
@@ -253,12 +261,15 @@ class TccPriors(Calibrator):
                          site.stale_steps)
 
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
-        """Stacked priors are derived once per site group and run (not per step) and released when the next run
-        starts, so a correction costs only its multiply-adds and never synchronises a GPU."""
+        """The stacked priors of a site group are moved to the device once and kept for later runs on the same
+        schedule, so a correction costs only its multiply-adds; runs on ever new schedules cannot grow the cache past
+        a few prior sets."""
         value = reused.value
         key = (tuple(sites), value.dim(), value.device, value.dtype)
         if key not in self._stacked:
-            self._stacked[key] = stack([self.lookup(s, value) for s in sites], value)
+            if len(self._stacked) > 4 * len(self.priors):
+                self._stacked.clear()
+            self._stacked[key] = stack([self.lookup(s) for s in sites], value)
         return correct(reused, self._stacked[key])
 
 
@@ -279,14 +290,13 @@ class TccFit(Calibrator):
       re-estimates them all. Rounds are how a calibration set larger than one batch converges.
     """
 
-    anchors = 2
-
     def __init__(self, variant: str = "drift", sequential: bool = True) -> None:
         check_variant(variant)
         self.variant = variant
         self.sequential = sequential
         self.reference = variant == "mm"
         self.needs_truth = variant != "mm"
+        self.anchors = 1 if variant == "mm" else 2
         self.full: dict[SiteKey, Moments] = {}
         self.stats: dict[SiteKey, LeastSquares | MomentMatch] = {}
         self.seen: dict[SiteKey, Site] = {}
@@ -318,7 +328,7 @@ class TccFit(Calibrator):
             if self.sequential:
                 applied.append(stats.solve(site))
             else:
-                applied.append(None if self._frozen is None else self._frozen.lookup(site, value))
+                applied.append(None if self._frozen is None else self._frozen.lookup(site))
         return correct(reused, stack(applied, value))
 
     def _stats(self, site: Site) -> LeastSquares | MomentMatch | None:
@@ -385,6 +395,10 @@ def fit_tcc(run: SampleRun, variant: str = "drift", sequential: bool = True, rou
     priors = fit.priors()
     if not priors.priors:
         raise ValueError("the policy reused nothing on the calibration runs: there is nothing to calibrate")
+    broken = [k for k, p in priors.priors.items() if not p.finite()]
+    if broken:
+        raise ValueError(f"the fit produced non-finite priors at {len(broken)} sites (first: {broken[0]}); the model's "
+                         "values overflow there. Try another variant, or fit in a higher precision.")
     after = run(priors, True)
     report = {"rel_l2_before": _rel_l2(before, full), "rel_l2_after": _rel_l2(after, full),
               "sites": len(priors.priors), "rounds": rounds, "sequential": sequential}

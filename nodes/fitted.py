@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from ..calibration.tcc import TccPriors
 from ..priors import load_priors, model_fingerprint
+from ..priors.fingerprint import tensor_sample
 
 TccPriorsType = io.Custom("TCC_PRIORS")
 
@@ -39,9 +41,22 @@ def load(path: str) -> FittedPriors:
 
 
 def patches_description(model: ModelPatcher) -> str:
-    """The model's weight patches (LoRAs and similar) by key and strengths: priors fitted with them belong to them."""
-    return ";".join(f"{key}:" + ",".join(f"{p[0]:g}/{p[2]:g}" for p in model.patches[key])
+    """The model's weight patches (LoRAs and similar) by key, strengths and a sample of their tensors: priors fitted
+    with one LoRA belong to it, not to another LoRA on the same keys."""
+    return ";".join(f"{key}:" + ",".join(f"{p[0]:g}/{p[2]:g}/{_patch_sample(p[1])}" for p in model.patches[key])
                     for key in sorted(model.patches))
+
+
+def _patch_sample(patch: object, depth: int = 0) -> str:
+    """A short hash of the tensors inside a patch value (a tensor, nested tuples, or an adapter with `weights`)."""
+    if isinstance(patch, Tensor):
+        return hashlib.sha256(tensor_sample(patch)).hexdigest()[:8]
+    if depth < 4 and isinstance(patch, (tuple, list)):
+        return "(" + " ".join(_patch_sample(p, depth + 1) for p in patch) + ")"
+    weights = getattr(patch, "weights", None)
+    if depth < 4 and weights is not None:
+        return type(patch).__name__ + _patch_sample(weights, depth + 1)
+    return type(patch).__name__
 
 
 def fingerprint(model: ModelPatcher, family: str) -> dict[str, str]:

@@ -28,11 +28,11 @@ def weights_hash(state: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(name.encode())
-        h.update(_sample(state[name]))
+        h.update(tensor_sample(state[name]))
     return h.hexdigest()[:16]
 
 
-def _sample(t: Tensor) -> bytes:
+def tensor_sample(t: Tensor) -> bytes:
     """Size and first/last bytes of a tensor; quantized tensor subclasses that refuse a byte view fall back to a
     float sample of their values."""
     try:

@@ -213,3 +213,20 @@ def test_priors_apply_to_every_site_they_know_and_pass_others_through():
     out = priors.calibrate([SITE, other], Reused(value, lambda: None))
     assert torch.equal(priors.calibrate([SITE, other], Reused(value, lambda: None)), out)  # from the stacked cache
     assert torch.equal(out, torch.tensor([[[2.0, 2.0]], [[1.0, 1.0]]]))
+
+
+def test_fitting_half_precision_values_does_not_overflow():
+    h = (torch.randn(2, 64, 3) * 300).half()
+    fit = LeastSquares("trend")
+    fit.add(h, (h * 0.1), h * 0.5 + 1.0)
+    moments = Moments()
+    moments.add(h)
+    assert fit.solve(SITE).finite() and all(bool(torch.isfinite(t).all()) for t in moments.mean_std())
+
+
+def test_priors_without_a_drift_term_keep_fora_memory(trained):
+    labels, noise = bench_inputs(trained, 4, 1)
+    priors, _ = fit_tcc(runner(trained, labels, noise, 9), "mm")
+    _, plain = sample(trained, labels, noise, 9, 2.0, policy=FORA)
+    _, calibrated = sample(trained, labels, noise, 9, 2.0, policy=FORA, calibrator=priors)
+    assert priors.anchors == 1 and calibrated.stats.peak_cache_bytes == plain.stats.peak_cache_bytes
