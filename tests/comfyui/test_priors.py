@@ -197,6 +197,9 @@ def test_lora_patches_change_the_fingerprint_and_loading_them_does_not(pack, mod
     fresh = fitted.model_fingerprint(fitted._unpatched_state(lora, diffusion_model), "Wan",
                                      fitted.patches_description(lora))
     assert fresh == patched
+    other = model.clone()
+    other.add_patches({key: (torch.randn_like(lora.model.state_dict()[key]) * 0.05,)}, 1.0)
+    assert fitted.fingerprint(other, "Wan")["patches"] != patched["patches"]  # same key and strength, other LoRA
 
 
 def test_a_damaged_or_foreign_prior_file_gives_a_clear_message(pack, folders, wan):
