@@ -198,7 +198,9 @@ def test_lora_patches_change_the_fingerprint_and_loading_them_does_not(pack, mod
                                      fitted.patches_description(lora))
     assert fresh == patched
     other = model.clone()
-    other.add_patches({key: (torch.randn_like(lora.model.state_dict()[key]) * 0.05,)}, 1.0)
+    weight = lora.model.state_dict()[key]
+    delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(7)) * 0.05  # samplers reseed the global RNG
+    other.add_patches({key: (delta.to(weight),)}, 1.0)
     assert fitted.fingerprint(other, "Wan")["patches"] != patched["patches"]  # same key and strength, other LoRA
 
 
