@@ -30,13 +30,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _fit_priors(args: argparse.Namespace) -> int:
     from .calibration import CachePolicy, PolicyError
+    from .calibration.goc import GocSettings
     from .priors import save_priors
     from .testbed.fit_priors import fit_testbed
     from .testbed.weights import load_dit
 
     try:
+        if args.goc_weight is None and args.goc_inflection is not None:
+            raise PolicyError("--goc-inflection needs --goc-weight, which attaches GOC to the policy")
+        goc = None if args.goc_weight is None else GocSettings(args.goc_weight, args.goc_inflection or "auto")
         policy = CachePolicy(interval=args.interval, warmup_steps=args.warmup, forecaster=args.forecaster,
-                             order=args.order, granularity=args.granularity)
+                             order=args.order, granularity=args.granularity, goc=goc)
     except PolicyError as err:
         raise SystemExit(f"error: {err}") from None
     if policy.computes_everything():
@@ -112,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--order", type=int, default=1, help="policy: Taylor order (default 1)")
     fit.add_argument("--warmup", type=int, default=0, help="policy: warm-up steps (default 0)")
     fit.add_argument("--granularity", default="module", choices=GRANULARITIES, help="policy: module (G3) or block (G2)")
+    fit.add_argument("--goc-weight", type=float, help="policy: attach GOC with this weight (fitted with GOC active)")
+    fit.add_argument("--goc-inflection", choices=("auto", "off"), help="GOC inflection handling (default auto)")
     fit.add_argument("--variant", default="auto", choices=("auto", *VARIANTS),
                      help="prior form: auto (default: drift for reuse, mm for taylor/foca), drift, trend or mm")
     fit.add_argument("--samples", type=positive, default=64, help="calibration samples (default 64)")

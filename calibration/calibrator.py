@@ -19,9 +19,9 @@ from torch import Tensor
 class Site:
     """One value the policy reuses: a site of one block, for one conditioning role, in one round of the run.
 
-    `round` counts model evaluations of the run (Heun has two per step); `anchor_sigma` is σ of the round whose
-    computation the reused value comes from, so `anchor_sigma − sigma` is how stale it is, and `stale_steps` how
-    many schedule steps lie in between.
+    `round` counts model evaluations of the run (Heun has two per step), `step` the schedule's steps; `anchor_sigma`
+    is σ of the round whose computation the reused value comes from, so `anchor_sigma − sigma` is how stale it is,
+    and `stale_steps` how many schedule steps lie in between.
     """
 
     role: str
@@ -31,6 +31,7 @@ class Site:
     stale_steps: int
     block: int
     name: str
+    step: int
 
 
 @dataclass
@@ -62,18 +63,26 @@ class Calibrator(ABC):
     """`reference = True` makes the run compute every block and call `observe` where the policy would skip.
 
     `anchors` is how many computed values per site the calibrator needs kept (the policy's forecaster may keep
-    fewer); `needs_truth` asks the engine to offer the site's true value (fitting only: it costs a computation).
+    fewer); `needs_truth` asks the engine to offer the site's true value (fitting only: it costs a computation);
+    `flops` is the elementwise work per value element of the last correction that changed a value, for honest
+    compute accounting; `nbytes` the tensors a corrector holds for the run beyond the policy's own cache, for the
+    run's peak-cache figure.
     """
 
     reference: bool = False
     anchors: int = 1
     needs_truth: bool = False
+    flops: float = 0.0
+    nbytes: int = 0
 
     def start(self) -> None:
         """A sampling run begins: drop whatever was derived for the previous one (a calibrator outlives runs)."""
 
     def observe(self, site: Site, value: Tensor) -> None:
         """The full-computation value at a site the policy reuses (reference runs only)."""
+
+    def settle(self, sites: list[Site], value: Tensor) -> None:
+        """The value finally used at `sites` (after every calibrator of a chain): for correctors with a memory."""
 
     @abstractmethod
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:

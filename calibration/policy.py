@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .errors import PolicyError
+from .goc import GocSettings
+
 MODES = ("fixed", "dynamic")
 FORECASTERS = ("reuse", "taylor", "foca")
 TIME_UNITS = ("step", "sigma")
 GRANULARITIES = ("module", "block")
-
-
-class PolicyError(ValueError):
-    """A setting the user chose that cannot work; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,7 @@ class CachePolicy:
     time_unit: str = "step"
     foca_lambda: float = 0.0
     granularity: str = "module"
+    goc: GocSettings | None = None
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -66,6 +66,11 @@ class CachePolicy:
             raise PolicyError(f"threshold must be > 0 (got {self.threshold}); typical values are 0.05-0.2")
         if not 0.0 <= self.foca_lambda <= 1.0:
             raise PolicyError(f"foca_lambda must be in [0, 1] (got {self.foca_lambda}); 1 = full curvature")
+        if self.goc is not None and not isinstance(self.goc, GocSettings):
+            raise PolicyError(f"goc must be GOC settings or None (got {self.goc!r})")
+        if self.goc is not None and self.forecaster != "reuse":
+            raise PolicyError(f"GOC corrects reused features (FORA), not a {self.forecaster} forecast, which already "
+                              "follows the trend: set the Cache Policy forecaster to reuse, or drop the GOC Corrector")
 
     @property
     def probe_blocks(self) -> int:
@@ -91,6 +96,8 @@ class CachePolicy:
         head = {"reuse": "FORA", "taylor": f"TAYLOR{self.order}", "foca": f"FOCA{self.foca_lambda:g}"}[self.forecaster]
         if self.forecaster != "reuse" and self.time_unit == "sigma":
             parts.append("sigma")
+        if self.goc is not None:
+            parts.append(self.goc.tag())
         return "_".join([head, *parts])
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +109,13 @@ class CachePolicy:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PolicyError(f"unknown policy settings {unknown}; known settings are {sorted(known)}")
+        goc = data.get("goc")
+        if isinstance(goc, dict):
+            unknown = sorted(set(goc) - {f.name for f in fields(GocSettings)})
+            if unknown:
+                raise PolicyError(f"unknown GOC settings {unknown}; known settings are "
+                                  f"{', '.join(f.name for f in fields(GocSettings))}")
+            data = {**data, "goc": GocSettings(**{**goc, "steps": tuple(goc.get("steps") or ())})}
         return cls(**data)
 
 

@@ -15,8 +15,10 @@ import torch
 from torch import Tensor
 
 from .calibrator import Calibrator, Reused, Site
+from .chain import chained
 from .clock import StepClock
 from .forecast import Forecaster
+from .goc import GocCorrector
 from .policy import CachePolicy, PolicyError
 from .registry import make_forecaster
 from .schedule import StepPlan
@@ -24,7 +26,6 @@ from .sites import gated_block, residual_block
 from .stats import RunStats
 
 SiteKey = tuple[int, str]
-CALIBRATION_FLOPS = 6  # per element: at most three fused multiply-adds (see tcc.py), counted as honest compute
 
 
 @dataclass
@@ -56,9 +57,10 @@ class RunState:
             raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
         self.policy = policy
         self.blocks = blocks
-        self.calibrator = calibrator
-        if calibrator is not None:
-            calibrator.start()
+        # A policy with GOC attached corrects first; a given calibrator (TCC priors or their fit) sees GOC's output.
+        self.calibrator = chained(None if policy.goc is None else GocCorrector(policy.goc), calibrator)
+        if self.calibrator is not None:
+            self.calibrator.start()
         self.clock = StepClock(sigmas)
         self.plan = StepPlan(policy, self.clock.steps)
         self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
@@ -171,7 +173,7 @@ class ModelCall:
 
     def sites(self, block: int, name: str) -> list[Site]:
         r, caches = self.round, self.state.branches
-        return [Site(role, r.index, r.sigma, sigma, r.step - step, block, name)
+        return [Site(role, r.index, r.sigma, sigma, r.step - step, block, name, r.step)
                 for role, b in zip(self.roles, self.branches) for sigma, step in [caches[b].anchors[block]]]
 
     def fits(self, block: int, name: str, like: Tensor) -> bool:
@@ -216,9 +218,12 @@ class ModelCall:
         calibrator = self.state.calibrator
         if calibrator is not None:
             reused = Reused(value, lambda: self._anchors(block, name), truth if calibrator.needs_truth else None)
-            calibrated = calibrator.calibrate(self.sites(block, name), reused)
+            sites, held = self.sites(block, name), calibrator.nbytes
+            calibrated = calibrator.calibrate(sites, reused)
             if calibrated is not value:  # a site without a prior comes back unchanged and costs nothing
-                flops += CALIBRATION_FLOPS * value[: self.chunk].numel() / max(self.chunk, 1)
+                flops += calibrator.flops * value[: self.chunk].numel() / max(self.chunk, 1)
+            calibrator.settle(sites, calibrated)
+            self.state.stats.add_cache_bytes(calibrator.nbytes - held)
             value = calibrated
         return value, flops
 

@@ -33,6 +33,7 @@ EPS = 1e-6
 RIDGE = 1e-6
 SCALE_RANGE = (0.5, 2.0)
 SiteKey = tuple[str, int, int, str]  # role, round, block, site name
+FLOPS = 6.0  # per element: at most three fused multiply-adds (see `correct`), counted as honest compute
 
 
 def site_key(site: Site) -> SiteKey:
@@ -223,6 +224,8 @@ class TccPriors(Calibrator):
     schedule is close enough for this to be sound.
     """
 
+    flops = FLOPS
+
     def __init__(self, priors: dict[SiteKey, SitePrior], variant: str) -> None:
         check_variant(variant)
         self.priors = priors
@@ -289,6 +292,8 @@ class TccFit(Calibrator):
       ablation, fitted on one uncalibrated cached trajectory) while fresh statistics are collected, and `end_round`
       re-estimates them all. Rounds are how a calibration set larger than one batch converges.
     """
+
+    flops = FLOPS
 
     def __init__(self, variant: str = "drift", sequential: bool = True) -> None:
         check_variant(variant)

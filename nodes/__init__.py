@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import folders
 from .apply_node import ApplyCalibratedCacheNode
 from .fit_node import FitTccPriorsNode
+from .goc_node import GocCorrectorNode
 from .policy_node import CachePolicyNode
 
 folders.register()
@@ -14,4 +15,4 @@ folders.register()
 
 class CalibratedCacheExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CachePolicyNode, ApplyCalibratedCacheNode, FitTccPriorsNode]
+        return [CachePolicyNode, GocCorrectorNode, ApplyCalibratedCacheNode, FitTccPriorsNode]

@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
+from ..calibration.goc import GocSettings
 from ..calibration.tcc import TccPriors, fit_tcc
 from ..priors import check_schedule
 from .evaluate import bench_inputs, score
@@ -27,7 +28,7 @@ from .model import DiT, DiTConfig
 from .sampling import flow_sigmas, sample
 from .weights import load_classifier, load_dit
 
-SCHEMA = "calibrated_cache.bench/2"
+SCHEMA = "calibrated_cache.bench/3"
 INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4, 0.17: 6}
 MAX_SKIPS = 16  # lets the dynamic policy reach the lowest target fraction; its threshold does the rest
 
@@ -70,6 +71,22 @@ def tcc_methods(targets: tuple[float, ...]) -> list[Method]:
     return [Method(name, {"interval": INTERVALS[t], **extra, **fit}, CachePolicy(interval=INTERVALS[t], warmup_steps=0,
                                                                                     **extra), t, fit)
             for t in targets for name, extra, fit in TCC_ROWS]
+
+
+GOC_ROWS = (("fora+goc", GocSettings(), None),
+            ("fora+goc-noinflection", GocSettings(inflection="off"), None),
+            ("fora+goc+tcc", GocSettings(), {}))
+
+
+def goc_methods(targets: tuple[float, ...]) -> list[Method]:
+    """FORA with the GOC Corrector at its defaults (weight 0.8, online inflection detection), with plain gradient
+    propagation, and with TCC priors fitted with GOC active."""
+    methods = []
+    for t in targets:
+        for name, goc, fit in GOC_ROWS:
+            params = {"interval": INTERVALS[t], "goc": goc.tag()}
+            methods.append(Method(name, params, CachePolicy(interval=INTERVALS[t], warmup_steps=0, goc=goc), t, fit))
+    return methods
 
 
 def tcc_ablation_methods() -> list[Method]:
@@ -152,6 +169,7 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
     methods = [Method("engine-all", {"interval": 1}, CachePolicy(interval=1))] + fixed_methods()
     methods += dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
     methods += tcc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
+    methods += goc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
 
     def rows_for(methods: list[Method]) -> list[dict[str, Any]]:
         rows = []
@@ -263,6 +281,7 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int) -> dict[st
 
     priors, _ = fit_tcc(calibration_run)  # on the timed request itself: only its cost matters here
     policies.append(("fora+tcc", {"interval": 4, "variant": "drift"}, fora))
+    policies.append(("fora+goc", {"interval": 4, "goc": GocSettings().tag()}, replace(fora, goc=GocSettings())))
     for name, params, policy in policies:
         calibrator = priors if name == "fora+tcc" else None
         (_, state), wall = timed(lambda: run(policy, calibrator), repeats)
@@ -343,12 +362,12 @@ def format_tables(report: dict[str, Any]) -> str:
 
 
 def _quality_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'method':<13} {'params':<44} {'target':>6} {'compute':>7} {'wall_s':>7} {'speedup':>7} "
+    lines = [f"{'method':<21} {'params':<36} {'target':>6} {'compute':>7} {'wall_s':>7} {'speedup':>7} "
              f"{'rel_l2':>7} {'psnr':>6} {'fd':>7} {'acc':>6}"]
     for r in rows:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "forecaster")
         target = "" if r["target_fraction"] is None else f"{r['target_fraction']:.2f}"
-        lines.append(f"{r['method']:<13} {params:<44.44} {target:>6} {r['compute_fraction']:>7.3f} "
+        lines.append(f"{r['method']:<21} {params:<36.36} {target:>6} {r['compute_fraction']:>7.3f} "
                      f"{r['wall_s']:>7.2f} {r['wall_speedup']:>6.2f}x {r['rel_l2']:>7.4f} {_num(r['psnr']):>6} "
                      f"{r['fd']:>7.3f} {r['accuracy']:>6.3f}")
     return lines

@@ -49,7 +49,8 @@ def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
     assert loaded["schema"] == SCHEMA
     rows = loaded["quality"]["rows"]
     assert {r["method"] for r in rows} == {"full", "engine-all", "fora", "taylor1", "taylor2", "foca", "fbcache",
-                                           "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot"}
+                                           "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot", "fora+goc",
+                                           "fora+goc-noinflection", "fora+goc+tcc"}
     for row in rows:
         assert set(row) >= {"method", "params", "compute_fraction", "wall_s", "wall_speedup", "rel_l2", "psnr", "fd", "accuracy"}
     engine_all = next(r for r in rows if r["method"] == "engine-all")
@@ -59,5 +60,8 @@ def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
     tcc = {(r["method"], r["target_fraction"]): r for r in rows if "tcc" in r["method"]}
     assert {t for _, t in tcc} == {0.5, 0.33} and all(r["fit_s"] > 0 for r in tcc.values())
     assert tcc[("fora+tcc", 0.33)]["compute_fraction"] == pytest.approx(fora[0.33], abs=0.01)
+    goc = {(r["method"], r["target_fraction"]): r for r in rows if "goc" in r["method"]}
+    assert {t for _, t in goc} == {0.5, 0.33} and goc[("fora+goc", 0.5)]["params"]["goc"] == "GOC0.8"
+    assert goc[("fora+goc+tcc", 0.5)]["fit_s"] > 0 and "fit_s" not in goc[("fora+goc", 0.5)]
     speed = loaded["speed"]["rows"]
     assert all(r["ideal_speedup"] == pytest.approx(1 / r["compute_fraction"]) for r in speed)

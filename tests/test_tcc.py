@@ -10,7 +10,7 @@ from calibrated_cache.testbed.metrics import rel_l2
 from calibrated_cache.testbed.sampling import flow_sigmas, sample
 from calibrated_cache.testbed.weights import load_dit
 
-SITE = Site("cond", 3, 0.5, 0.6, 1, 0, "attn")
+SITE = Site("cond", 3, 0.5, 0.6, 1, 0, "attn", 3)
 FORA = CachePolicy(interval=3, warmup_steps=0)
 
 
@@ -209,7 +209,7 @@ def test_the_fit_rejects_runs_that_reuse_nothing(trained):
 def test_priors_apply_to_every_site_they_know_and_pass_others_through():
     priors = TccPriors({("cond", 3, 0, "attn"): prior([2.0, 2.0], [0.0, 0.0], [0.0, 0.0])}, "drift")
     value = torch.ones(2, 1, 2)
-    other = Site("uncond", 3, 0.5, 0.6, 1, 1, "attn")
+    other = Site("uncond", 3, 0.5, 0.6, 1, 1, "attn", 3)
     out = priors.calibrate([SITE, other], Reused(value, lambda: None))
     assert torch.equal(priors.calibrate([SITE, other], Reused(value, lambda: None)), out)  # from the stacked cache
     assert torch.equal(out, torch.tensor([[[2.0, 2.0]], [[1.0, 1.0]]]))

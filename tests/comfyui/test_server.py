@@ -155,3 +155,25 @@ def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
     assert len(lines) == 1 and "calibrated_cache [TAYLOR2_N3_W1_G2] Wan: computed 16 of 36" in lines[0], lines
     plain, calibrated = saved_latent(base, "cc_plain"), saved_latent(base, "cc_priors")
     assert plain.shape == calibrated.shape and not torch.equal(plain, calibrated)
+
+
+def test_one_workflow_chains_cache_policy_goc_corrector_fit_and_apply(server):
+    url, info, model_name, log_path = server
+    assert info["CalibratedCache_GOC"]["output"] == ["CACHE_POLICY"]
+    assert info["CalibratedCache_GOC"]["input"]["required"]["policy"][0] == "CACHE_POLICY"
+    prompt = workflow(model_name, 1, "cc_goc", priors=["9", 0])
+    prompt["2"]["inputs"] = {**POLICY, "forecaster": "reuse", "interval": 2}
+    prompt["10"] = {"class_type": "CalibratedCache_GOC",
+                    "inputs": {"policy": ["2", 0], "weight": 0.8, "inflection": "auto", "threshold": -1.0, "steps": ""}}
+    prompt["9"] = fit_workflow(model_name)["9"]
+    prompt["9"]["inputs"].update(policy=["10", 0], checkpoint="none", overwrite=True)
+    prompt["3"]["inputs"]["policy"] = ["10", 0]
+    start = len(log_path.read_text())
+    result = run_prompt(url, prompt)
+    assert result["status"]["status_str"] == "success", result["status"]
+    (report,) = result["outputs"]["9"]["text"]
+    assert "FORA_N2_W1_G2_GOC0.8t-1.tcc.safetensors" in report
+    lines = [line for line in log_path.read_text()[start:].splitlines()
+             if "calibrated_cache [FORA_N2_W1_G2_GOC0.8t-1] Wan" in line and "priors" in line]
+    assert lines, log_path.read_text()[start:][-3000:]
+    assert saved_latent(log_path.parent, "cc_goc").isfinite().all()
