@@ -7,7 +7,8 @@ weight, and how GOC composes with TCC priors. Run: `python -m calibrated_cache.t
 2. For each weight and interval: FORA without GOC, GOC pushing everywhere ("off"), GOC with online detection
    ("auto", per sample, from the values the run computes) and GOC with the offline rule of methods reference §8.3
    (steps where ρ(s), the mean turn of sample-averaged full-computation features, falls below 0, measured on separate
-   calibration requests; the push is dropped at cached steps with an inflection within the two steps before).
+   calibration requests; the push is dropped at cached steps with an inflection within the two steps before), and
+   the online detector's threshold at interval 2.
 3. FORA with TCC priors (drift, fitted on 64 calibration requests) with and without GOC at several weights.
 """
 
@@ -33,6 +34,7 @@ STEPS, CFG = 24, 2.0
 WEIGHTS = (0.5, 0.8, 1.0, 1.2)
 WEIGHTS_WITH_TCC = (0.5, 0.8)
 INTERVALS = (2, 3, 4, 6)
+THRESHOLDS = (-0.3, 0.3, 0.6)  # of the online detector, at the default weight and interval 2
 CALIBRATION_SAMPLES = 64
 
 
@@ -129,6 +131,8 @@ def main() -> None:
             row(interval, f"goc w{w:g} auto", GocSettings(w, "auto"))
             if dropped:
                 row(interval, f"goc w{w:g} offline", GocSettings(w, "manual", steps=dropped))
+    for threshold in THRESHOLDS:
+        row(2, f"goc w0.8 auto t{threshold:g}", GocSettings(0.8, "auto", threshold))
     for interval in INTERVALS:
         row(interval, "fora+tcc", None, tcc=True)
         for w in WEIGHTS_WITH_TCC:
