@@ -194,3 +194,14 @@ def test_cli_fits_priors_with_goc_active_and_names_it_in_the_file(tmp_path, caps
         main(["fit-priors", "--forecaster", "taylor", "--goc-weight", "0.5", "--samples", "4", "--steps", "8"])
     with pytest.raises(SystemExit, match="--goc-inflection needs --goc-weight"):
         main(["fit-priors", "--goc-inflection", "off", "--samples", "4", "--steps", "8"])
+
+
+@pytest.mark.parametrize("sampler, policy", [
+    ("heun", CachePolicy(interval=2, warmup_steps=0, goc=GocSettings(inflection="off"))),
+    ("euler", CachePolicy(mode="dynamic", threshold=0.3, max_skips=4, goc=GocSettings(inflection="off")))])
+def test_goc_runs_with_heuns_shared_sigmas_and_with_a_dynamic_policy(trained, requests, sampler, policy):
+    labels, noise, _ = requests
+    plain = CachePolicy(**{**policy.to_dict(), "goc": None})
+    x, run = sample(trained, labels[:8], noise[:8], 12, CFG, sampler=sampler, policy=policy)
+    reference, _ = sample(trained, labels[:8], noise[:8], 12, CFG, sampler=sampler, policy=plain)
+    assert run.stats.blocks_skipped > 0 and x.isfinite().all() and not torch.equal(x, reference)
