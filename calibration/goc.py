@@ -128,7 +128,7 @@ class GocCorrector(Calibrator):
         self._tracks, self.nbytes = {}, 0
 
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
-        track = self._tracks.setdefault(_key(sites), Track())
+        track = self._tracks.setdefault(track_key(sites), Track())
         anchor = tuple(s.anchor_sigma for s in sites)
         if anchor != track.anchor:
             held = track.nbytes()
@@ -156,7 +156,7 @@ class GocCorrector(Calibrator):
         return self.settings.weight * k / max(before.stale_steps, 1)
 
     def settle(self, sites: list[Site], value: Tensor) -> None:
-        track = self._tracks.get(_key(sites))
+        track = self._tracks.get(track_key(sites))
         if track is not None:
             held = track.nbytes()
             track.last = Used(sites[0].sigma, sites[0].stale_steps, value)
@@ -181,7 +181,7 @@ class GocCorrector(Calibrator):
             track.computed = value
 
 
-def _key(sites: list[Site]) -> tuple:
+def track_key(sites: list[Site]) -> tuple:
     """A track per site and branch combination: the batch's chunks are corrected together, in one operation."""
     site = sites[0]
     return tuple(s.role for s in sites), site.block, site.name

@@ -11,9 +11,9 @@ from ..calibration.goc import INFLECTION_MODES, MAX_WEIGHT, GocSettings, parse_s
 from .policy_node import CATEGORY, CachePolicyType
 
 
-def with_goc(policy: CachePolicy, weight: float, inflection: str, threshold: float, steps: str) -> CachePolicy:
-    """The policy with GOC attached; it raises the PolicyError of a forecasting policy (GOC corrects reuse)."""
-    return dataclasses.replace(policy, goc=GocSettings(weight, inflection, threshold, parse_steps(steps)))
+def settings(weight: float, inflection: str, threshold: float, steps: str) -> GocSettings:
+    """The node's inputs as validated settings (a PolicyError names what is wrong)."""
+    return GocSettings(weight, inflection, threshold, parse_steps(steps))
 
 
 class GocCorrectorNode(io.ComfyNode):
@@ -53,7 +53,7 @@ class GocCorrectorNode(io.ComfyNode):
     def validate_inputs(cls, weight: float = 0.8, inflection: str = "auto", threshold: float = 0.0,
                         steps: str = "", **_) -> bool | str:
         try:
-            GocSettings(weight, inflection, threshold, parse_steps(steps))
+            settings(weight, inflection, threshold, steps)
         except PolicyError as err:
             return str(err)
         return True
@@ -61,4 +61,5 @@ class GocCorrectorNode(io.ComfyNode):
     @classmethod
     def execute(cls, policy: CachePolicy, weight: float, inflection: str, threshold: float,
                 steps: str = "") -> io.NodeOutput:
-        return io.NodeOutput(with_goc(policy, weight, inflection, threshold, steps))
+        # A forecasting policy raises its PolicyError here: GOC corrects reuse.
+        return io.NodeOutput(dataclasses.replace(policy, goc=settings(weight, inflection, threshold, steps)))

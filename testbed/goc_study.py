@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator, Reused, Site
-from ..calibration.goc import GocCorrector, GocSettings, Used
+from ..calibration.goc import GocCorrector, GocSettings, Used, track_key
 from .error_share import site_values
 from .evaluate import bench_inputs, score
 from .fit_priors import fit_testbed
@@ -58,7 +58,7 @@ class OfficialQueue(GocCorrector):
         self._queues = {}
 
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
-        key = (tuple(s.role for s in sites), sites[0].block, sites[0].name)
+        key = track_key(sites)
         queue = self._queues.setdefault(key, [])
         anchor = max(s.anchor_sigma for s in sites)
         if not queue or queue[-1][0] > anchor:
@@ -71,7 +71,7 @@ class OfficialQueue(GocCorrector):
         return u1 + (u1 - u0) * (steady * self.settings.weight * (s1 - sites[0].sigma) / (s0 - s1))
 
     def settle(self, sites: list[Site], value: Tensor) -> None:
-        queue = self._queues[(tuple(s.role for s in sites), sites[0].block, sites[0].name)]
+        queue = self._queues[track_key(sites)]
         queue.append((sites[0].sigma, value))
         del queue[:-2]
 
