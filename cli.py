@@ -31,16 +31,18 @@ def _bench(args: argparse.Namespace) -> int:
 def _fit_priors(args: argparse.Namespace) -> int:
     from .calibration import CachePolicy, PolicyError
     from .calibration.goc import GocSettings
+    from .calibration.icc import FactorCache, IccSettings
     from .priors import save_priors
-    from .testbed.fit_priors import fit_testbed
+    from .testbed.fit_priors import fit_testbed, record_channels
     from .testbed.weights import load_dit
 
     try:
         if args.goc_weight is None and args.goc_inflection is not None:
             raise PolicyError("--goc-inflection needs --goc-weight, which attaches GOC to the policy")
         goc = None if args.goc_weight is None else GocSettings(args.goc_weight, args.goc_inflection or "auto")
+        icc = None if not args.icc_rank else IccSettings(args.icc_rank, args.icc_svd)
         policy = CachePolicy(interval=args.interval, warmup_steps=args.warmup, forecaster=args.forecaster,
-                             order=args.order, granularity=args.granularity, goc=goc)
+                             order=args.order, granularity=args.granularity, goc=goc, icc=icc)
     except PolicyError as err:
         raise SystemExit(f"error: {err}") from None
     if policy.computes_everything():
@@ -51,9 +53,10 @@ def _fit_priors(args: argparse.Namespace) -> int:
     out = args.out or f"dit.{policy.tag()}.tcc.safetensors"
     if os.path.exists(out) and not args.overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it or --out to choose another name")
+    channels, summary = record_channels(model, args.samples, steps, cfg, args.shift, sampler=args.sampler)
     priors, prior_meta = fit_testbed(model, policy, args.samples, steps, cfg, args.sampler, args.shift, args.variant,
-                                     not args.oneshot, args.rounds, args.batch)
-    path = save_priors(out, priors, prior_meta)
+                                     not args.oneshot, args.rounds, args.batch, factors=FactorCache(channels))
+    path = save_priors(out, priors, {**prior_meta, "icc_stats": summary}, channels)
     r = prior_meta["report"]
     print(f"{r['sites']} sites, rel_l2 against full computation on the {args.samples} calibration samples: "
           f"{r['rel_l2_before']:.4f} without priors, {r['rel_l2_after']:.4f} with them")
@@ -118,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--granularity", default="module", choices=GRANULARITIES, help="policy: module (G3) or block (G2)")
     fit.add_argument("--goc-weight", type=float, help="policy: attach GOC with this weight (fitted with GOC active)")
     fit.add_argument("--goc-inflection", choices=("auto", "off"), help="GOC inflection handling (default auto)")
+    fit.add_argument("--icc-rank", type=positive, help="policy: ICC at this rank (fitted with ICC active)")
+    fit.add_argument("--icc-svd", default="channel-aware", choices=("channel-aware", "plain"),
+                     help="ICC factorisation (default channel-aware, from the statistics this fit records)")
     fit.add_argument("--variant", default="auto", choices=("auto", *VARIANTS),
                      help="prior form: auto (default: drift for reuse, mm for taylor/foca), drift, trend or mm")
     fit.add_argument("--samples", type=positive, default=64, help="calibration samples (default 64)")

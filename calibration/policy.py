@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import PolicyError
 from .goc import GocSettings
+from .icc import IccSettings
 
 MODES = ("fixed", "dynamic")
 FORECASTERS = ("reuse", "taylor", "foca")
@@ -40,6 +41,7 @@ class CachePolicy:
     foca_lambda: float = 0.0
     granularity: str = "module"
     goc: GocSettings | None = None
+    icc: IccSettings | None = None
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -71,6 +73,12 @@ class CachePolicy:
         if self.goc is not None and self.forecaster != "reuse":
             raise PolicyError(f"GOC corrects reused features (FORA), not a {self.forecaster} forecast, which already "
                               "follows the trend: set the Cache Policy forecaster to reuse, or drop the GOC Corrector")
+        if self.icc is not None and not isinstance(self.icc, IccSettings):
+            raise PolicyError(f"icc must be ICC settings or None (got {self.icc!r})")
+        if self.icc is not None and (self.forecaster != "reuse" or self.goc is not None):
+            raise PolicyError("ICC recomputes skipped blocks from their Linears' increments, so there is no reused or "
+                              "forecast value to correct: use it with a reuse (FORA) policy and no GOC Corrector, or "
+                              "set the ICC rank to 0")
 
     @property
     def probe_blocks(self) -> int:
@@ -98,6 +106,8 @@ class CachePolicy:
             parts.append("sigma")
         if self.goc is not None:
             parts.append(self.goc.tag())
+        if self.icc is not None:
+            parts.append(self.icc.tag())
         return "_".join([head, *parts])
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,14 +119,21 @@ class CachePolicy:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PolicyError(f"unknown policy settings {unknown}; known settings are {sorted(known)}")
-        goc = data.get("goc")
+        goc, icc = data.get("goc"), data.get("icc")
         if isinstance(goc, dict):
-            unknown = sorted(set(goc) - {f.name for f in fields(GocSettings)})
-            if unknown:
-                raise PolicyError(f"unknown GOC settings {unknown}; known settings are "
-                                  f"{', '.join(f.name for f in fields(GocSettings))}")
-            data = {**data, "goc": GocSettings(**{**goc, "steps": tuple(goc.get("steps") or ())})}
+            data = {**data, "goc": _settings(GocSettings, "GOC", {**goc, "steps": tuple(goc.get("steps") or ())})}
+        if isinstance(icc, dict):
+            data = {**data, "icc": _settings(IccSettings, "ICC", icc)}
         return cls(**data)
+
+
+def _settings(kind: type, name: str, data: dict[str, Any]) -> Any:
+    """A method's settings from JSON, refusing names this version does not know."""
+    known = [f.name for f in fields(kind)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise PolicyError(f"unknown {name} settings {unknown}; known settings are {', '.join(known)}")
+    return kind(**data)
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

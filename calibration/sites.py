@@ -25,17 +25,25 @@ def gated_block(call: "ModelCall", index: int, sites: Sequence[Site], h: Tensor,
     call.enter(index, {"x": h})
     compute = call.computes(index)
     spent = full = flops.get("modulation", 0.0)
+    icc = call.state.icc is not None
     for name, gate, branch in sites:
         cost = flops.get(name, 1.0)
         full += cost
         if compute:
-            value = branch(h)
+            with call.linears(index, True) as scope:
+                value = branch(h)
             call.remember(index, name, value)
-            spent += cost
+            spent += cost - (scope.saved if scope is not None else 0.0)  # ICC's projection of the inputs counts
             h = h + gate * value  # exactly the block's own arithmetic, so computing everything is bit-identical
         else:
-            value, forecast_flops = call.recall(index, name, lambda: branch(h))
-            spent += forecast_flops
+            if icc:  # the site runs with its Linears' increments: only their saving is not spent
+                with call.linears(index, False) as scope:
+                    value = branch(h)
+                spent += cost - scope.saved
+                value, extra = call.recall(index, name, lambda: branch(h), value)
+            else:
+                value, extra = call.recall(index, name, lambda: branch(h))
+            spent += extra
             h = torch.addcmul(h, gate, value)
     call.account(index, compute, full, spent, len(sites))
     call.leave(index, {"x": h})
@@ -66,7 +74,8 @@ def residual_block(
         k in inputs and call.fits(index, f"residual.{k}", inputs[k]) for k in cached_streams
     ):
         kept = {k: inputs[k].clone() for k in cached_streams if k in inputs} if call.stores(index) else {}
-        outputs = dict(run())
+        with call.linears(index, True) as scope:
+            outputs = dict(run())
         streams = [k for k, v in outputs.items() if v is not None and k in inputs and v.shape == inputs[k].shape]
         if any(v is not None and k not in streams for k, v in outputs.items()):
             call.state.uncacheable.add(index)
@@ -74,8 +83,10 @@ def residual_block(
         for k in streams:
             if k in kept:
                 call.remember(index, f"residual.{k}", outputs[k] - kept[k])
-        spent = cost()
-        call.account(index, True, spent, spent, max(len(streams), 1))
+        full = cost()
+        call.account(index, True, full, full - (scope.saved if scope is not None else 0.0), max(len(streams), 1))
+    elif call.state.icc is not None:
+        outputs = _incremented(call, index, inputs, run, cached_streams, cost())
     else:
         outputs, spent = {}, 0.0
         truth = _truth(call, inputs, run)
@@ -88,6 +99,28 @@ def residual_block(
                 outputs[k] = None
         call.account(index, False, cost(), spent, len(outputs))
     call.leave(index, outputs)
+    return outputs
+
+
+def _incremented(call: "ModelCall", index: int, inputs: Mapping[str, Tensor],
+                 run: Callable[[], Mapping[str, Tensor | None]], cached_streams: list[str],
+                 cost: float) -> dict[str, Tensor | None]:
+    """ICC: the block runs with its Linears' increments; a calibrator then corrects the residuals it produced."""
+    calibrated = call.state.calibrator is not None
+    kept = {k: inputs[k].clone() for k in cached_streams} if calibrated else {}
+    with call.linears(index, False) as scope:
+        outputs = dict(run())
+    spent = cost - scope.saved
+    if calibrated:
+        residuals = {k: outputs[k] - kept[k] for k in cached_streams}
+        for k, v in kept.items():  # the block may have updated its inputs in place; the truth needs them as given
+            inputs[k].copy_(v)
+        truth = _truth(call, inputs, run)
+        for k in cached_streams:
+            residual, extra = call.recall(index, f"residual.{k}", truth and (lambda k=k: truth()[k]), residuals[k])
+            outputs[k] = kept[k] + residual
+            spent += extra
+    call.account(index, False, cost, spent, len(outputs))
     return outputs
 
 

@@ -8,17 +8,20 @@ whose input changes shape, dtype or device starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .batching import adjacent, joined
 from .calibrator import Calibrator, Reused, Site
 from .chain import chained
 from .clock import StepClock
 from .forecast import Forecaster
 from .goc import GocCorrector
+from .icc import FactorCache, IccRun, Scope
 from .policy import CachePolicy, PolicyError
 from .registry import make_forecaster
 from .schedule import StepPlan
@@ -51,10 +54,19 @@ class RunState:
     """Created at the start of a sampling run and dropped at its end; nothing in it outlives the run."""
 
     def __init__(
-        self, policy: CachePolicy, sigmas: Sequence[float], blocks: int, calibrator: Calibrator | None = None
+        self, policy: CachePolicy, sigmas: Sequence[float], blocks: int, calibrator: Calibrator | None = None,
+        factors: FactorCache | None = None,
     ) -> None:
+        """`factors`: ICC's factor cache (it outlives runs; its channel statistics come from a prior file)."""
         if blocks < 1:
             raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
+        self.icc: IccRun | None = None
+        if policy.icc is not None:
+            factors = factors or FactorCache()
+            if policy.icc.aware and factors.channels is None:
+                raise PolicyError("channel-aware ICC needs the channel statistics a prior file records: choose a "
+                                  "prior file fitted on this model with Fit TCC Priors, or set ICC svd to plain")
+            self.icc = IccRun(policy.icc, factors)
         self.policy = policy
         self.blocks = blocks
         # A policy with GOC attached corrects first; a given calibrator (TCC priors or their fit) sees GOC's output.
@@ -94,6 +106,10 @@ class RunState:
             if cache is None or cache.signature != signature:
                 if cache is not None:
                     self.stats.add_cache_bytes(-sum(f.nbytes for f in cache.sites.values()))
+                    if self.icc is not None:
+                        held = self.icc.nbytes
+                        self.icc.forget(b)
+                        self.stats.add_cache_bytes(self.icc.nbytes - held)
                 self.branches[b] = BranchCache(signature)
         self.stats.model_calls += 1
         roles = [str(b) for b in branches] if roles is None else [str(x) for x in roles]
@@ -127,22 +143,11 @@ class RunState:
     def finish(self) -> RunStats:
         """Release every cache; the statistics stay."""
         self.branches.clear()
+        if self.icc is not None:
+            self.icc.clear()
         self.stats.add_cache_bytes(-self.stats.cache_bytes)
         self.round = None
         return self.stats
-
-
-def _adjacent(parts: list[Tensor]) -> Tensor | None:
-    """The tensor the parts were split from, if they are consecutive contiguous slices of one storage."""
-    head = parts[0]
-    if not head.is_contiguous():
-        return None
-    step = head.numel()
-    for i, p in enumerate(parts):
-        if (p.shape != head.shape or not p.is_contiguous() or p.untyped_storage().data_ptr() !=
-                head.untyped_storage().data_ptr() or p.storage_offset() != head.storage_offset() + i * step):
-            return None
-    return head.as_strided((len(parts) * head.shape[0], *head.shape[1:]), head.stride(), head.storage_offset())
 
 
 class ModelCall:
@@ -160,6 +165,7 @@ class ModelCall:
         self._stores = state.plan.may_skip_after(round_.step)
         self._probe_inputs: Mapping[str, Tensor] | None = None
         self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
+        self._icc_only = state.icc is not None and state.calibrator is None
 
     def computes(self, block: int) -> bool:
         reuses = not (block in self.state.always or not self.round.skip or block in self.state.uncacheable) and all(
@@ -178,7 +184,10 @@ class ModelCall:
 
     def fits(self, block: int, name: str, like: Tensor) -> bool:
         """Whether every branch's cached value of a site has the shape of `like`'s chunks (a text stream can change
-        length mid-run when ComfyUI batches conds differently); a site that does not fit is computed."""
+        length mid-run when ComfyUI batches conds differently); a site that does not fit is computed. ICC's Linears
+        check their own caches."""
+        if self._icc_only:
+            return True
         shape = (self.chunk, *like.shape[1:])
         return all(self.state.branches[b].sites[(block, name)].values[-1].shape == shape for b in self.branches)
 
@@ -196,6 +205,11 @@ class ModelCall:
         if not self.stores(block):
             return
         state, t = self.state, self.round.time
+        if self._icc_only:  # ICC keeps its own caches: a stored residual would never be read
+            for b in self.branches:
+                state.branches[b].ready.add(block)
+                state.branches[b].anchors[block] = (self.round.sigma, self.round.step)
+            return
         for b, part in zip(self.branches, value.split(self.chunk)):
             cache = state.branches[b]
             forecaster = cache.sites.get((block, name))
@@ -211,10 +225,25 @@ class ModelCall:
             cache.ready.add(block)
             cache.anchors[block] = (self.round.sigma, self.round.step)
 
-    def recall(self, block: int, name: str, truth: Callable[[], Tensor] | None = None) -> tuple[Tensor, float]:
-        """The value used in place of a site's computation for this call's batch (the forecast, corrected by the
-        run's calibrator if any), and the FLOPs spent on it per sample. `truth` computes the site (for fitting)."""
-        value, flops = self._forecast(block, name)
+    @contextlib.contextmanager
+    def linears(self, block: int, computed: bool) -> Iterator[Scope | None]:
+        """With ICC, while a site or block runs: its Linears record their inputs and outputs (computed, for later
+        skips) or return increments from them (skipped). The scope's `saved` is what the increments saved."""
+        icc = self.state.icc
+        if icc is None or block in self.state.uncacheable or (computed and not self.stores(block)):
+            yield None
+            return
+        held = icc.nbytes
+        with icc.running(block, self.branches, self.chunk, record=computed) as scope:
+            yield scope
+        self.state.stats.add_cache_bytes(icc.nbytes - held)
+
+    def recall(self, block: int, name: str, truth: Callable[[], Tensor] | None = None,
+               value: Tensor | None = None) -> tuple[Tensor, float]:
+        """The value used in place of a site's computation for this call's batch (the forecast, or ICC's `value`,
+        corrected by the run's calibrator if any), and the FLOPs spent on it per sample beyond producing `value`.
+        `truth` computes the site (for fitting)."""
+        value, flops = self._forecast(block, name) if value is None else (value, 0.0)
         calibrator = self.state.calibrator
         if calibrator is not None:
             reused = Reused(value, lambda: self._anchors(block, name), truth if calibrator.needs_truth else None)
@@ -237,9 +266,7 @@ class ModelCall:
         scales = [(t - f.times[-1]) / (f.times[-1] - f.times[-2]) for f in forecasters]
         pairs = []
         for j in (-1, -2):
-            parts = [f.values[j] for f in forecasters]
-            joined = parts[0] if len(parts) == 1 else _adjacent(parts)
-            pairs.append(torch.cat(parts) if joined is None else joined)
+            pairs.append(joined([f.values[j] for f in forecasters]))
         return pairs[0], pairs[1], scales
 
     def _forecast(self, block: int, name: str) -> tuple[Tensor, float]:
@@ -255,9 +282,9 @@ class ModelCall:
         if len(forecasters) == 1:
             return first.predict(t), flops
         if all(f.times == first.times for f in forecasters):
-            joined = [_adjacent([f.values[j] for f in forecasters]) for j in range(len(first.values))]
-            if all(v is not None for v in joined):
-                return first.predict(t, joined), flops
+            whole = [adjacent([f.values[j] for f in forecasters]) for j in range(len(first.values))]
+            if all(v is not None for v in whole):
+                return first.predict(t, whole), flops
         return torch.cat([f.predict(t) for f in forecasters]), flops
 
     def account(self, block: int, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:

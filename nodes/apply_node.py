@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-from ..calibration import CachePolicy
+from ..calibration import CachePolicy, PolicyError
+from ..calibration.icc import SVD_MODES, FactorCache, IccSettings
 from ..priors import check_model, check_policy
+from ..priors.validate import IDENTITY
 from . import folders
 from .families import UnsupportedModel, detect
 from .fitted import FittedPriors, TccPriorsType, fingerprint, load
+from .linears import factor_cache, route_linears
 from .policy_node import CATEGORY, CachePolicyType
 from .session import HAS_PREDICT_NOISE, KEY, CacheSession, dit_patch, forward_patch
 
 WrappersMP = comfy.patcher_extension.WrappersMP
+log = logging.getLogger("calibrated_cache")
+MAX_RANK = 4096
 
 
 def block_policy(policy: CachePolicy) -> CachePolicy:
@@ -25,15 +31,29 @@ def block_policy(policy: CachePolicy) -> CachePolicy:
     return dataclasses.replace(policy, granularity="block")
 
 
+def with_icc(policy: CachePolicy, rank: int, svd: str) -> CachePolicy:
+    """The policy with ICC at `rank` (0: without), or a clear error when the policy cannot take it."""
+    try:
+        return dataclasses.replace(policy, icc=IccSettings(rank, svd) if rank else None)
+    except PolicyError as err:
+        raise ValueError(str(err)) from None
+
+
 def patch_model(model: ModelPatcher, policy: CachePolicy, node_id: str | None = None,
-                priors: FittedPriors | None = None) -> tuple[ModelPatcher, CacheSession]:
-    """A clone of `model` whose blocks run through a new CacheSession for `policy` (G2); `model` is untouched."""
+                priors: FittedPriors | None = None,
+                factors: FactorCache | None = None) -> tuple[ModelPatcher, CacheSession]:
+    """A clone of `model` whose blocks run through a new CacheSession for `policy` (G2); `model` is untouched. With
+    ICC, every Linear inside the blocks is routed through the session too (`factors` hold its channel statistics)."""
     m = model.clone()
     try:
         family, blocks = detect(m.get_model_object("diffusion_model"))
     except UnsupportedModel as err:
         raise ValueError(str(err)) from None
-    session = CacheSession(block_policy(policy), family, blocks, node_id, priors)
+    if policy.icc is not None and factors is None:
+        factors = FactorCache()
+    session = CacheSession(block_policy(policy), family, blocks, node_id, priors, factors)
+    if policy.icc is not None:
+        route_linears(m, blocks, session.linear_target)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, session.outer_sample)
     if HAS_PREDICT_NOISE:
         m.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, KEY, session.predict_noise)
@@ -79,6 +99,14 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
                                optional=True,
                                tooltip="A saved .tcc.safetensors file (cache_priors folder, or beside a checkpoint) "
                                        "fitted for this model and policy."),
+                io.Int.Input("icc_rank", default=0, min=0, max=MAX_RANK, optional=True,
+                             tooltip="ICC: skipped blocks are recomputed from their Linears' cached outputs plus a "
+                                     "rank-r map of their inputs' change (attention, activations and norms exact). "
+                                     "0: off. Higher is closer to full computation and costs more; needs a reuse "
+                                     "policy without GOC."),
+                io.Combo.Input("icc_svd", options=list(SVD_MODES), default=SVD_MODES[0], optional=True,
+                               tooltip="channel-aware: factors weighted by the channel statistics in the priors / "
+                                       "prior file (Fit TCC Priors records them). plain: an SVD of the weights alone."),
             ],
             outputs=[io.Model.Output(display_name="model")],
             hidden=[io.Hidden.unique_id],
@@ -97,11 +125,34 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: ModelPatcher, policy: CachePolicy, priors: FittedPriors | None = None,
-                prior_file: str = folders.NONE) -> io.NodeOutput:
+                prior_file: str = folders.NONE, icc_rank: int = 0, icc_svd: str = SVD_MODES[0]) -> io.NodeOutput:
         fitted = chosen_priors(priors, prior_file)
+        policy = with_icc(policy, icc_rank, icc_svd)
         node_id = getattr(cls.hidden, "unique_id", None)  # None when called from a script rather than a prompt
-        m, session = patch_model(model, policy, node_id, fitted)
+        tcc = icc_priors(fitted, block_policy(policy))
+        factors = factor_cache(model, fitted.channels if fitted is not None else None) if policy.icc else None
+        m, session = patch_model(model, policy, node_id, tcc, factors)
         if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
-            check_policy(fitted.meta, session.policy, fitted.name)
-            check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name)
+            # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
+            parts = IDENTITY if tcc is not None else ("family", "architecture")
+            check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name, parts)
+        if tcc is not None:
+            check_policy(tcc.meta, session.policy, tcc.name)
         return io.NodeOutput(m)
+
+
+def icc_priors(fitted: FittedPriors | None, policy: CachePolicy) -> FittedPriors | None:
+    """The TCC priors to apply. With ICC, a prior file fitted for another policy (e.g. FORA alone) still gives its
+    channel statistics; its TCC priors, fitted on other values, are not applied."""
+    if policy.icc is None:
+        return fitted
+    if policy.icc.aware and (fitted is None or fitted.channels is None):
+        where = f"{fitted.name} has none (it was written before ICC)" if fitted is not None else "none is connected"
+        raise ValueError(f"channel-aware ICC needs the channel statistics a prior file records, and {where}. Choose a "
+                         "prior file from Fit TCC Priors for this model (refit an older one), or set icc_svd to plain.")
+    if fitted is not None and fitted.meta.get("policy_tag") != policy.tag():
+        log.warning("calibrated_cache: %s was fitted for %s, not %s: ICC uses its channel statistics, and its TCC "
+                    "priors are not applied. Fit TCC Priors with the same ICC settings to use both.", fitted.name,
+                    fitted.meta.get("policy_tag"), policy.tag())
+        return None
+    return fitted

@@ -25,11 +25,13 @@ from torch import Tensor
 from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
+from ..calibration.icc import SVD_MODES, FactorCache, StatsRecorder
 from ..calibration.tcc import VARIANTS, fit_runs, fit_tcc, resolve_variant
 from ..priors import save_priors
 from . import folders
-from .apply_node import WrappersMP, block_policy, patch_model
+from .apply_node import MAX_RANK, WrappersMP, block_policy, patch_model, with_icc
 from .fitted import FittedPriors, TccPriorsType, fingerprint
+from .linears import recording_clone
 from .policy_node import CATEGORY, CachePolicyType
 from .session import KEY, CacheSession
 
@@ -57,7 +59,8 @@ def sigmas_for(model: ModelPatcher, sampler_name: str, scheduler: str, steps: in
 
 @dataclass
 class CalibrationRuns:
-    """`fit_tcc`'s run: samples every calibration seed, fully on the input model or cached on the patched clone."""
+    """`fit_tcc`'s run: samples every calibration seed, fully (on a clone of the input model that records ICC's channel
+    statistics) or cached on the patched clone. ICC in the cached runs uses the statistics of the full runs before."""
 
     model: ModelPatcher
     clone: ModelPatcher
@@ -71,6 +74,7 @@ class CalibrationRuns:
     scheduler: str
     seeds: list[int]
     runs: int  # how many times fit_tcc will call this: the progress bar spans them all
+    recorder: StatsRecorder
 
     def __post_init__(self) -> None:
         self.image = comfy.sample.fix_empty_latent_channels(self.model, self.latent["samples"])
@@ -78,7 +82,10 @@ class CalibrationRuns:
 
     def __call__(self, calibrator: Calibrator | None, cached: bool) -> Tensor:
         self.session.calibrator = calibrator
-        return torch.cat([self._sample(self.clone if cached else self.model, seed) for seed in self.seeds])
+        out = torch.cat([self._sample(self.clone if cached else self.model, seed) for seed in self.seeds])
+        if not cached:
+            self.session.factors = FactorCache(self.recorder.table())
+        return out
 
     def _sample(self, model: ModelPatcher, seed: int) -> Tensor:
         noise = comfy.sample.prepare_noise(self.image, seed, self.latent.get("batch_index"))
@@ -143,6 +150,11 @@ class FitTccPriorsNode(io.ComfyNode):
                                        "cache_priors folder (models/cache_priors, or one in extra_model_paths.yaml)."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing prior file of the same name."),
+                io.Int.Input("icc_rank", default=0, min=0, max=MAX_RANK, optional=True,
+                             tooltip="Fit the priors for ICC at this rank (set the same on Apply Calibrated Cache). "
+                                     "0: without ICC. Every file records ICC's channel statistics either way."),
+                io.Combo.Input("icc_svd", options=list(SVD_MODES), default=SVD_MODES[0], optional=True,
+                               tooltip="ICC's factorisation while fitting; set the same on Apply Calibrated Cache."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
             is_output_node=True,
@@ -151,8 +163,9 @@ class FitTccPriorsNode(io.ComfyNode):
     @classmethod
     def execute(cls, model: ModelPatcher, policy: CachePolicy, positive: list, negative: list, latent: dict,
                 samples: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, variant: str,
-                checkpoint: str, save_to: str, overwrite: bool) -> io.NodeOutput:
-        policy = block_policy(policy)
+                checkpoint: str, save_to: str, overwrite: bool, icc_rank: int = 0,
+                icc_svd: str = SVD_MODES[0]) -> io.NodeOutput:
+        policy = block_policy(with_icc(policy, icc_rank, icc_svd))
         check_fittable(model, policy)
         variant = resolve_variant(variant, policy.forecaster)
         path = folders.target_path(checkpoint, policy.tag(), save_to == BESIDE)
@@ -160,18 +173,20 @@ class FitTccPriorsNode(io.ComfyNode):
             raise ValueError(f"{path} already exists. Enable overwrite to refit it, or rename the existing file to "
                              "keep it.")
         clone, session = patch_model(model, policy)
+        recorder = StatsRecorder()
         identity = fingerprint(model, session.family.name)
         if checkpoint != folders.NONE:
             identity["name"] = checkpoint
         sigmas = sigmas_for(model, sampler_name, scheduler, steps)
         seeds = [(seed + i) % 2**64 for i in range(samples)]  # torch seeds are 64-bit
-        runs = CalibrationRuns(model, clone, session, positive, negative, latent, sigmas, cfg, sampler_name,
-                               scheduler, seeds, fit_runs(variant, 1))
+        runs = CalibrationRuns(recording_clone(model, session.blocks, recorder), clone, session, positive, negative,
+                               latent, sigmas, cfg, sampler_name, scheduler, seeds, fit_runs(variant, 1), recorder)
         priors, report = fit_tcc(runs, variant)
+        channels = recorder.table()
         meta = {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
                 "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name,
                 "scheduler": scheduler, "cfg": cfg, "samples": samples, "seeds": seeds, "pack_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report}
-        save_priors(path, priors, meta)
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report, "icc_stats": {**recorder.summary(), "samples": samples, "seeds": seeds}}
+        save_priors(path, priors, meta, channels)
         text = report_text(report, variant, policy.tag(), samples, path)
-        return io.NodeOutput(FittedPriors(priors, meta, path), text, ui=ui.PreviewText(text))
+        return io.NodeOutput(FittedPriors(priors, meta, path, channels), text, ui=ui.PreviewText(text))

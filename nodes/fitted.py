@@ -12,6 +12,7 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 from torch import Tensor, nn
 
+from ..calibration.icc import ChannelTable
 from ..calibration.tcc import TccPriors
 from ..priors import load_priors, model_fingerprint
 from ..priors.fingerprint import tensor_sample
@@ -23,11 +24,13 @@ _fingerprints: WeakKeyDictionary[nn.Module, dict[str, dict[str, str]]] = WeakKey
 
 @dataclass(frozen=True)
 class FittedPriors:
-    """What a TCC_PRIORS socket carries: the priors, their provenance (the prior file's metadata) and their file."""
+    """What a TCC_PRIORS socket carries: the priors, their provenance (the prior file's metadata), their file, and
+    ICC's channel statistics when the file has them."""
 
     priors: TccPriors
     meta: dict[str, Any]
     path: str
+    channels: ChannelTable | None = None
 
     @property
     def name(self) -> str:
@@ -37,7 +40,7 @@ class FittedPriors:
 def load(path: str) -> FittedPriors:
     """A prior file; a damaged or foreign one raises PriorFileError with a message naming the file and the fix."""
     prior = load_priors(path)
-    return FittedPriors(prior.priors, prior.meta, path)
+    return FittedPriors(prior.priors, prior.meta, path, prior.channels)
 
 
 def patches_description(model: ModelPatcher) -> str:

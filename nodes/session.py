@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..calibration import CachePolicy, ModelCall, RunState, RunStats, residual_block
 from ..calibration.calibrator import Calibrator
+from ..calibration.icc import FactorCache, LinearTarget
 from ..priors import PriorMismatch, check_schedule, run_warnings
 from .families import BlockSite, Family
 from .fitted import FittedPriors
@@ -37,8 +38,9 @@ ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 class CacheSession:
     def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None,
-                 priors: FittedPriors | None = None):
+                 priors: FittedPriors | None = None, factors: FactorCache | None = None):
         self.policy = policy
+        self.factors = factors  # ICC's factors: they outlive runs while the weights are unchanged
         self.priors = priors
         self.calibrator: Calibrator | None = priors.priors if priors is not None else None  # Fit sets it per run
         self.family = family
@@ -65,7 +67,7 @@ class CacheSession:
             return executor(*args, **kwargs)
         schedule = sigmas.flatten().tolist()
         try:
-            run = RunState(self.policy, schedule, len(self.blocks), self.calibrator)
+            run = RunState(self.policy, schedule, len(self.blocks), self.calibrator, self.factors)
         except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
             log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
             return executor(*args, **kwargs)
@@ -90,6 +92,11 @@ class CacheSession:
             raise ValueError(str(err)) from None
         for warning in ([note] if note else []) + run_warnings(meta, cfg=cfg):
             log.warning("calibrated_cache: %s", warning)
+
+    def linear_target(self) -> LinearTarget | None:
+        """Where the block Linears go: the run's ICC state while a run is cached, else straight through."""
+        run = self.run
+        return None if run is None else run.icc
 
     def predict_noise(self, executor, *args, **kwargs):
         self._evaluation_open = True

@@ -20,6 +20,10 @@ def summarize(prior: PriorFile, per_site: bool = False) -> str:
     channels = {p.a.numel() for p in priors.values()}
     lines.append(f"{'sites':<13} {len(priors)} ({', '.join(sorted({k[0] for k in priors}))}), "
                  f"{'/'.join(str(c) for c in sorted(channels))} channels")
+    if prior.channels:
+        stats = meta.get("icc_stats") or {}
+        lines.append(f"{'icc stats':<13} {len(prior.channels)} Linears, source {stats.get('source', '?')}, "
+                     f"{stats.get('samples', '?')} samples")
     rows: dict[tuple[str, int, float], list] = defaultdict(list)
     for (role, round_, _, _), p in priors.items():
         rows[(role, round_, p.sigma)].append(p)

@@ -24,9 +24,13 @@ def describe_model(fp: dict[str, Any]) -> str:
     return f"{name}{fp.get('family', '?')} architecture {fp.get('architecture', '?')} weights {fp.get('weights', '?')}"
 
 
-def check_model(meta: dict[str, Any], model: dict[str, Any], file: str) -> None:
+IDENTITY = ("family", "architecture", "weights", "patches")
+
+
+def check_model(meta: dict[str, Any], model: dict[str, Any], file: str, parts: tuple[str, ...] = IDENTITY) -> None:
+    """`parts`: which parts of the identity must match (ICC's channel statistics only need the architecture)."""
     fitted = meta["model"]
-    keys = [k for k in ("family", "architecture", "weights", "patches") if fitted.get(k) != model.get(k)]
+    keys = [k for k in parts if fitted.get(k) != model.get(k)]
     if keys:
         raise PriorMismatch(f"{file} was fitted for another model ({describe_model(fitted)}); the selected model is "
                             f"{describe_model(model)} (differs in {', '.join(keys)}). Choose priors fitted for this "

@@ -19,16 +19,17 @@ from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
 from ..calibration.goc import GocSettings
+from ..calibration.icc import FactorCache, IccSettings
 from ..calibration.tcc import TccPriors, fit_tcc
 from ..priors import check_schedule
 from .evaluate import bench_inputs, score
-from .fit_priors import fit_testbed
+from .fit_priors import fit_testbed, record_channels
 from .metrics import psnr, rel_l2
 from .model import DiT, DiTConfig
 from .sampling import flow_sigmas, sample
 from .weights import load_classifier, load_dit
 
-SCHEMA = "calibrated_cache.bench/3"
+SCHEMA = "calibrated_cache.bench/4"
 INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4, 0.17: 6}
 MAX_SKIPS = 16  # lets the dynamic policy reach the lowest target fraction; its threshold does the rest
 
@@ -81,12 +82,26 @@ GOC_ROWS = (("fora+goc", GocSettings(), None),
 def goc_methods(targets: tuple[float, ...]) -> list[Method]:
     """FORA with the GOC Corrector at its defaults (weight 0.8, online inflection detection), with plain gradient
     propagation, and with TCC priors fitted with GOC active."""
-    methods = []
-    for t in targets:
-        for name, goc, fit in GOC_ROWS:
-            params = {"interval": INTERVALS[t], "goc": goc.tag()}
-            methods.append(Method(name, params, CachePolicy(interval=INTERVALS[t], warmup_steps=0, goc=goc), t, fit))
-    return methods
+    return corrected_methods("goc", GOC_ROWS, targets)
+
+
+ICC_RANKS = (16, 32)
+ICC_ROWS = tuple((f"icc-r{r}", IccSettings(r), None) for r in ICC_RANKS) + (
+    ("icc-plain-svd", IccSettings(ICC_RANKS[-1], "plain"), None),
+    ("icc+tcc", IccSettings(ICC_RANKS[-1]), {}))
+
+
+def icc_methods(targets: tuple[float, ...]) -> list[Method]:
+    """ICC at two ranks (channel-aware, statistics from the calibration seeds), the plain-SVD ablation at the higher
+    rank, and that rank with TCC priors fitted on ICC's output; every row at FORA's refresh schedule."""
+    return corrected_methods("icc", ICC_ROWS, targets)
+
+
+def corrected_methods(field: str, rows: tuple, targets: tuple[float, ...]) -> list[Method]:
+    """FORA at each target's interval with the policy's `field` (goc or icc) set as each row says."""
+    return [Method(name, {"interval": INTERVALS[t], field: settings.tag()},
+                   CachePolicy(interval=INTERVALS[t], warmup_steps=0, **{field: settings}), t, fit)
+            for t in targets for name, settings, fit in rows]
 
 
 def tcc_ablation_methods() -> list[Method]:
@@ -161,8 +176,18 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     labels, noise = bench_inputs(model, samples)
 
+    calibration = CALIBRATION_SAMPLES // 2 if quick else CALIBRATION_SAMPLES
+    channels, _ = record_channels(model, calibration, steps, cfg, shift)
+
+    shared = FactorCache(channels)
+
+    def factors(policy: CachePolicy | None) -> FactorCache | None:
+        """ICC's statistics come from the calibration seeds, as TCC's priors do; factors are kept across rows."""
+        return shared if policy is not None and policy.icc is not None else None
+
     def run(policy: CachePolicy | None, priors: TccPriors | None = None) -> tuple[Tensor, Any]:
-        return sample(model, labels, noise, steps, cfg, policy=policy, shift=shift, calibrator=priors)
+        return sample(model, labels, noise, steps, cfg, policy=policy, shift=shift, calibrator=priors,
+                      factors=factors(policy))
 
     run(None)  # warm the allocator and kernels before anything is timed
     (full, _), full_wall = timed(lambda: run(None), 1)
@@ -170,6 +195,7 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
     methods += dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
     methods += tcc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
     methods += goc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
+    methods += icc_methods((0.5,) if quick else (0.5, 0.33))
 
     def rows_for(methods: list[Method]) -> list[dict[str, Any]]:
         rows = []
@@ -177,8 +203,8 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
             priors, fit_s = None, None
             if m.tcc is not None:
                 start = time.perf_counter()
-                calibration = CALIBRATION_SAMPLES // 2 if quick else CALIBRATION_SAMPLES
-                priors, _ = fit_testbed(model, m.policy, calibration, steps, cfg, shift=shift, **m.tcc)
+                priors, _ = fit_testbed(model, m.policy, calibration, steps, cfg, shift=shift,
+                                        factors=factors(m.policy), **m.tcc)
                 fit_s = time.perf_counter() - start
             (x, state), wall = timed(lambda: run(m.policy, priors), 1)
             rows.append(row_for(m, x, full, state.stats.compute_fraction, wall, full_wall, classifier, labels))
@@ -256,8 +282,10 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int) -> dict[st
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     noise = torch.randn(batch, config.channels, config.image_size, config.image_size, device=device, dtype=dtype)
 
+    factor_cache = FactorCache()  # kept across runs, as a ComfyUI session keeps it: factorised on the warm-up run
+
     def run(policy: CachePolicy | None, calibrator: TccPriors | None = None) -> tuple[Tensor, Any]:
-        out = sample(model, labels, noise, steps, 4.0, policy=policy, calibrator=calibrator)
+        out = sample(model, labels, noise, steps, 4.0, policy=policy, calibrator=calibrator, factors=factor_cache)
         if device != "cpu":
             torch.cuda.synchronize()
         return out
@@ -282,12 +310,22 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int) -> dict[st
     priors, _ = fit_tcc(calibration_run)  # on the timed request itself: only its cost matters here
     policies.append(("fora+tcc", {"interval": 4, "variant": "drift"}, fora))
     policies.append(("fora+goc", {"interval": 4, "goc": GocSettings().tag()}, replace(fora, goc=GocSettings())))
+    for n in (2, 3):  # plain SVD: the random stack has no calibration statistics
+        for icc in (IccSettings(config.width // 24, "plain"), IccSettings(config.width // 8, "plain")):
+            policies.append(("icc", {"interval": n, "icc": icc.tag()}, CachePolicy(interval=n, warmup_steps=0, icc=icc)))
     for name, params, policy in policies:
         calibrator = priors if name == "fora+tcc" else None
+        extra = {}
+        if policy.icc is not None:
+            before = factor_cache.factorized
+            _, first = timed(lambda: run(policy), 1)  # a first run at a new rank factorises every Linear
+            if factor_cache.factorized > before:
+                extra = {"factorize_s": first, "factorized": factor_cache.factorized - before}
         (_, state), wall = timed(lambda: run(policy, calibrator), repeats)
         fraction = state.stats.compute_fraction
         rows.append({"method": name, "params": params, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
-                     "wall_s": wall, "wall_speedup": full_wall / wall, "efficiency": full_wall / wall * fraction})
+                     "wall_s": wall, "wall_speedup": full_wall / wall, "efficiency": full_wall / wall * fraction,
+                     "peak_cache_bytes": state.stats.peak_cache_bytes, **extra})
     return {"config": {**config.to_dict(), "batch": batch, "steps": steps, "cfg": 4.0, "dtype": str(dtype),
                        "device": device, "tokens": config.tokens}, "engine_overhead": overhead, "rows": rows}
 
@@ -353,11 +391,17 @@ def format_tables(report: dict[str, Any]) -> str:
               f" (+CFG), {c['steps']} steps, {c['dtype']} on {c['device']}",
               f"engine overhead when computing everything: {s['engine_overhead'] * 100:+.1f}% "
               "(median of alternating full/engine pairs)",
-              f"{'method':<11} {'params':<28} {'compute':>7} {'ideal':>7} {'wall_s':>7} {'speedup':>7} {'eff':>5}"]
+              f"{'method':<11} {'params':<28} {'compute':>7} {'ideal':>7} {'wall_s':>7} {'speedup':>7} {'eff':>5} "
+              f"{'cache_MiB':>9}"]
     for r in s["rows"]:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items())
+        cache = f"{r['peak_cache_bytes'] / 2**20:>9.0f}" if "peak_cache_bytes" in r else f"{'':>9}"
         lines.append(f"{r['method']:<11} {params:<28.28} {r['compute_fraction']:>7.3f} {r['ideal_speedup']:>6.2f}x "
-                     f"{r['wall_s']:>7.2f} {r['wall_speedup']:>6.2f}x {r['efficiency']:>5.2f}")
+                     f"{r['wall_s']:>7.2f} {r['wall_speedup']:>6.2f}x {r['efficiency']:>5.2f} {cache}")
+    factorised = [r for r in s["rows"] if "factorize_s" in r]
+    if factorised:
+        lines.append("icc first runs, factorising every Linear: " + ", ".join(
+            f"{r['params']['icc']} {r['factorized']} layers {r['factorize_s']:.2f} s" for r in factorised))
     return "\n".join(lines)
 
 

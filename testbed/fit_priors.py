@@ -11,6 +11,7 @@ from torch import Tensor
 from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
+from ..calibration.icc import ChannelTable, FactorCache, StatsRecorder
 from ..calibration.tcc import TccPriors, fit_tcc, resolve_variant
 from ..priors import model_fingerprint
 from .evaluate import bench_inputs
@@ -24,17 +25,29 @@ def dit_fingerprint(model: DiT, name: str = "testbed dit") -> dict[str, str]:
     return {**model_fingerprint(model.state_dict(), "testbed-dit"), "name": name}
 
 
+def record_channels(model: DiT, samples: int, steps: int, cfg: float, shift: float = 1.0,
+                    seed: int = CALIBRATION_SEED, source: str = "delta_mag",
+                    sampler: str = "euler") -> tuple[ChannelTable, dict[str, Any]]:
+    """ICC's channel statistics from full computation of `samples` calibration requests, and their summary."""
+    labels, noise = bench_inputs(model, samples, seed)
+    recorder = StatsRecorder(source)
+    sample(model, labels, noise, steps, cfg, sampler=sampler, shift=shift, recorder=recorder)
+    return recorder.table(), {**recorder.summary(), "samples": samples, "seeds": [seed]}
+
+
 def fit_testbed(model: DiT, policy: CachePolicy, samples: int, steps: int, cfg: float, sampler: str = "euler",
                 shift: float = 1.0, variant: str = "auto", sequential: bool = True, rounds: int = 1,
-                batch: int | None = None, seed: int = CALIBRATION_SEED) -> tuple[TccPriors, dict[str, Any]]:
-    """Priors for `policy` fitted on `samples` balanced requests (noise seed `seed`), and their metadata."""
+                batch: int | None = None, seed: int = CALIBRATION_SEED,
+                factors: FactorCache | None = None) -> tuple[TccPriors, dict[str, Any]]:
+    """Priors for `policy` fitted on `samples` balanced requests (noise seed `seed`), and their metadata. A policy
+    with ICC is fitted on ICC's output (`factors` carry the channel statistics)."""
     labels, noise = bench_inputs(model, samples, seed)
     sigmas = flow_sigmas(steps, shift)
     size = batch or samples
 
     def run(calibrator: Calibrator | None, cached: bool) -> Tensor:
         parts = [sample(model, labels[i:i + size], noise[i:i + size], steps, cfg, sampler=sampler,
-                        policy=policy if cached else None, sigmas=sigmas, calibrator=calibrator)[0]
+                        policy=policy if cached else None, sigmas=sigmas, calibrator=calibrator, factors=factors)[0]
                  for i in range(0, samples, size)]
         return torch.cat(parts)
 

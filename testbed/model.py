@@ -142,7 +142,7 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor, runner: BlockRunner | None = None) -> Tensor:
         cfg = self.config
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos
-        c = self.t_embed(timestep_embedding(t, cfg.width)) + self.y_embed(y)
+        c = self.t_embed(timestep_embedding(t, cfg.width).to(h.dtype)) + self.y_embed(y)
         for i, block in enumerate(self.blocks):
             h = block(h, c) if runner is None else runner(i, block, h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ..calibration import CachePolicy, RunState
 from ..calibration.calibrator import Calibrator
+from ..calibration.icc import FactorCache, StatsRecorder
+from .linears import routed_linears
 from .model import DiT
 
 Velocity = Callable[[Tensor, float], Tensor]
@@ -27,13 +29,17 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> Tensor:
 class GuidedVelocity:
     """CFG velocity v_u + w·(v_c − v_u); cond and uncond run batched in one call or as two calls (cond first)."""
 
-    def __init__(self, model: DiT, labels: Tensor, cfg: float, batched: bool = True, run: RunState | None = None):
+    def __init__(self, model: DiT, labels: Tensor, cfg: float, batched: bool = True, run: RunState | None = None,
+                 recorder: StatsRecorder | None = None):
         self.model, self.labels, self.cfg, self.batched, self.run = model, labels, cfg, batched, run
+        self.recorder = recorder
         self.null = torch.full_like(labels, model.null_class)
 
     def _call(self, x: Tensor, sigma: float, y: Tensor, branches: list[str]) -> Tensor:
         t = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         runner = None if self.run is None else self.run.call(sigma, branches, x)
+        if self.recorder is not None:
+            self.recorder.group = tuple(branches)
         return self.model(x, t, y, runner)
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
@@ -81,15 +87,21 @@ def sample(
     shift: float = 1.0,
     sigmas: Tensor | None = None,
     calibrator: Calibrator | None = None,
+    factors: FactorCache | None = None,
+    recorder: StatsRecorder | None = None,
 ) -> tuple[Tensor, RunState | None]:
     """Sample `labels` from `noise`; with a policy, returns the run state (its stats) next to the samples. A
-    calibrator corrects the values the policy reuses (or, in a reference run, observes the full ones)."""
+    calibrator corrects the values the policy reuses (or, in a reference run, observes the full ones). `factors`
+    serve a policy with ICC; a `recorder` records the block Linears' channel statistics."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {sorted(SAMPLERS)}")
     sigmas = flow_sigmas(steps, shift) if sigmas is None else sigmas
-    run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks), calibrator)
-    velocity = GuidedVelocity(model, labels, cfg, batched, run)
-    x = SAMPLERS[sampler](velocity, noise * sigmas[0].item(), sigmas)
+    run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks), calibrator, factors)
+    velocity = GuidedVelocity(model, labels, cfg, batched, run, recorder)
+    with routed_linears(model, run.icc if run is not None and run.icc is not None else recorder):
+        x = SAMPLERS[sampler](velocity, noise * sigmas[0].item(), sigmas)
+    if recorder is not None:
+        recorder.end_sample()
     if run is not None:
         run.finish()
     return x, run

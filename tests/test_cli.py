@@ -50,7 +50,8 @@ def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
     rows = loaded["quality"]["rows"]
     assert {r["method"] for r in rows} == {"full", "engine-all", "fora", "taylor1", "taylor2", "foca", "fbcache",
                                            "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot", "fora+goc",
-                                           "fora+goc-noinflection", "fora+goc+tcc"}
+                                           "fora+goc-noinflection", "fora+goc+tcc", "icc-r16", "icc-r32",
+                                           "icc-plain-svd", "icc+tcc"}
     for row in rows:
         assert set(row) >= {"method", "params", "compute_fraction", "wall_s", "wall_speedup", "rel_l2", "psnr", "fd", "accuracy"}
     engine_all = next(r for r in rows if r["method"] == "engine-all")
@@ -63,5 +64,12 @@ def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
     goc = {(r["method"], r["target_fraction"]): r for r in rows if "goc" in r["method"]}
     assert {t for _, t in goc} == {0.5, 0.33} and goc[("fora+goc", 0.5)]["params"]["goc"] == "GOC0.8"
     assert goc[("fora+goc+tcc", 0.5)]["fit_s"] > 0 and "fit_s" not in goc[("fora+goc", 0.5)]
+    icc = {r["method"]: r for r in rows if "icc" in r["method"]}
+    assert all(r["target_fraction"] == 0.5 and r["params"]["interval"] == 2 for r in icc.values())
+    assert icc["icc-r32"]["params"]["icc"] == "ICC32" and icc["icc-plain-svd"]["params"]["icc"] == "ICC32plain"
+    assert icc["icc+tcc"]["fit_s"] > 0 and icc["icc-r16"]["compute_fraction"] < icc["icc-r32"]["compute_fraction"]
     speed = loaded["speed"]["rows"]
     assert all(r["ideal_speedup"] == pytest.approx(1 / r["compute_fraction"]) for r in speed)
+    first_runs = [r for r in speed if "factorize_s" in r]
+    assert [r["params"]["icc"] for r in first_runs] == ["ICC10plain", "ICC32plain"]
+    assert all(r["factorized"] == 8 * 4 for r in first_runs)  # the token-wise Linears of 8 blocks, at each new rank

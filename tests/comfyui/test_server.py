@@ -136,7 +136,7 @@ def test_workflow_with_both_nodes_runs_cached_and_requeues_with_a_new_seed(serve
 def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
     url, info, model_name, log_path = server
     assert info["CalibratedCache_FitTCCPriors"]["output"] == ["TCC_PRIORS", "STRING"]
-    assert set(info["CalibratedCache_Apply"]["input"]["optional"]) == {"priors", "prior_file"}
+    assert set(info["CalibratedCache_Apply"]["input"]["optional"]) == {"priors", "prior_file", "icc_rank", "icc_svd"}
     assert model_name in info["CalibratedCache_FitTCCPriors"]["input"]["required"]["checkpoint"][1]["options"]
     fitted = run_prompt(url, fit_workflow(model_name))
     assert fitted["status"]["status_str"] == "success", fitted["status"]
@@ -177,3 +177,20 @@ def test_one_workflow_chains_cache_policy_goc_corrector_fit_and_apply(server):
              if "calibrated_cache [FORA_N2_W1_G2_GOC0.8t-1] Wan" in line and "priors" in line]
     assert lines, log_path.read_text()[start:][-3000:]
     assert saved_latent(log_path.parent, "cc_goc").isfinite().all()
+
+
+def test_one_workflow_fits_priors_with_icc_and_samples_with_icc_and_them(server):
+    url, _, model_name, log_path = server
+    prompt = workflow(model_name, 1, "cc_icc", priors=["9", 0], icc_rank=8, icc_svd="channel-aware")
+    prompt["2"]["inputs"] = {**POLICY, "forecaster": "reuse", "interval": 2}
+    prompt["9"] = fit_workflow(model_name)["9"]
+    prompt["9"]["inputs"].update(checkpoint="none", overwrite=True, icc_rank=8, icc_svd="channel-aware")
+    start = len(log_path.read_text())
+    result = run_prompt(url, prompt)
+    assert result["status"]["status_str"] == "success", result["status"]
+    (report,) = result["outputs"]["9"]["text"]
+    assert "FORA_N2_W1_G2_ICC8.tcc.safetensors" in report
+    lines = [line for line in log_path.read_text()[start:].splitlines()
+             if "calibrated_cache [FORA_N2_W1_G2_ICC8] Wan" in line and "priors" in line]
+    assert lines, log_path.read_text()[start:][-3000:]
+    assert saved_latent(log_path.parent, "cc_icc").isfinite().all()

@@ -1,0 +1,110 @@
+"""ICC in ComfyUI: every Linear inside the hooked blocks is object-patched to pass through the session's current
+target (the run's increments, or a calibration run's statistics recorder); with no target it is the layer itself.
+
+The weights ICC factorises are read the way the layer computes with them: ComfyUI's casting Linears (manual cast,
+fp8, lowvram) cast and patch their weight per call, so `comfy.ops.cast_bias_weight` gives the weight after LoRAs and
+other patches, dequantised; scaled fp8 layers multiply by their weight scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+from weakref import WeakKeyDictionary
+
+import comfy.ops
+import comfy.patcher_extension
+from comfy.model_patcher import ModelPatcher
+from torch import Tensor, nn
+
+from ..calibration.icc import ChannelTable, FactorCache, IccLinear, LinearTarget, StatsRecorder
+from .families import BlockSite
+
+KEY = "calibrated_cache.stats"
+_factor_caches: WeakKeyDictionary[nn.Module, dict[str, FactorCache]] = WeakKeyDictionary()
+
+
+def factor_cache(model: ModelPatcher, channels: ChannelTable | None) -> FactorCache:
+    """One factor cache per diffusion model and set of statistics, shared by every Apply node and re-run on it: a LoRA
+    or a re-queued graph then refactorises only the Linears whose weights changed. The factors live on the model's
+    device as long as the model does, offloaded or not."""
+    per_model = _factor_caches.setdefault(model.get_model_object("diffusion_model"), {})
+    digest = hashlib.sha256()
+    for key in sorted(channels or {}):
+        digest.update(key.encode())
+        for side in channels[key]:
+            digest.update(side.numpy().tobytes())
+    return per_model.setdefault(digest.hexdigest() if channels else "", FactorCache(channels))
+
+
+def effective_weight(module: nn.Linear, like: Tensor) -> Tensor:
+    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None):
+        weight = comfy.ops.cast_bias_weight(module, like)[0]
+    else:
+        weight = module.weight.to(like.device, like.dtype)
+    scale = getattr(module, "scale_weight", None)
+    return weight if scale is None else weight * scale.to(weight.device, weight.dtype)
+
+
+def output_chunks(block: nn.Module, name: str, module: nn.Linear) -> tuple[int, ...] | None:
+    """Fused outputs factored per part, as ICC factors q, k and v separately: a qkv projection (grouped-query
+    attention included), and the single-stream blocks' first Linear (q, k, v and the MLP input)."""
+    parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+    if name.endswith("qkv"):
+        heads, kv_heads, dim = (getattr(parent, a, None) for a in ("n_local_heads", "n_local_kv_heads", "head_dim"))
+        if heads and kv_heads and dim and (heads + 2 * kv_heads) * dim == module.out_features:
+            return heads * dim, kv_heads * dim, kv_heads * dim
+        if module.out_features % 3 == 0:
+            return (module.out_features // 3,) * 3
+    hidden, mlp = getattr(block, "hidden_size", None), getattr(block, "mlp_hidden_dim", None)
+    if name == "linear1" and hidden and mlp and 3 * hidden + mlp == module.out_features:
+        return hidden, hidden, hidden, mlp
+    return None
+
+
+def route_linears(model: ModelPatcher, blocks: list[BlockSite], target: Callable[[], LinearTarget | None]) -> int:
+    """Object-patch the forward of every Linear inside `blocks`; returns how many."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    count = 0
+    for site in blocks:
+        block = getattr(diffusion_model, site.segment.attr)[site.position]
+        for name, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            path = f"diffusion_model.{site.segment.attr}.{site.position}.{name}.forward"
+            layer = IccLinear(site.index, name, lambda like, m=module: effective_weight(m, like),
+                              output_chunks(block, name, module))
+            model.add_object_patch(path, _forward(layer, model.get_model_object(path), target))
+            count += 1
+    return count
+
+
+def _forward(layer: IccLinear, original: Callable, target: Callable[[], LinearTarget | None]) -> Callable:
+    def forward(x: Tensor, *args, **kwargs) -> Tensor:
+        current = target()
+        if current is None or args or kwargs:
+            return original(x, *args, **kwargs)
+        return current.linear(layer, x, original)
+
+    return forward
+
+
+def recording_clone(model: ModelPatcher, blocks: list[BlockSite], recorder: StatsRecorder) -> ModelPatcher:
+    """A clone that computes exactly as `model` and records ICC's channel statistics of its block Linears."""
+    m = model.clone()
+    route_linears(m, blocks, lambda: recorder)
+
+    def outer_sample(executor, *args, **kwargs):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            recorder.end_sample()
+
+    def apply_model(executor, *args, **kwargs):
+        options = kwargs.get("transformer_options") or (args[5] if len(args) > 5 else {})
+        recorder.group = tuple(options.get("cond_or_uncond") or ())
+        return executor(*args, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, apply_model)
+    return m
