@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Hashable, Iterator, Protocol
 
 import torch
@@ -68,8 +69,9 @@ class IccLinear:
     weight: Callable[[Tensor], Tensor]
     chunks: tuple[int, ...] | None = None
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """Formatted once: it is looked up on every call of the Linear."""
         return f"{self.block}/{self.name}"
 
 
