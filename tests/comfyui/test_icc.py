@@ -128,3 +128,23 @@ def test_icc_leaves_the_measured_block_cost_alone_so_its_compute_fraction_is_hon
     assert session_of(icc)._block_flops == session_of(reuse)._block_flops  # factorising and projecting not counted
     fraction = session_of(icc).last_report["compute_fraction"]
     assert session_of(reuse).last_report["compute_fraction"] < fraction < 1.0
+
+
+@pytest.mark.parametrize("family", ["SD3", "Wan", "HunyuanVideo", "PixArt", "Lumina2", "QwenImage"])
+def test_every_family_routes_its_block_linears_and_full_rank_icc_is_full_computation(pack, family):
+    """Each family's Linears are routed (modulation ones left exact) and its fused projections factored per part
+    (qkv in three, HunyuanVideo's single-block linear1 in four); at a rank above every layer's the increments are
+    exact, and at rank 4 they are not, so the routing is live."""
+    bundle = build_family(family)
+    model = bundle[0]
+    full = sample(model, bundle)
+    exact = apply(pack, model, fora(pack), icc_rank=4096, icc_svd="plain")
+    assert rel_l2(sample(exact, bundle), full) < 1e-4
+    report = session_of(exact).last_report
+    assert report["blocks_skipped"] > 0
+    factors = {key: f for (key, *_), (_, f) in session_of(exact).factors._entries.items()}
+    assert factors and not any(key.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) for key in factors)
+    for key, f in factors.items():
+        assert len(f.a) == {"qkv": 3, "linear1": 4}.get(key.rsplit(".", 1)[-1].rsplit("/", 1)[-1], 1), key
+    low = apply(pack, model, fora(pack), icc_rank=4, icc_svd="plain")
+    assert rel_l2(sample(low, bundle), full) > 1e-4  # the increments really are low-rank, so the routing is live
