@@ -146,5 +146,8 @@ def test_every_family_routes_its_block_linears_and_full_rank_icc_is_full_computa
     assert factors and not any(key.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) for key in factors)
     for key, f in factors.items():
         assert len(f.a) == {"qkv": 3, "linear1": 4}.get(key.rsplit(".", 1)[-1].rsplit("/", 1)[-1], 1), key
+        if family == "Lumina2" and key.endswith("qkv"):  # 2 query heads, 1 key/value head: q is twice k and v
+            q, k, v = (a.shape[0] for a in f.a)
+            assert q == 2 * k == 2 * v, key
     low = apply(pack, model, fora(pack), icc_rank=4, icc_svd="plain")
     assert rel_l2(sample(low, bundle), full) > 1e-4  # the increments really are low-rank, so the routing is live
