@@ -290,7 +290,8 @@ class FactorCache:
 class LinearCache:
     """One Linear at the last full step, for one branch: its input projected by B, and its output. The output is the
     layer's own tensor, not a copy (copying every Linear's output cost more than the increments saved on a GPU); a
-    strided sample of it checks at the first increment of a run that the model did not modify it in place."""
+    strided sample taken when the layer returned it checks, at the first increment of a run, that the model did not
+    modify it in place since."""
 
     p: Tensor
     y: Tensor
@@ -338,7 +339,7 @@ class Scope:
     record: bool
     saved: float = 0.0
     seen: set[str] = field(default_factory=set)
-    pending: list[tuple[IccLinear, Tensor, Tensor]] = field(default_factory=list)
+    pending: list[tuple[IccLinear, Tensor, Tensor, Tensor, list[Tensor]]] = field(default_factory=list)
 
 
 class IccRun:
@@ -363,10 +364,12 @@ class IccRun:
             scope = self.scope
         finally:
             self.scope = outer
-        for layer, x, y in scope.pending:
+        for layer, x, y, x_sample, y_samples in scope.pending:
+            if not self._unchanged(layer.key, "input", x, x_sample):
+                continue
             factors = self._factors(layer, x)
             scope.saved -= factors.project_flops(x.numel() // x.shape[-1]) / x.shape[0]
-            self._store(scope, layer.key, factors.project(x), y)
+            self._store(scope, layer.key, factors.project(x), y, y_samples)
 
     def linear(self, layer: IccLinear, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         scope = self.scope
@@ -377,14 +380,15 @@ class IccRun:
             self._give_up(layer.key, "is called more than once per block")
             return compute(x)
         scope.seen.add(layer.key)
-        if scope.record:
+        if scope.record:  # samples as the layer saw and returned them, to detect later in-place changes
             y = compute(x)
-            scope.pending.append((layer, x.detach(), y.detach()))
+            kept = y.detach()
+            scope.pending.append((layer, x.detach(), kept, sampled(x), [sampled(p) for p in kept.split(scope.chunk)]))
             return y
         cached = [self.entries.get((b, layer.key)) for b in scope.branches]
         if any(c is None or c.y.shape[:-1] != (scope.chunk, *x.shape[1:-1]) or c.y.dtype != x.dtype for c in cached):
             return compute(x)  # a Linear the last full step did not run like this (a new text length): exact
-        if not self._intact(layer.key, scope.branches, cached):
+        if not all(self._unchanged(layer.key, b, c.y, c.sample) for b, c in zip(scope.branches, cached)):
             return compute(x)
         factors = self._factors(layer, x)
         rows = x.numel() // x.shape[-1]
@@ -398,30 +402,31 @@ class IccRun:
             factors = self.factors[layer.key] = self.cache.factors(layer, x, self.settings)
         return factors
 
-    def _intact(self, key: str, branches: list[Hashable], cached: list[LinearCache]) -> bool:
-        """Once per run, layer and branch (it waits for the device): the cached outputs are as the layer returned
-        them (NaNs compare equal to themselves)."""
-        for b, c in zip(branches, cached):
-            if (b, key) in self.checked:
-                continue
-            self.checked.add((b, key))
-            now = sampled(c.y)
-            if not bool(((now == c.sample) | (now.isnan() & c.sample.isnan())).all()):
-                self._give_up(key, "has its output modified in place by the model")
-                return False
-        return True
+    def _unchanged(self, key: str, side: Hashable, now: Tensor, sample: Tensor) -> bool:
+        """Once per run, layer and side (its input, or a branch's output; it waits for the device): the tensor is as
+        the layer saw or returned it (NaNs compare equal to themselves)."""
+        if key in self.exact:
+            return False
+        if (side, key) in self.checked:
+            return True
+        self.checked.add((side, key))
+        current = sampled(now)
+        if bool(((current == sample) | (current.isnan() & sample.isnan())).all()):
+            return True
+        self._give_up(key, f"has its {'input' if side == 'input' else 'output'} modified in place by the model")
+        return False
 
     def _give_up(self, key: str, why: str) -> None:
         self.exact.add(key)
         log.warning("calibrated_cache: Linear %s %s, so ICC cannot serve it; it is computed exactly in this run",
                     key, why)
 
-    def _store(self, scope: Scope, key: str, p: Tensor, y: Tensor) -> None:
+    def _store(self, scope: Scope, key: str, p: Tensor, y: Tensor, samples: list[Tensor]) -> None:
         rows = p.shape[0] // len(scope.branches)
-        for b, ps, ys in zip(scope.branches, p.split(rows), y.split(scope.chunk)):
+        for b, ps, ys, sample in zip(scope.branches, p.split(rows), y.split(scope.chunk), samples):
             old = self.entries.get((b, key))
             self.nbytes -= 0 if old is None else old.nbytes
-            entry = self.entries[(b, key)] = LinearCache(ps, ys, sampled(ys))
+            entry = self.entries[(b, key)] = LinearCache(ps, ys, sample)
             self.nbytes += entry.nbytes
 
     def forget(self, branch: Hashable) -> None:

@@ -193,6 +193,18 @@ def test_a_cached_output_the_model_modified_in_place_is_detected_and_the_layer_c
     assert run.exact == {"0/fc"} and "Linear 0/fc has its output modified in place" in caplog.text
 
 
+def test_tensors_the_block_itself_modifies_in_place_after_the_linear_are_detected(caplog):
+    for side in ("input", "output"):
+        lin, run, linear, x0, x1 = one_linear_run()
+        with torch.no_grad():
+            with run.running(0, ["c"], 1, record=True):
+                y0 = run.linear(linear, x0, lin)
+                (x0 if side == "input" else y0).add_(1.0)  # later in the same block, before the cache is settled
+            with run.running(0, ["c"], 1, record=False):
+                assert torch.equal(run.linear(linear, x1, lin), lin(x1))
+        assert run.exact == {"0/fc"} and f"Linear 0/fc has its {side} modified in place" in caplog.text
+
+
 def test_a_linear_called_twice_in_one_block_is_computed_exactly_rather_than_served_a_wrong_cache(caplog):
     lin, run, linear, x0, x1 = one_linear_run()
     with torch.no_grad():
