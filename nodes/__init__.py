@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import folders
+from . import folders, routes
 from .apply_node import ApplyCalibratedCacheNode
 from .fit_node import FitTccPriorsNode
 from .goc_node import GocCorrectorNode
 from .policy_node import CachePolicyNode
 
 folders.register()
+routes.register()
 
 
 class CalibratedCacheExtension(ComfyExtension):

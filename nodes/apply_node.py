@@ -136,6 +136,7 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
             # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
             parts = IDENTITY if tcc is not None else ("family", "architecture")
             check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name, parts)
+            session.prior_check = f"{', '.join(parts)} match the model"
         if tcc is not None:
             check_policy(tcc.meta, session.policy, tcc.name)
         return io.NodeOutput(m)

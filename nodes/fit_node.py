@@ -10,6 +10,7 @@ interrupted or failed fit leaves nothing behind.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -33,9 +34,11 @@ from .apply_node import MAX_RANK, WrappersMP, block_policy, patch_model, with_ic
 from .fitted import FittedPriors, TccPriorsType, fingerprint
 from .linears import recording_clone
 from .policy_node import CATEGORY, CachePolicyType
-from .session import KEY, CacheSession
+from .session import KEY, CacheSession, send_event
 
 BESIDE, IN_FOLDER = "beside checkpoint", "cache_priors folder"
+FIT_EVENT = "calibrated_cache.fit"
+PROGRESS_EVERY_S = 0.25  # the page redraws the node on each event; every step would flood it on fast models
 
 
 def check_fittable(model: ModelPatcher, policy: CachePolicy) -> None:
@@ -75,19 +78,26 @@ class CalibrationRuns:
     seeds: list[int]
     runs: int  # how many times fit_tcc will call this: the progress bar spans them all
     recorder: StatsRecorder
+    node_id: str | None = None
 
     def __post_init__(self) -> None:
         self.image = comfy.sample.fix_empty_latent_channels(self.model, self.latent["samples"])
-        self.progress = comfy.utils.ProgressBar(self.runs * len(self.seeds) * (len(self.sigmas) - 1))
+        self.total = self.runs * len(self.seeds) * (len(self.sigmas) - 1)
+        self.progress = comfy.utils.ProgressBar(self.total)
+        self.done, self.calls, self.seed, self.phase = 0, 0, self.seeds[0], ""
+        self.started = self.sent = time.monotonic()
 
     def __call__(self, calibrator: Calibrator | None, cached: bool) -> Tensor:
         self.session.calibrator = calibrator
+        self.phase = fit_phase(self.calls, self.runs, cached)
+        self.calls += 1
         out = torch.cat([self._sample(self.clone if cached else self.model, seed) for seed in self.seeds])
         if not cached:
             self.session.factors = FactorCache(self.recorder.table())
         return out
 
     def _sample(self, model: ModelPatcher, seed: int) -> Tensor:
+        self.seed = seed
         noise = comfy.sample.prepare_noise(self.image, seed, self.latent.get("batch_index"))
         return comfy.sample.sample(model, noise, len(self.sigmas) - 1, self.cfg, self.sampler_name, self.scheduler,
                                    self.positive, self.negative, self.image, noise_mask=self.latent.get("noise_mask"),
@@ -96,6 +106,23 @@ class CalibrationRuns:
     def _step(self, step: int, denoised: Tensor, x: Tensor, total: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()  # scripts have no progress hook to do it
         self.progress.update(1)
+        self.done += 1
+        now = time.monotonic()
+        if now - self.sent >= PROGRESS_EVERY_S or step == 0 or self.done == self.total:
+            self.sent = now
+            elapsed = now - self.started
+            send_event(FIT_EVENT, {"node": self.node_id, "phase": self.phase, "run": self.calls, "runs": self.runs,
+                                   "seed": self.seed, "done": self.done, "total": self.total, "elapsed_s": elapsed,
+                                   "eta_s": elapsed * (self.total - self.done) / self.done})
+
+
+def fit_phase(call: int, runs: int, cached: bool) -> str:
+    """What fit_tcc's `call`-th sampling run is for (its order: full, cached, fitting runs, cached with priors)."""
+    if not cached:
+        return "full computation"
+    if call == 1:
+        return "cached, without priors"
+    return "cached, with the fitted priors" if call == runs - 1 else "fitting"
 
 
 def report_text(report: dict, variant: str, tag: str, samples: int, path: str) -> str:
@@ -128,7 +155,8 @@ class FitTccPriorsNode(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will sample."),
                 io.Int.Input("samples", default=4, min=1, max=64,
                              tooltip="Calibration seeds (seed, seed + 1, ...). More fit better and cost more."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="The first calibration seed."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="The first calibration seed (fixed: a new seed would refit on every queue)."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
                              tooltip="The steps you will sample with; other step counts get interpolated priors."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
@@ -157,6 +185,7 @@ class FitTccPriorsNode(io.ComfyNode):
                                tooltip="ICC's factorisation while fitting; set the same on Apply Calibrated Cache."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -179,8 +208,10 @@ class FitTccPriorsNode(io.ComfyNode):
             identity["name"] = checkpoint
         sigmas = sigmas_for(model, sampler_name, scheduler, steps)
         seeds = [(seed + i) % 2**64 for i in range(samples)]  # torch seeds are 64-bit
+        node_id = getattr(cls.hidden, "unique_id", None)
         runs = CalibrationRuns(recording_clone(model, session.blocks, recorder), clone, session, positive, negative,
-                               latent, sigmas, cfg, sampler_name, scheduler, seeds, fit_runs(variant, 1), recorder)
+                               latent, sigmas, cfg, sampler_name, scheduler, seeds, fit_runs(variant, 1), recorder,
+                               node_id)
         priors, report = fit_tcc(runs, variant)
         channels = recorder.table()
         meta = {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
@@ -189,4 +220,7 @@ class FitTccPriorsNode(io.ComfyNode):
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report, "icc_stats": {**recorder.summary(), "samples": samples, "seeds": seeds}}
         save_priors(path, priors, meta, channels)
         text = report_text(report, variant, policy.tag(), samples, path)
+        send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_before": report["rel_l2_before"],
+                               "error_after": report["rel_l2_after"], "sites": report["sites"], "path": path,
+                               "elapsed_s": time.monotonic() - runs.started})
         return io.NodeOutput(FittedPriors(priors, meta, path, channels), text, ui=ui.PreviewText(text))

@@ -53,6 +53,7 @@ class CacheSession:
         self._block_flops: dict[tuple, float] = {}
         self.hooked = 0
         self.last_report: dict[str, Any] | None = None
+        self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
 
     def outer_sample(self, executor, *args, **kwargs):
         guider, sigmas = executor.class_obj, args[3]
@@ -153,10 +154,10 @@ class CacheSession:
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
         self.last_report = {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
-                            "priors": priors, "wall_s": wall, **stats.to_dict()}
+                            "priors": priors, "prior_check": self.prior_check, "wall_s": wall, **stats.to_dict()}
         log.info("calibrated_cache [%s] %s: %s, wall %.2f s%s", self.policy.tag(), self.family.name, stats.summary(),
                  wall, f", priors {priors}" if priors else "")
-        _send_event("calibrated_cache.stats", self.last_report)
+        send_event("calibrated_cache.stats", self.last_report)
 
 
 def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None) -> Callable:
@@ -185,7 +186,7 @@ def forward_patch(session: CacheSession, site: BlockSite, original: Callable) ->
     return forward
 
 
-def _send_event(event: str, data: dict) -> None:
+def send_event(event: str, data: dict) -> None:
     """Broadcast to the browser when a server runs; scripts and tests have none."""
     try:
         from server import PromptServer

@@ -88,6 +88,15 @@ def comfyui_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def server(tmp_path_factory, comfyui_dir):
+    """One headless ComfyUI server for every test that needs one (see harness.py)."""
+    from harness import running_server
+
+    with running_server(tmp_path_factory.mktemp("comfy_base"), comfyui_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """The `tiny_models` helper module (ComfyUI already booted in CPU mode)."""
     import tiny_models

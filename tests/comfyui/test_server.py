@@ -2,115 +2,11 @@
 HTTP API: caching, then fitting TCC priors in one prompt and sampling with the saved file in another (skipped without
 COMFYUI_PATH)."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
-import safetensors.torch
 import torch
 
-from .tiny_models import SPECS, save_tiny_unet
-
-REPO = Path(__file__).resolve().parents[2]
-POLICY = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
-              last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, comfyui_dir):
-    """ComfyUI on a free loopback port, with the pack and a test-only conditioning node under custom_nodes."""
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "calibrated_cache").symlink_to(REPO, target_is_directory=True)
-    (base / "custom_nodes" / "cc_test_pack").symlink_to(Path(__file__).parent / "test_pack", target_is_directory=True)
-    model = Path(save_tiny_unet(SPECS["Wan"], str(base / "models")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(base / "server.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base)], cwd=comfyui_dir, stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                info = _get(f"{url}/object_info")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start: {(base / 'server.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield url, info, model.name, base / "server.log"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def workflow(model_name: str, seed: int, prefix: str = "cc_test", **apply_inputs) -> dict:
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model_name, "weight_dtype": "default"}},
-        "2": {"class_type": "CalibratedCache_CachePolicy", "inputs": POLICY},
-        "3": {"class_type": "CalibratedCache_Apply",
-              "inputs": {"model": ["1", 0], "policy": ["2", 0], **apply_inputs}},
-        "4": {"class_type": "CCTest_ZeroConditioning", "inputs": {"tokens": 16, "dim": 4096, "pooled_dim": 0, "seed": 0}},
-        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
-        "6": {"class_type": "EmptyHunyuanLatentVideo",
-              "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1}},
-        "7": {"class_type": "KSampler", "inputs": {
-            "model": ["3", 0], "seed": seed, "steps": 9, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}},
-    }
-
-
-def fit_workflow(model_name: str) -> dict:
-    """Fit TCC priors for the KSampler settings of `workflow` and save them in the cache_priors folder."""
-    prompt = workflow(model_name, 0)
-    fit = {"model": ["1", 0], "policy": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "latent": ["6", 0],
-           "samples": 2, "seed": 0, "steps": 9, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
-           "variant": "drift", "checkpoint": model_name, "save_to": "cache_priors folder", "overwrite": False}
-    return {k: prompt[k] for k in ("1", "2", "4", "5", "6")} | {"9": {"class_type": "CalibratedCache_FitTCCPriors",
-                                                                     "inputs": fit}}
-
-
-def saved_latent(base: Path, prefix: str):
-    (path,) = (base / "output").glob(f"{prefix}_*.latent")
-    return safetensors.torch.load_file(str(path))["latent_tensor"]
-
-
-def run_prompt(url: str, prompt: dict) -> dict:
-    prompt_id = _post(f"{url}/prompt", {"prompt": prompt, "client_id": "calibrated-cache-test"})["prompt_id"]
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        history = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
-            return history[prompt_id]
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {prompt_id} did not finish")
+from harness import POLICY, fit_workflow, get, run_prompt, saved_latent, workflow
 
 
 def test_server_lists_the_pack_nodes_with_their_types(server):
@@ -144,8 +40,8 @@ def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
     name = f"{Path(model_name).stem}.TAYLOR2_N3_W1_G2.tcc.safetensors"
     base = log_path.parent
     assert str(base / "models" / "cache_priors" / name) in report and "with priors" in report
-    assert _get(f"{url}/models/cache_priors") == [name]
-    assert name in _get(f"{url}/object_info/CalibratedCache_Apply")["CalibratedCache_Apply"]["input"]["optional"][
+    assert name in get(f"{url}/models/cache_priors")
+    assert name in get(f"{url}/object_info/CalibratedCache_Apply")["CalibratedCache_Apply"]["input"]["optional"][
         "prior_file"][1]["options"]
 
     for prefix, inputs in (("cc_plain", {}), ("cc_priors", {"prior_file": name})):
