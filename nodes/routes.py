@@ -6,7 +6,6 @@ Only names the prior folders list are answered, so a request cannot read another
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
 
@@ -14,7 +13,6 @@ from ..priors import PriorFileError, read_metadata
 from ..priors.card import match_connected, prior_card
 from . import folders
 
-log = logging.getLogger("calibrated_cache")
 PRIOR_INFO = "/calibrated_cache/prior_info"
 
 

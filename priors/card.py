@@ -20,7 +20,6 @@ def prior_card(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": model.get("name") or "(not recorded)",
         "family": model.get("family", "?"),
-        "architecture": model.get("architecture", "?"),
         "lora": bool(model.get("patches")),
         "policy": meta.get("policy_tag", "?"),
         "variant": meta.get("variant", "?"),
@@ -30,7 +29,6 @@ def prior_card(meta: dict[str, Any]) -> dict[str, Any]:
         "cfg": _float(meta.get("cfg")),
         "samples": _int(meta.get("samples")),
         "created": meta.get("created", "?"),
-        "pack_version": meta.get("pack_version", "?"),
         "error_before": _float(report.get("rel_l2_before")),
         "error_after": _float(report.get("rel_l2_after")),
         "icc_statistics": "icc_stats" in meta,

@@ -157,7 +157,7 @@ async function showPrior(node) {
     line(`prior file ${body.name}`, "cc-head"),
     line(`model ${c.model} (${c.family}${c.lora ? ", with LoRAs" : ""}) · ${c.policy}`),
     line(`${c.steps} steps · ${c.sampler}/${c.scheduler} · cfg ${c.cfg} · ${c.samples} samples · ${c.created}`),
-    line(`fit error ${err(c.error_before)} → ${err(c.error_after)} (rel L2, ${c.variant})`),
+    line(`fit error ${err(c.error_before)} → ${err(c.error_after)} (rel L2, ${c.variant})${c.icc_statistics ? " · ICC statistics" : ""}`),
     line(`${mark} ${m.reason}`, `cc-${m.verdict}`),
   ]);
 }
