@@ -3,6 +3,7 @@
 from .clock import StepClock
 from .foca import FocaForecaster
 from .forecast import Forecaster
+from .memory import CacheMemory
 from .policy import CachePolicy, PolicyError
 from .reuse import ReuseForecaster
 from .sites import gated_block, residual_block
@@ -11,6 +12,7 @@ from .stats import RunStats
 from .taylor import TaylorForecaster
 
 __all__ = [
+    "CacheMemory",
     "CachePolicy",
     "FocaForecaster",
     "Forecaster",

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .batching import joined
 from .errors import PolicyError
+from .memory import CacheMemory
 
 EPS = 1e-6
 ALPHA = 0.5  # weight = (normalised mean |activation|) ** ALPHA, as the official code
@@ -345,8 +346,9 @@ class Scope:
 class IccRun:
     """ICC's state for one sampling run: each branch's cached Linear projections and outputs at the last full step."""
 
-    def __init__(self, settings: IccSettings, factors: FactorCache) -> None:
+    def __init__(self, settings: IccSettings, factors: FactorCache, memory: CacheMemory | None = None) -> None:
         self.settings = settings
+        self.memory = memory or CacheMemory()
         self.cache = factors
         self.entries: dict[tuple[Hashable, str], LinearCache] = {}
         self.factors: dict[str, LayerFactors] = {}  # checked against the weights once per run, then trusted
@@ -356,20 +358,27 @@ class IccRun:
         self.scope: Scope | None = None
 
     @contextlib.contextmanager
-    def running(self, block: int, branches: list[Hashable], chunk: int, record: bool) -> Iterator[Scope]:
-        """Route the Linears of `block` while it runs: record them (a full step) or increment them (a skipped one)."""
+    def running(self, block: int, branches: list[Hashable], chunk: int, record: bool,
+                admit: Callable[[int], bool] | None = None) -> Iterator[Scope]:
+        """Route the Linears of `block` while it runs: record them (a full step) or increment them (a skipped one).
+        `admit(bytes)` says whether what a full step would store fits the memory limit; if not, nothing is stored."""
         outer, self.scope = self.scope, Scope(block, branches, chunk, record)
         try:
             yield self.scope
             scope = self.scope
         finally:
             self.scope = outer
+        stored = []
         for layer, x, y, x_sample, y_samples in scope.pending:
             if not self._unchanged(layer.key, "input", x, x_sample):
                 continue
             factors = self._factors(layer, x)
             scope.saved -= factors.project_flops(x.numel() // x.shape[-1]) / x.shape[0]
-            self._store(scope, layer.key, factors.project(x), y, y_samples)
+            stored.append((layer.key, factors.project(x), y, y_samples))
+        size = sum(p.nbytes + y.nbytes + sum(s.nbytes for s in samples) for _, p, y, samples in stored)
+        if stored and (admit is None or admit(size)):
+            for key, p, y, samples in stored:
+                self._store(scope, key, p, y, samples)
 
     def linear(self, layer: IccLinear, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         scope = self.scope
@@ -394,7 +403,9 @@ class IccRun:
         rows = x.numel() // x.shape[-1]
         full = 2.0 * rows * x.shape[-1] * sum(a.shape[0] for a in factors.a)
         scope.saved += (full - factors.increment_flops(rows)) / x.shape[0]
-        return increment(x, joined([c.p for c in cached]), joined([c.y for c in cached]), factors)
+        use = self.memory.use
+        return increment(x, use(joined([c.p for c in cached]), x.device), use(joined([c.y for c in cached]), x.device),
+                         factors)
 
     def _factors(self, layer: IccLinear, x: Tensor) -> LayerFactors:
         factors = self.factors.get(layer.key)
@@ -422,7 +433,13 @@ class IccRun:
                     key, why)
 
     def _store(self, scope: Scope, key: str, p: Tensor, y: Tensor, samples: list[Tensor]) -> None:
+        """With offload the outputs are copied away now, so they are checked for in-place changes now, not when used."""
         rows = p.shape[0] // len(scope.branches)
+        if self.memory.offload and y.device.type != "cpu":
+            if not all(self._unchanged(key, b, ys, sample)
+                       for b, ys, sample in zip(scope.branches, y.split(scope.chunk), samples)):
+                return
+            p, y = self.memory.keep(p), self.memory.keep(y)
         for b, ps, ys, sample in zip(scope.branches, p.split(rows), y.split(scope.chunk), samples):
             old = self.entries.get((b, key))
             self.nbytes -= 0 if old is None else old.nbytes
@@ -433,6 +450,14 @@ class IccRun:
         """A branch whose input layout changed starts afresh."""
         for key in [k for k in self.entries if k[0] == branch]:
             self.nbytes -= self.entries.pop(key).nbytes
+
+    def forget_block(self, block: int) -> int:
+        """Release the caches of one block's Linears (it is computed every step from now on); returns their bytes."""
+        prefix, released = f"{block}/", 0
+        for key in [k for k in self.entries if k[1].startswith(prefix)]:
+            released += self.entries.pop(key).nbytes
+        self.nbytes -= released
+        return released
 
     def clear(self) -> None:
         self.entries.clear()

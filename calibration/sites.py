@@ -30,14 +30,14 @@ def gated_block(call: "ModelCall", index: int, sites: Sequence[Site], h: Tensor,
         cost = flops.get(name, 1.0)
         full += cost
         if compute:
-            with call.linears(index, True) as scope:
+            with call.linears(index, True, name) as scope:
                 value = branch(h)
             call.remember(index, name, value)
             spent += cost - (scope.saved if scope is not None else 0.0)  # ICC's projection of the inputs counts
             h = h + gate * value  # exactly the block's own arithmetic, so computing everything is bit-identical
         else:
             if icc:  # the site runs with its Linears' increments: only their saving is not spent
-                with call.linears(index, False) as scope:
+                with call.linears(index, False, name) as scope:
                     value = branch(h)
                 spent += cost - scope.saved
                 value, extra = call.recall(index, name, lambda: branch(h), value)

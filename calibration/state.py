@@ -9,6 +9,7 @@ whose input changes shape, dtype or device starts afresh.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from .clock import StepClock
 from .forecast import Forecaster
 from .goc import GocCorrector
 from .icc import FactorCache, IccRun, Scope
+from .memory import CacheMemory
 from .policy import CachePolicy, PolicyError
 from .registry import make_forecaster
 from .schedule import StepPlan
@@ -29,6 +31,7 @@ from .sites import gated_block, residual_block
 from .stats import RunStats
 
 SiteKey = tuple[int, str]
+log = logging.getLogger("calibrated_cache")
 
 
 @dataclass
@@ -55,18 +58,20 @@ class RunState:
 
     def __init__(
         self, policy: CachePolicy, sigmas: Sequence[float], blocks: int, calibrator: Calibrator | None = None,
-        factors: FactorCache | None = None,
+        factors: FactorCache | None = None, memory: CacheMemory | None = None,
     ) -> None:
-        """`factors`: ICC's factor cache (it outlives runs; its channel statistics come from a prior file)."""
+        """`factors`: ICC's factor cache (it outlives runs; its channel statistics come from a prior file). `memory`:
+        where the caches live and their cap."""
         if blocks < 1:
             raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
         self.icc: IccRun | None = None
+        self.memory = memory or CacheMemory()
         if policy.icc is not None:
             factors = factors or FactorCache()
             if policy.icc.aware and factors.channels is None:
                 raise PolicyError("channel-aware ICC needs the channel statistics a prior file records: choose a "
                                   "prior file fitted on this model with Fit TCC Priors, or set ICC svd to plain")
-            self.icc = IccRun(policy.icc, factors)
+            self.icc = IccRun(policy.icc, factors, self.memory)
         self.policy = policy
         self.blocks = blocks
         # A policy with GOC attached corrects first; a given calibrator (TCC priors or their fit) sees GOC's output.
@@ -76,7 +81,9 @@ class RunState:
         self.clock = StepClock(sigmas)
         self.plan = StepPlan(policy, self.clock.steps)
         self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
-        self.stats = RunStats()
+        self.stats = RunStats(cache_offloaded=self.memory.offload, cache_limit_bytes=self.memory.limit)
+        self.history = max(make_forecaster(policy).history, self.calibrator.anchors if self.calibrator else 0)
+        self.reserved: dict[tuple[int, str], int] = {}  # bytes each cached site may reach, under a limit
         self.branches: dict[Hashable, BranchCache] = {}
         self.round: Round | None = None
         self._skips_in_row = 0
@@ -115,7 +122,7 @@ class RunState:
         roles = [str(b) for b in branches] if roles is None else [str(x) for x in roles]
         if len(roles) != len(branches):
             raise ValueError(f"{len(branches)} branches need {len(branches)} roles (got {len(roles)})")
-        return ModelCall(self, r, list(branches), chunk, roles)
+        return ModelCall(self, r, list(branches), chunk, roles, x.device)
 
     def _new_round(self, sigma: float) -> Round:
         step = self.clock.step(sigma)
@@ -140,6 +147,31 @@ class RunState:
         self._skips_in_row = self._skips_in_row + 1 if skip else 0
         return skip
 
+    def admit(self, block: int, name: str, nbytes: int) -> bool:
+        """Whether a site of `block` may be cached: under a limit, its full size is reserved at its first store, and a
+        block whose site would pass the limit is computed every step from then on (its caches are released)."""
+        limit = self.memory.limit
+        if limit is None or (block, name) in self.reserved:
+            return True
+        if sum(self.reserved.values()) + nbytes <= limit:
+            self.reserved[(block, name)] = nbytes
+            return True
+        if not self.stats.blocks_over_limit:
+            log.warning("calibrated_cache: the cache limit of %.1f MiB is reached at block %d; blocks that do not "
+                        "fit are computed every step (raise the limit or enable offload for more speed)",
+                        limit / 2**20, block)
+        self.stats.blocks_over_limit += 1
+        self.always.add(block)
+        for key in [k for k in self.reserved if k[0] == block]:
+            del self.reserved[key]
+        for cache in self.branches.values():
+            for key in [k for k in cache.sites if k[0] == block]:
+                self.stats.add_cache_bytes(-cache.sites.pop(key).nbytes)
+            cache.ready.discard(block)
+        if self.icc is not None:
+            self.stats.add_cache_bytes(-self.icc.forget_block(block))
+        return False
+
     def finish(self) -> RunStats:
         """Release every cache; the statistics stay."""
         self.branches.clear()
@@ -156,8 +188,10 @@ class ModelCall:
     It is also a block runner for adaLN blocks that expose `sites(c)` (see `sites.py`): `call(i, block, h, c)`.
     """
 
-    def __init__(self, state: RunState, round_: Round, branches: list[Hashable], chunk: int, roles: list[str]) -> None:
+    def __init__(self, state: RunState, round_: Round, branches: list[Hashable], chunk: int, roles: list[str],
+                 device: torch.device) -> None:
         self.state = state
+        self.device = device
         self.round = round_
         self.branches = branches
         self.roles = roles
@@ -210,23 +244,24 @@ class ModelCall:
                 state.branches[b].ready.add(block)
                 state.branches[b].anchors[block] = (self.round.sigma, self.round.step)
             return
-        for b, part in zip(self.branches, value.split(self.chunk)):
+        if not state.admit(block, name, state.history * value.nbytes):
+            return
+        for b, part in zip(self.branches, state.memory.keep(value.detach()).split(self.chunk)):
             cache = state.branches[b]
             forecaster = cache.sites.get((block, name))
             if forecaster is None or forecaster.values[-1].shape != part.shape:
                 if forecaster is not None:
                     state.stats.add_cache_bytes(-forecaster.nbytes)
                 forecaster = cache.sites[(block, name)] = make_forecaster(state.policy)
-                if state.calibrator is not None:
-                    forecaster.history = max(forecaster.history, state.calibrator.anchors)
+                forecaster.history = state.history
             before = forecaster.nbytes
-            forecaster.update(t, part.detach())
+            forecaster.update(t, part)
             state.stats.add_cache_bytes(forecaster.nbytes - before)
             cache.ready.add(block)
             cache.anchors[block] = (self.round.sigma, self.round.step)
 
     @contextlib.contextmanager
-    def linears(self, block: int, computed: bool) -> Iterator[Scope | None]:
+    def linears(self, block: int, computed: bool, site: str = "block") -> Iterator[Scope | None]:
         """With ICC, while a site or block runs: its Linears record their inputs and outputs (computed, for later
         skips) or return increments from them (skipped). The scope's `saved` is what the increments saved."""
         icc = self.state.icc
@@ -234,7 +269,8 @@ class ModelCall:
             yield None
             return
         held = icc.nbytes
-        with icc.running(block, self.branches, self.chunk, record=computed) as scope:
+        admit = (lambda size: self.state.admit(block, f"icc/{site}", size)) if computed else None
+        with icc.running(block, self.branches, self.chunk, record=computed, admit=admit) as scope:
             yield scope
         self.state.stats.add_cache_bytes(icc.nbytes - held)
 
@@ -264,10 +300,9 @@ class ModelCall:
         if any(len(f.times) < 2 for f in forecasters):
             return None
         scales = [(t - f.times[-1]) / (f.times[-1] - f.times[-2]) for f in forecasters]
-        pairs = []
-        for j in (-1, -2):
-            pairs.append(joined([f.values[j] for f in forecasters]))
-        return pairs[0], pairs[1], scales
+        use, device = self.state.memory.use, self.device
+        newest, previous = (use(joined([f.values[j] for f in forecasters]), device) for j in (-1, -2))
+        return newest, previous, scales
 
     def _forecast(self, block: int, name: str) -> tuple[Tensor, float]:
         """The forecast of a site for this call's batch, and the FLOPs the forecast spent per sample.
@@ -280,12 +315,16 @@ class ModelCall:
         first = forecasters[0]
         flops = first.predict_flops(t) / max(self.chunk, 1)
         if len(forecasters) == 1:
-            return first.predict(t), flops
+            return first.predict(t, self._on_device(first.values)), flops
         if all(f.times == first.times for f in forecasters):
             whole = [adjacent([f.values[j] for f in forecasters]) for j in range(len(first.values))]
             if all(v is not None for v in whole):
-                return first.predict(t, whole), flops
-        return torch.cat([f.predict(t) for f in forecasters]), flops
+                return first.predict(t, self._on_device(whole)), flops
+        return torch.cat([f.predict(t, self._on_device(f.values)) for f in forecasters]), flops
+
+    def _on_device(self, values: list[Tensor]) -> list[Tensor]:
+        """Anchors where the model computes (they are elsewhere only when offloaded)."""
+        return [self.state.memory.use(v, self.device) for v in values]
 
     def account(self, block: int, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:
         stats, n = self.state.stats, self.chunk * len(self.branches)

@@ -21,6 +21,9 @@ class RunStats:
     flops_full: float = 0.0
     cache_bytes: int = 0
     peak_cache_bytes: int = 0
+    cache_offloaded: bool = False  # the caches lived in CPU memory
+    cache_limit_bytes: int | None = None
+    blocks_over_limit: int = 0  # blocks computed every step because caching them would pass the limit
 
     @property
     def compute_fraction(self) -> float:
@@ -41,6 +44,8 @@ class RunStats:
             f"computed {self.blocks_computed} of {total} block evaluations over {len(self.steps)} steps "
             f"({self.model_calls} model calls), compute fraction {self.compute_fraction:.3f}, "
             f"estimated speedup {self.estimated_speedup:.2f}x, peak cache {self.peak_cache_bytes / 2**20:.1f} MiB"
+            + (" (offloaded to CPU)" if self.cache_offloaded else "")
+            + (f", {self.blocks_over_limit} blocks over the cache limit" if self.blocks_over_limit else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,4 +60,7 @@ class RunStats:
             "compute_fraction": self.compute_fraction,
             "estimated_speedup": self.estimated_speedup,
             "peak_cache_bytes": self.peak_cache_bytes,
+            "cache_offloaded": self.cache_offloaded,
+            "cache_limit_bytes": self.cache_limit_bytes,
+            "blocks_over_limit": self.blocks_over_limit,
         }

@@ -184,7 +184,7 @@ def stack(priors: list[SitePrior | None], like: Tensor) -> Stacked | None:
     for p in priors:
         if p is not None and p.a.shape != (channels,):
             raise ValueError(f"a prior has {p.a.shape[0]} channels but the model's value has {channels}: "
-                             "the priors belong to another model")
+                             "the priors belong to another model; choose priors fitted for it, or refit them")
     view = (len(priors),) + (1,) * (like.dim() - 1) + (channels,)
 
     def stacked(name: str, fill: float) -> Tensor:

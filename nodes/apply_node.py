@@ -10,7 +10,7 @@ import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-from ..calibration import CachePolicy, PolicyError
+from ..calibration import CacheMemory, CachePolicy, PolicyError
 from ..calibration.icc import SVD_MODES, FactorCache, IccSettings
 from ..priors import check_model, check_policy
 from ..priors.validate import IDENTITY
@@ -40,10 +40,11 @@ def with_icc(policy: CachePolicy, rank: int, svd: str) -> CachePolicy:
 
 
 def patch_model(model: ModelPatcher, policy: CachePolicy, node_id: str | None = None,
-                priors: FittedPriors | None = None,
-                factors: FactorCache | None = None) -> tuple[ModelPatcher, CacheSession]:
+                priors: FittedPriors | None = None, factors: FactorCache | None = None,
+                memory: CacheMemory | None = None) -> tuple[ModelPatcher, CacheSession]:
     """A clone of `model` whose blocks run through a new CacheSession for `policy` (G2); `model` is untouched. With
-    ICC, every Linear inside the blocks is routed through the session too (`factors` hold its channel statistics)."""
+    ICC, every Linear inside the blocks is routed through the session too (`factors` hold its channel statistics).
+    `memory` places and caps the caches."""
     m = model.clone()
     try:
         family, blocks = detect(m.get_model_object("diffusion_model"))
@@ -51,7 +52,7 @@ def patch_model(model: ModelPatcher, policy: CachePolicy, node_id: str | None = 
         raise ValueError(str(err)) from None
     if policy.icc is not None and factors is None:
         factors = FactorCache()
-    session = CacheSession(block_policy(policy), family, blocks, node_id, priors, factors)
+    session = CacheSession(block_policy(policy), family, blocks, node_id, priors, factors, memory)
     if policy.icc is not None:
         route_linears(m, blocks, session.linear_target)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, session.outer_sample)
@@ -67,6 +68,13 @@ def patch_model(model: ModelPatcher, policy: CachePolicy, node_id: str | None = 
             key = (site.segment.replace, site.position)
             m.set_model_patch_replace(dit_patch(session, site, replaced.get(key)), "dit", *key)
     return m, session
+
+
+def cache_memory(offload: bool, limit_mb: int) -> CacheMemory:
+    try:
+        return CacheMemory(offload, limit_mb * 2**20)
+    except PolicyError as err:
+        raise ValueError(str(err)) from None
 
 
 def chosen_priors(priors: FittedPriors | None, prior_file: str) -> FittedPriors | None:
@@ -107,6 +115,13 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
                 io.Combo.Input("icc_svd", options=list(SVD_MODES), default=SVD_MODES[0], optional=True,
                                tooltip="channel-aware: factors weighted by the channel statistics in the priors / "
                                        "prior file (Fit TCC Priors records them). plain: an SVD of the weights alone."),
+                io.Boolean.Input("cache_offload", default=False, optional=True,
+                                 tooltip="Keep the caches in CPU memory instead of on the GPU and copy each cached "
+                                         "value back when it is used: saves GPU memory (the run report gives the "
+                                         "cache size) for two copies per reused value."),
+                io.Int.Input("cache_limit_mb", default=0, min=0, max=2**20, optional=True,
+                             tooltip="Cap the caches at this many MiB: blocks that do not fit are computed every "
+                                     "step (slower, never out of memory). 0: no cap."),
             ],
             outputs=[io.Model.Output(display_name="model")],
             hidden=[io.Hidden.unique_id],
@@ -125,13 +140,15 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: ModelPatcher, policy: CachePolicy, priors: FittedPriors | None = None,
-                prior_file: str = folders.NONE, icc_rank: int = 0, icc_svd: str = SVD_MODES[0]) -> io.NodeOutput:
+                prior_file: str = folders.NONE, icc_rank: int = 0, icc_svd: str = SVD_MODES[0],
+                cache_offload: bool = False, cache_limit_mb: int = 0) -> io.NodeOutput:
+        memory = cache_memory(cache_offload, cache_limit_mb)
         fitted = chosen_priors(priors, prior_file)
         policy = with_icc(policy, icc_rank, icc_svd)
         node_id = getattr(cls.hidden, "unique_id", None)  # None when called from a script rather than a prompt
         tcc = icc_priors(fitted, block_policy(policy))
         factors = factor_cache(model, fitted.channels if fitted is not None else None) if policy.icc else None
-        m, session = patch_model(model, policy, node_id, tcc, factors)
+        m, session = patch_model(model, policy, node_id, tcc, factors, memory)
         if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
             # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
             parts = IDENTITY if tcc is not None else ("family", "architecture")

@@ -61,7 +61,9 @@ def find(name: str, folders: tuple[str, ...]) -> str | None:
 
 
 def find_prior(name: str) -> str:
-    path = find(name, (FOLDER, *CHECKPOINT_FOLDERS))
+    """The path of a prior file the folders list: any other name (a path, `..`) is refused, so a name chosen in the
+    graph editor or sent to the HTTP API cannot reach a file outside the prior folders."""
+    path = find(name, (FOLDER, *CHECKPOINT_FOLDERS)) if name in prior_files() else None
     if path is None:
         raise ValueError(f"prior file {name} was not found in the cache_priors folders or beside the checkpoints; "
                          "refresh the node list (press r) and choose another file")
@@ -76,6 +78,9 @@ def prior_name(checkpoint: str, tag: str) -> str:
 
 def target_path(checkpoint: str, tag: str, beside_checkpoint: bool) -> str:
     """Beside the checkpoint when asked and that folder is writable, else in the first cache_priors folder."""
+    if checkpoint != NONE and checkpoint not in checkpoints():
+        raise ValueError(f"checkpoint {checkpoint} is not in the checkpoints or diffusion_models folders; refresh the "
+                         "node list (press r) and choose the model's file, or none")
     name = prior_name(checkpoint, tag)
     if beside_checkpoint and checkpoint != NONE:
         path = find(checkpoint, CHECKPOINT_FOLDERS)

@@ -22,7 +22,7 @@ import comfy.patcher_extension
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..calibration import CachePolicy, ModelCall, RunState, RunStats, residual_block
+from ..calibration import CacheMemory, CachePolicy, ModelCall, RunState, RunStats, residual_block
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import FactorCache, LinearTarget
 from ..priors import PriorMismatch, check_schedule, run_warnings
@@ -38,8 +38,10 @@ ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 class CacheSession:
     def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None,
-                 priors: FittedPriors | None = None, factors: FactorCache | None = None):
+                 priors: FittedPriors | None = None, factors: FactorCache | None = None,
+                 memory: CacheMemory | None = None):
         self.policy = policy
+        self.memory = memory
         self.factors = factors  # ICC's factors: they outlive runs while the weights are unchanged
         self.priors = priors
         self.calibrator: Calibrator | None = priors.priors if priors is not None else None  # Fit sets it per run
@@ -68,7 +70,7 @@ class CacheSession:
             return executor(*args, **kwargs)
         schedule = sigmas.flatten().tolist()
         try:
-            run = RunState(self.policy, schedule, len(self.blocks), self.calibrator, self.factors)
+            run = RunState(self.policy, schedule, len(self.blocks), self.calibrator, self.factors, self.memory)
         except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
             log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
             return executor(*args, **kwargs)

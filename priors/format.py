@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..calibration.icc import ChannelTable
-from ..calibration.tcc import VARIANTS, SiteKey, SitePrior, TccPriors
+from ..calibration.tcc import SiteKey, SitePrior, TccPriors
+from . import schema
 
 FORMAT = "calibrated_cache.tcc"
 FORMAT_VERSION = 2
@@ -81,79 +83,105 @@ def save_priors(path: str | Path, priors: TccPriors, meta: dict[str, Any],
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The provenance of a prior file, without loading its tensors (for listings and validation)."""
+    """The provenance of a prior file, every field checked, without loading its tensors (listings, the prior card)."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except FileNotFoundError:
-        raise PriorFileError(f"prior file {path} does not exist") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise PriorFileError(f"{path.name} is not a readable safetensors file ({err}); it may be truncated or not a "
-                             "prior file: fit the priors again or copy the file again") from None
-    if raw.get("format") != FORMAT:
-        raise PriorFileError(f"{path.name} is not a calibrated_cache TCC prior file (no '{FORMAT}' format tag)")
-    if raw.get("format_version") not in READS:
-        raise PriorFileError(f"{path.name} has prior format version {raw.get('format_version')}; this pack reads "
-                             f"versions {', '.join(READS)}: refit the priors with this pack")
-    missing = [k for k in REQUIRED if k not in raw]
-    if missing:
-        raise PriorFileError(f"{path.name} lacks metadata {missing}: it was not written by this pack; refit it")
-    try:
-        return {k: json.loads(v) if k in JSON_FIELDS else v for k, v in raw.items()}
-    except json.JSONDecodeError as err:
-        raise PriorFileError(f"{path.name} has corrupt metadata ({err}): refit the priors") from None
+    with _opened(path) as f:
+        return _metadata(path.name, f.metadata() or {})
 
 
 def load_priors(path: str | Path) -> PriorFile:
+    """A prior file read as safetensors (never pickle), its metadata and every tensor checked (see schema.py)."""
     path = Path(path)
-    meta = read_metadata(path)
-    if meta["variant"] not in VARIANTS:
-        raise PriorFileError(f"{path.name} uses TCC variant {meta['variant']!r}, unknown to this pack version")
     groups: dict[SiteKey, dict[str, torch.Tensor]] = {}
     sides: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
+    with _opened(path) as f:
+        meta = _metadata(path.name, f.metadata() or {})
+        try:
             for name in f.keys():
-                parts = name.split("/")
-                if parts[0] == "icc" and len(parts) >= 4 and parts[-1] in ("in", "out"):
-                    sides.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = f.get_tensor(name)
-                    continue
-                if len(parts) != 6 or parts[0] != "tcc" or parts[5] not in PARTS:
-                    raise PriorFileError(f"{path.name} holds an unexpected tensor {name!r}: refit the priors")
-                try:
+                parts = _checked(path.name, schema.tensor_name, name)
+                if parts[0] == "icc":
+                    sides.setdefault(parts[1], {})[parts[2]] = f.get_tensor(name)
+                else:
                     key = (parts[1], int(parts[2]), int(parts[3]), parts[4])
-                except ValueError:
-                    raise PriorFileError(f"{path.name} holds an unexpected tensor {name!r}: refit the priors") from None
-                groups.setdefault(key, {})[parts[5]] = f.get_tensor(name)
-    except (SafetensorError, OSError) as err:
-        raise PriorFileError(f"{path.name} cannot be read ({err}); it may be truncated: fit or copy it again") from None
-    priors: dict[SiteKey, SitePrior] = {}
-    for key, g in groups.items():
-        where = _key_name(key, "*")
-        if set(g) != set(PARTS):
-            raise PriorFileError(f"{path.name}: site {where} lacks {sorted(set(PARTS) - set(g))}: refit the priors")
-        a, gain, b, info = g["a"], g["g"], g["b"], g["info"]
-        if a.dim() != 1 or gain.shape != a.shape or b.shape != a.shape or info.shape != (5,):
-            raise PriorFileError(f"{path.name}: site {where} has tensors of mismatched shapes "
-                                 f"{[tuple(t.shape) for t in (a, gain, b, info)]}: the file is damaged; refit it")
-        if not all(torch.isfinite(t).all() for t in (a, gain, b, info[:3])):
-            raise PriorFileError(f"{path.name}: site {where} holds non-finite values: refit the priors")
-        s, anchor, stale, before, after = info.tolist()
-        priors[key] = SitePrior(a.float(), gain.float(), b.float(), s, anchor, int(stale), before, after)
+                    groups.setdefault(key, {})[parts[5]] = f.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise PriorFileError(f"{path.name} cannot be read ({err}); it may be truncated: fit or copy it "
+                                 "again") from None
+    if sides and meta["format_version"] == "1":
+        raise PriorFileError(f"{path.name} is format version 1 but holds ICC channel statistics, which version 2 "
+                             "introduced: the file is damaged; refit it")
+    if sides and "icc_stats" not in meta:
+        raise PriorFileError(f"{path.name} holds ICC channel statistics without their 'icc_stats' metadata: the file "
+                             "is damaged; refit it")
+    priors = {key: _checked(path.name, _site, key, g) for key, g in groups.items()}
     if not priors:
         raise PriorFileError(f"{path.name} holds no priors: refit them")
-    return PriorFile(TccPriors(priors, meta["variant"]), meta, _channels(path.name, sides) if sides else None)
+    widths: dict[tuple[int, str], int] = {}
+    for (_, _, block, site), p in priors.items():
+        if widths.setdefault((block, site), p.a.numel()) != p.a.numel():
+            raise PriorFileError(f"{path.name}: block {block} site {site} has priors of {widths[(block, site)]} and "
+                                 f"{p.a.numel()} channels: the file is damaged; refit it")
+    table = {key: _checked(path.name, _linear, key, pair) for key, pair in sides.items()}
+    return PriorFile(TccPriors(priors, meta["variant"]), meta, table or None)
 
 
-def _channels(name: str, sides: dict[str, dict[str, torch.Tensor]]) -> ChannelTable:
-    table: ChannelTable = {}
-    for key, pair in sides.items():
-        if set(pair) != {"in", "out"} or any(t.dim() != 1 for t in pair.values()):
-            raise PriorFileError(f"{name}: the channel statistics of Linear {key} are incomplete or misshapen: the "
-                                 "file is damaged; refit it")
-        if not all(torch.isfinite(t).all() and (t >= 0).all() for t in pair.values()):
-            raise PriorFileError(f"{name}: the channel statistics of Linear {key} hold negative or non-finite values: "
-                                 "refit the priors")
-        table[key] = (pair["in"].float(), pair["out"].float())
-    return table
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """The file opened by safetensors, which parses a JSON header and raw tensors only: nothing in it is executed."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise PriorFileError(f"prior file {path} does not exist: check its path, or fit the priors") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PriorFileError(f"{path.name} is not a readable safetensors file ({_short(err)}); it may be truncated "
+                             "or not a prior file: fit the priors again or copy the file again") from None
+    with f:
+        yield f
+
+
+def _metadata(name: str, raw: dict[str, str]) -> dict[str, Any]:
+    if raw.get("format") != FORMAT:
+        raise PriorFileError(f"{name} is not a calibrated_cache TCC prior file (no '{FORMAT}' format tag): choose "
+                             "a file written by Fit TCC Priors, or fit the priors")
+    if raw.get("format_version") not in READS:
+        raise PriorFileError(f"{name} has prior format version {schema.shown(raw.get('format_version'))}; this pack "
+                             f"reads versions {', '.join(READS)}: refit the priors with this pack")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise PriorFileError(f"{name} lacks metadata {missing}: it was not written by this pack; refit it")
+    return _checked(name, schema.check_metadata, raw)
+
+
+def _site(key: SiteKey, g: dict[str, torch.Tensor]) -> SitePrior:
+    where = _key_name(key, "*")
+    if set(g) != set(PARTS):
+        raise schema.Invalid(f"site {where} lacks {sorted(set(PARTS) - set(g))}")
+    a, gain, b = (schema.channels(g[part], f"site {where} {part}", torch.float32) for part in ("a", "g", "b"))
+    if not a.shape == gain.shape == b.shape:
+        raise schema.Invalid(f"site {where} has tensors of mismatched shapes "
+                             f"{[tuple(t.shape) for t in (a, gain, b)]}")
+    return SitePrior(a, gain, b, *schema.site_info(g["info"], where))
+
+
+def _linear(key: str, pair: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if set(pair) != {"in", "out"}:
+        missing = "in" if "out" in pair else "out"
+        raise schema.Invalid(f"the channel statistics of Linear {key} lack their {missing} side")
+    sides = tuple(schema.channels(pair[s], f"the channel statistics of Linear {key} ({s})", torch.float32)
+                  for s in ("in", "out"))
+    if any(bool((t < 0).any()) for t in sides):
+        raise schema.Invalid(f"the channel statistics of Linear {key} hold negative values")
+    return sides
+
+
+def _checked(name: str, check: Callable[..., Any], *args: Any) -> Any:
+    """`check(*args)`, with its Invalid turned into the file's error naming the fix."""
+    try:
+        return check(*args)
+    except schema.Invalid as err:
+        raise PriorFileError(f"{name}: {err}: the file is damaged or was not written by this pack; refit the "
+                             "priors or copy the file again") from None
+
+
+def _short(err: Exception) -> str:
+    return schema.shown(str(err)).strip("'\"")

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..calibration import CachePolicy, RunState
+from ..calibration import CacheMemory, CachePolicy, RunState
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import FactorCache, StatsRecorder
 from .linears import routed_linears
@@ -89,14 +89,17 @@ def sample(
     calibrator: Calibrator | None = None,
     factors: FactorCache | None = None,
     recorder: StatsRecorder | None = None,
+    memory: CacheMemory | None = None,
 ) -> tuple[Tensor, RunState | None]:
     """Sample `labels` from `noise`; with a policy, returns the run state (its stats) next to the samples. A
     calibrator corrects the values the policy reuses (or, in a reference run, observes the full ones). `factors`
-    serve a policy with ICC; a `recorder` records the block Linears' channel statistics."""
+    serve a policy with ICC; a `recorder` records the block Linears' channel statistics; `memory` places and caps the
+    caches."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {sorted(SAMPLERS)}")
     sigmas = flow_sigmas(steps, shift) if sigmas is None else sigmas
-    run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks), calibrator, factors)
+    run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks), calibrator, factors,
+                                                      memory)
     velocity = GuidedVelocity(model, labels, cfg, batched, run, recorder)
     with routed_linears(model, run.icc if run is not None and run.icc is not None else recorder):
         x = SAMPLERS[sampler](velocity, noise * sigmas[0].item(), sigmas)

@@ -1,7 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from calibrated_cache.testbed.model import DiT, DiTConfig
+
+sys.path.insert(0, str(Path(__file__).parent))  # helpers shared by test modules and scripts (prior_cases.py)
 
 
 @pytest.fixture(scope="session")

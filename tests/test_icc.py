@@ -160,7 +160,7 @@ def test_only_token_wise_linears_of_the_running_block_are_incremented():
     x0, x1, vec = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 16)
     with torch.no_grad():
         with run.running(1, ["c", "u"], 1, record=True) as scope:
-            y0 = run.linear(linear, x0, lin)
+            run.linear(linear, x0, lin)
         assert scope.saved == -2 * 5 * 16 * 16  # projecting each token's input on full rank 16, per sample
         assert run.nbytes == 2 * (5 * 16 + 5 * 24 + 5 * 24) * 4  # per branch: projection, output, its sample
         with run.running(1, ["c", "u"], 1, record=False) as scope:

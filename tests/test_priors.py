@@ -87,7 +87,7 @@ def test_files_that_are_not_priors_or_from_another_format_version_are_refused(sa
     meta["format_version"] = "99"
     future = tmp_path / "future.safetensors"
     save_file({"w": torch.ones(2)}, str(future), metadata=meta)
-    with pytest.raises(PriorFileError, match="version 99"):
+    with pytest.raises(PriorFileError, match="version '99'"):
         load_priors(future)
 
 

@@ -7,7 +7,7 @@ from calibrated_cache.calibration.tcc import (LeastSquares, MomentMatch, Moments
                                              fit_tcc, stack)
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.metrics import rel_l2
-from calibrated_cache.testbed.sampling import flow_sigmas, sample
+from calibrated_cache.testbed.sampling import sample
 from calibrated_cache.testbed.weights import load_dit
 
 SITE = Site("cond", 3, 0.5, 0.6, 1, 0, "attn", 3)

@@ -102,8 +102,13 @@ function showStats(node, r) {
     line(`last run · ${r.family} · ${r.policy}`, "cc-head"),
     line(`computed ${r.blocks_computed} · skipped ${r.blocks_skipped} of ${total} block evaluations`),
     line(`compute fraction ${r.compute_fraction.toFixed(3)} · est. speedup ${r.estimated_speedup.toFixed(2)}×`),
-    line(`wall ${secs(r.wall_s)} · ${r.steps} steps · ${r.model_calls} model calls · peak cache ${mib(r.peak_cache_bytes)}`),
+    line(`wall ${secs(r.wall_s)} · ${r.steps} steps · ${r.model_calls} model calls · peak cache ${mib(r.peak_cache_bytes)}` +
+      (r.cache_offloaded ? " in CPU memory" : "")),
   ];
+  if (r.blocks_over_limit) {
+    lines.push(line(`${r.blocks_over_limit} blocks computed every step: caching them would pass the ` +
+      `${mib(r.cache_limit_bytes)} cache limit`, "cc-unknown"));
+  }
   if (r.priors) lines.push(line(`priors ${r.priors}${r.prior_check ? `: ${r.prior_check}` : ""}`));
   show(node, "stats", lines);
 }

@@ -3,17 +3,22 @@ conditioning node under custom_nodes and a tiny Wan model, and the HTTP helpers 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
+import aiohttp
+import psutil
 import safetensors.torch
 
 from tiny_models import SPECS, save_tiny_unet
@@ -164,3 +169,121 @@ def api_prompt(workflow: dict, info: dict) -> dict:
                 inputs[slot["name"]] = [str(source), source_slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def send(url: str, payload: dict) -> None:
+    """POST to a route that answers with no body, such as /free and /interrupt (an error status raises)."""
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def server_pid(server: Server) -> int:
+    """The id of the server's process: the child of this one that listens on the server's port."""
+    port = server.url.rsplit(":", 1)[1]
+
+    def listens(args: list[str]) -> bool:
+        return "main.py" in args and "--port" in args and args[args.index("--port") + 1] == port
+
+    (pid,) = [child.pid for child in psutil.Process().children() if listens(child.cmdline())]
+    return pid
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory now (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
+
+
+class Listener:
+    """A websocket client of the server. It collects, in order, every JSON message the server sends it: those for
+    prompts queued through `queue` (which run as this client) and the broadcast ones, such as the pack's
+    `calibrated_cache.stats` reports. A prompt's messages lie between its `execution_start` and the `executing`
+    message with node None that ends it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client_id = uuid.uuid4().hex
+        self.messages: list[dict] = []
+        self._arrived = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task | None = None
+        connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(connected,), daemon=True)
+        self._thread.start()
+        if not connected.wait(30):
+            raise RuntimeError(f"could not connect to {url}/ws")
+
+    def _run(self, connected: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._task = self._loop.create_task(self._listen(connected))
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    async def _listen(self, connected: threading.Event) -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws{self.url[4:]}/ws?clientId={self.client_id}") as socket_:
+                connected.set()
+                async for message in socket_:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        with self._arrived:
+                            self.messages.append(json.loads(message.data))
+                            self._arrived.notify_all()
+
+    def close(self) -> None:
+        if self._thread.is_alive():  # else the server closed the socket
+            self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(10)
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def queue(self, prompt: dict) -> str:
+        """Queue a prompt as this client; its prompt id."""
+        return post(f"{self.url}/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+
+    def wait_for(self, match: Callable[[dict], bool], start: int = 0, timeout: float = 240) -> dict:
+        """The first message from the `start`-th on (received so far or later) that `match` accepts."""
+        deadline, seen = time.monotonic() + timeout, start
+        with self._arrived:
+            while True:
+                for message in self.messages[seen:]:
+                    if match(message):
+                        return message
+                seen = len(self.messages)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no such message from {self.url} in {timeout} s")
+                self._arrived.wait(left)
+
+    def wait(self, prompt_id: str, timeout: float = 240) -> dict:
+        """Wait until the prompt has ended (done, failed or interrupted); its history entry."""
+        self.wait_for(lambda m: m["type"] == "executing" and m["data"] == {"node": None, "prompt_id": prompt_id},
+                      timeout=timeout)
+        return get(f"{self.url}/history/{prompt_id}")[prompt_id]
+
+    def run(self, prompt: dict) -> dict:
+        """Queue a prompt and wait for it; its history entry."""
+        return self.wait(self.queue(prompt))
+
+    def of(self, prompt_id: str, kind: str) -> list[dict]:
+        """The data of the messages of type `kind` the server sent while the prompt ran."""
+        with self._arrived:
+            messages = list(self.messages)
+        found, running = [], False
+        for message in messages:
+            if message["type"] == "execution_start":
+                running = message["data"]["prompt_id"] == prompt_id
+            if running and message["type"] == kind:
+                found.append(message["data"])
+            if message["type"] == "executing" and message["data"] == {"node": None, "prompt_id": prompt_id}:
+                running = False
+        return found

@@ -1,8 +1,6 @@
 """ComfyUI tier: the pack loaded by ComfyUI's own loader, patching real models of every supported family and
 sampling through `comfy.sample` (skipped without COMFYUI_PATH)."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -222,3 +220,26 @@ def test_a_sampler_nested_in_a_run_on_the_same_model_runs_uncached(pack, bundles
 
     assert session.outer_sample(Outer(), None, None, None, torch.tensor([1.0, 0.5, 0.0])) == "outer"
     assert seen == [None] and session.run is None
+
+
+def test_a_cache_limit_computes_the_blocks_that_do_not_fit_and_the_report_shows_it(pack, bundles):
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    samples = latent["samples"] if isinstance(latent, dict) else latent
+    large = {"samples": torch.zeros(*samples.shape[:2], 96, 96)}  # caches of several MiB, so that 1 MiB steps tell
+    free = patched(pack, model)
+    reference = run_sampler(free, positive, negative, large, steps=6, cfg=2.0)
+    peak = session_of(free).last_report["peak_cache_bytes"]
+    assert peak > 3 * 2**20
+    policy_node, apply_node = pack
+    policy = policy_node.execute(**SETTINGS).result[0]
+    limit_mb = peak // 2**21
+    capped = apply_node.execute(model, policy, cache_limit_mb=limit_mb).result[0]
+    run_sampler(capped, positive, negative, large, steps=6, cfg=2.0)
+    report = session_of(capped).last_report
+    assert report["cache_limit_bytes"] == limit_mb * 2**20 and report["peak_cache_bytes"] <= limit_mb * 2**20
+    assert report["blocks_over_limit"] > 0 and report["blocks_skipped"] > 0
+    offloaded = apply_node.execute(model, policy, cache_offload=True).result[0]
+    out = run_sampler(offloaded, positive, negative, large, steps=6, cfg=2.0)
+    assert session_of(offloaded).last_report["cache_offloaded"] is True and torch.equal(out, reference)
+    with pytest.raises(ValueError, match="whole number of bytes >= 0"):
+        apply_node.execute(model, policy, cache_limit_mb=-1)

@@ -283,3 +283,55 @@ def test_policies_tcc_cannot_fit_are_refused(pack, folders, wan, settings, messa
 def test_a_model_already_through_apply_is_refused(pack, folders, wan):
     with pytest.raises(ValueError, match="Connect the model from before Apply Calibrated Cache"):
         fit(pack, (apply(pack, wan.model_patcher), *wan[1:]))
+
+
+@pytest.mark.parametrize("name", ["../outside.tcc.safetensors", "{outside}", "sub/../../outside.tcc.safetensors",
+                                  "/etc/passwd", "nested/../inside.tcc.safetensors"])
+def test_a_prior_file_name_cannot_reach_outside_the_prior_folders(pack, folders, wan, name):
+    """A workflow or API prompt names a prior file; only names the folders list are opened."""
+    good = fit(pack, wan).result[0]
+    data = open(good.path, "rb").read()
+    outside = folders["cache_priors"].parent / "outside.tcc.safetensors"
+    outside.write_bytes(data)
+    (folders["cache_priors"] / "inside.tcc.safetensors").write_bytes(data)
+    name = name.format(outside=outside)
+    with pytest.raises(ValueError, match="was not found in the cache_priors folders or beside the checkpoints"):
+        apply(pack, wan.model_patcher, prior_file=name)
+    assert pack[1].fingerprint_inputs(prior_file=name) == "missing"
+    apply(pack, wan.model_patcher, prior_file="inside.tcc.safetensors")
+
+
+def test_a_checkpoint_name_outside_the_model_folders_is_refused_before_fitting(pack, folders, wan):
+    with pytest.raises(ValueError, match="checkpoint ../../x.safetensors is not in the checkpoints"):
+        fit(pack, wan, checkpoint="../../x.safetensors")
+    assert list(folders["cache_priors"].iterdir()) == []
+
+
+@pytest.mark.parametrize("at_call", [3, 7])
+def test_an_interrupted_sampling_leaves_no_state_and_the_next_run_is_complete_and_unchanged(pack, wan, at_call):
+    import comfy.model_management
+
+    model, positive, negative, latent = wan
+    calibrated = apply(pack, model)
+    reference = run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0, seed=3)
+    complete = dict(session_of(calibrated).last_report)
+    calls = []
+
+    def interrupt(step, *args):
+        calls.append(step)
+        if len(calls) == at_call:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0, seed=3, callback=interrupt)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    session = session_of(calibrated)
+    assert session.run is None and session.call is None and session.primary
+    assert session.last_report["steps"] == at_call  # the interrupted run is reported for what it did
+    again = run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0, seed=3)
+    assert torch.equal(again, reference)
+    assert {k: v for k, v in session.last_report.items() if k != "wall_s"} == \
+        {k: v for k, v in complete.items() if k != "wall_s"}
