@@ -359,6 +359,7 @@ class ModelCall:
             for b, part in zip(self.branches, parts):
                 state.branches[b].probe_ref = part
 
+    @torch.compiler.disable  # a compiled testbed DiT: the engine stays out of its graphs (compile blocks instead)
     def __call__(self, index: int, block, h: Tensor, c: Tensor) -> Tensor:
         flops = self.site_flops(index, block, h.shape[1])
         if self.state.policy.granularity == "module":

@@ -14,6 +14,7 @@ from weakref import WeakKeyDictionary
 
 import comfy.ops
 import comfy.patcher_extension
+import torch
 from comfy.model_patcher import ModelPatcher
 from torch import Tensor, nn
 
@@ -79,12 +80,18 @@ def route_linears(model: ModelPatcher, blocks: list[BlockSite], target: Callable
     return count
 
 
+@torch.compiler.disable
+def _routed(current: LinearTarget, layer: IccLinear, x: Tensor, original: Callable) -> Tensor:
+    """ICC's bookkeeping per Linear stays outside compiled graphs (traced, it breaks on symbolic shapes)."""
+    return current.linear(layer, x, original)
+
+
 def _forward(layer: IccLinear, original: Callable, target: Callable[[], LinearTarget | None]) -> Callable:
     def forward(x: Tensor, *args, **kwargs) -> Tensor:
         current = target()
         if current is None or args or kwargs:
             return original(x, *args, **kwargs)
-        return current.linear(layer, x, original)
+        return _routed(current, layer, x, original)
 
     return forward
 

@@ -26,6 +26,7 @@ from ..calibration import CacheMemory, CachePolicy, ModelCall, RunState, RunStat
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import FactorCache, LinearTarget
 from ..priors import PriorMismatch, check_schedule, run_warnings
+from .compiled import BlockRunner, block_compiler
 from .families import BlockSite, Family
 from .fitted import FittedPriors
 
@@ -56,6 +57,7 @@ class CacheSession:
         self.hooked = 0
         self.last_report: dict[str, Any] | None = None
         self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
+        self.compiled: BlockRunner | None = None  # runs a computed block compiled, under TorchCompileModel
 
     def outer_sample(self, executor, *args, **kwargs):
         guider, sigmas = executor.class_obj, args[3]
@@ -77,13 +79,13 @@ class CacheSession:
         if self.priors is not None:
             cfg = getattr(guider, "cfg", None)  # CFGGuider's; other guiders have none to compare
             self._check_priors(schedule, cfg if isinstance(cfg, (int, float)) else None)
-        self.run, self.hooked = run, 0
+        self.run, self.hooked, self.compiled = run, 0, block_compiler(guider.model_options)
         start = time.perf_counter()
         try:
             return executor(*args, **kwargs)
         finally:
             stats = self.run.finish()
-            self.run = self.call = None
+            self.run = self.call = self.compiled = None
             self._report(stats, time.perf_counter() - start)
 
     def _check_priors(self, schedule: list[float], cfg: float | None) -> None:
@@ -133,13 +135,17 @@ class CacheSession:
         finally:
             self.call = previous
 
+    @torch.compiler.disable
     def cached_block(self, site: BlockSite, streams: dict[str, torch.Tensor], run: Callable[[], dict]) -> dict:
-        """Run one block through the engine; its FLOPs are measured on its first computation for a shape."""
+        """Run one block through the engine; its FLOPs are measured on its first computation for a shape (eagerly:
+        FlopCounterMode sees no ops inside a compiled graph), later computations run compiled when the model is."""
         self.hooked += 1
         key = (site.index, tuple((k, *v.shape[1:]) for k, v in streams.items()))
         cost = self._block_flops.get(key)
         if cost is not None:
-            return residual_block(self.call, site.index, streams, run, cost)
+            compiled = self.compiled
+            return residual_block(self.call, site.index, streams,
+                                  run if compiled is None else lambda: compiled(run), cost)
         batch = next(iter(streams.values())).shape[0]
 
         def measured() -> dict:
