@@ -8,6 +8,8 @@ import torch
 from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.testbed.sampling import sample
 
+from dynamo_counting import Counting
+
 LABELS = torch.tensor([2, 5])
 STEPS, CFG = 9, 2.0
 TAYLOR = CachePolicy(interval=3, warmup_steps=1, forecaster="taylor", order=2)
@@ -15,23 +17,6 @@ TAYLOR = CachePolicy(interval=3, warmup_steps=1, forecaster="taylor", order=2)
 
 def noise(seed: int) -> torch.Tensor:
     return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-class Counting:
-    """A dynamo backend that runs each graph as traced and counts the graphs it compiles and the calls they get."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-        self.calls = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs += 1
-
-        def run(*args):
-            self.calls += 1
-            return gm.forward(*args)
-
-        return run
 
 
 def test_a_compiled_model_samples_exactly_as_the_eager_one_and_recompiles_for_no_step(random_dit):

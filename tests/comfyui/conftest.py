@@ -96,6 +96,21 @@ def server(tmp_path_factory, comfyui_dir):
         yield running
 
 
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """The pack loaded as ComfyUI loads it: its Cache Policy and Apply Calibrated Cache classes (a module may
+    override this fixture to return other node classes)."""
+    from tiny_models import load_pack
+
+    return load_pack(str(tmp_path_factory.mktemp("custom_nodes")))
+
+
+@pytest.fixture(scope="module")
+def bundles() -> dict:
+    """Tiny family bundles built once per module (see `test_nodes.bundle`)."""
+    return {}
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The `tiny_models` helper module (ComfyUI already booted in CPU mode)."""

@@ -7,46 +7,15 @@ import logging
 import pytest
 import torch
 
-from .tiny_models import FAMILIES, load_pack, run_sampler
+from dynamo_counting import Counting
 
-SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
-                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return load_pack(str(tmp_path_factory.mktemp("custom_nodes")))
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    return {}
-
-
-class Counting:
-    """A dynamo backend that runs each graph as traced and counts the graphs it compiles and the calls they get."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-        self.calls = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs += 1
-
-        def run(*args):
-            self.calls += 1
-            return gm.forward(*args)
-
-        return run
+from .test_nodes import SETTINGS, bundle, session_of
+from .tiny_models import run_sampler
 
 
 def patched(pack, model, **inputs):
     policy_node, apply_node = pack
     return apply_node.execute(model, policy_node.execute(**SETTINGS).result[0], **inputs).result[0]
-
-
-def session_of(model):
-    return model.wrappers["outer_sample"]["calibrated_cache"][0].__self__
 
 
 def compiled(model, backend):
@@ -63,9 +32,7 @@ def compiled(model, backend):
 def test_a_compiled_patched_model_samples_as_the_eager_one_with_its_blocks_compiled(pack, bundles, family, order,
                                                                                       inputs):
     torch._dynamo.reset()
-    if family not in bundles:
-        bundles[family] = FAMILIES[family]()
-    model, positive, negative, latent = bundles[family]
+    model, positive, negative, latent = bundle(bundles, family)
     eager = patched(pack, model, **inputs)
     reference = run_sampler(eager, positive, negative, latent, steps=6, cfg=2.0, seed=1)
     backend = Counting()
@@ -86,9 +53,7 @@ def test_the_compile_node_with_inductor_runs_cached_and_close_to_eager(pack, bun
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
     torch._dynamo.reset()
-    if "Flux" not in bundles:
-        bundles["Flux"] = FAMILIES["Flux"]()
-    model, positive, negative, latent = bundles["Flux"]
+    model, positive, negative, latent = bundle(bundles, "Flux")
     eager = patched(pack, model)
     reference = run_sampler(eager, positive, negative, latent, steps=6, cfg=2.0, seed=1)
     both = TorchCompileModel.execute(patched(pack, model), "inductor").result[0]

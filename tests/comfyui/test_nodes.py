@@ -4,20 +4,10 @@ sampling through `comfy.sample` (skipped without COMFYUI_PATH)."""
 import pytest
 import torch
 
-from .tiny_models import force_split_cfg, FAMILIES, load_pack, run_sampler
+from .tiny_models import force_split_cfg, FAMILIES, run_sampler
 
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return load_pack(str(tmp_path_factory.mktemp("custom_nodes")))
-
-
-@pytest.fixture(scope="module")
-def bundles():
-    return {}
 
 
 def bundle(bundles, family):
