@@ -3,9 +3,9 @@
 The caches hold, per block and branch, one to four activations (more with Taylor orders): on a video model that is
 gigabytes of device memory. `offload` keeps them in CPU memory (pinned when CUDA is present, so copies run
 asynchronously) and brings a value back to the device when a skipped block needs it: the caches then cost the device
-only the block being served, and each reused value two copies. `limit_bytes` caps their size: blocks are admitted to the
-cache in the order they first store until the next would pass the cap; the rest are computed every step, so a run never
-grows past the cap, at a cost in speed that the run's report shows (blocks over the limit).
+only the block being served, and each reused value two copies. `limit_bytes` caps their size: blocks are admitted to
+the cache in the order they first store until the next would pass the cap; the rest are computed every step, so a run
+never grows past the cap, at a cost in speed that the run's report shows (blocks over the limit).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import PolicyError
+
 
 @dataclass(frozen=True)
 class CacheMemory:

@@ -19,7 +19,7 @@ COMPILE_KWARGS = "torch_compile_kwargs"  # the model option where TorchCompileMo
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 BlockRunner = Callable[[Callable[[], dict]], dict]
 log = logging.getLogger("calibrated_cache")
-_compiled: dict[str, BlockRunner] = {}
+_compiled: dict[str, BlockRunner | None] = {}
 
 
 def _run_block(run: Callable[[], dict]) -> dict:
@@ -27,17 +27,22 @@ def _run_block(run: Callable[[], dict]) -> dict:
 
 
 def block_compiler(model_options: dict[str, Any]) -> BlockRunner | None:
-    """What runs a computed block when the model is compiled (None: it is not, or the blocks run eagerly)."""
+    """What runs a computed block when the model is compiled (None: it is not, or the blocks run eagerly). Decided
+    once per set of compile arguments, so a long queue gets one warning, not one per prompt."""
     kwargs = model_options.get(COMPILE_KWARGS)
     if not kwargs:
         return None
+    key = repr(sorted(kwargs.items()))
+    if key not in _compiled:
+        _compiled[key] = _block_runner(kwargs)
+    return _compiled[key]
+
+
+def _block_runner(kwargs: dict[str, Any]) -> BlockRunner | None:
     if kwargs.get("backend") == "cudagraphs" or kwargs.get("mode") in CUDA_GRAPH_MODES:
         log.warning("calibrated_cache: torch.compile with CUDA graphs (%s) would overwrite cached block outputs; the "
                     "cached blocks run uncompiled and the rest of the model compiled. Use backend inductor with mode "
                     "default or max-autotune-no-cudagraphs to compile them too.",
                     kwargs.get("mode") or kwargs.get("backend"))
         return None
-    key = repr(sorted(kwargs.items()))
-    if key not in _compiled:
-        _compiled[key] = torch.compile(_run_block, **kwargs)
-    return _compiled[key]
+    return torch.compile(_run_block, **kwargs)
