@@ -55,10 +55,10 @@ class CachePolicy:
         _integer("max_skips", self.max_skips, 1, "it caps how many steps in a row the dynamic policy may skip")
         if isinstance(self.order, bool) or not isinstance(self.order, int) or not 1 <= self.order <= 3:
             raise PolicyError(f"Taylor order must be 1, 2 or 3 (got {self.order!r}); higher orders amplify noise")
-        for name in ("start", "end"):
+        for name in ("start", "end", "threshold", "foca_lambda"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise PolicyError(f"{name} must be a number in [0, 1] (got {value!r})")
+                raise PolicyError(f"{name} must be a number (got {value!r})")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise PolicyError(
                 f"the caching window must satisfy 0 <= start < end <= 1 (got start={self.start}, end={self.end}): "

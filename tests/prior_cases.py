@@ -186,7 +186,7 @@ CASES = [
     Case("policy with an unknown setting", _edited(meta={"policy": _policy(speed="max")}),
          r"unknown policy settings \['speed'\]"),
     Case("policy of the wrong type", _edited(meta={"policy": _policy(threshold="high")}),
-         r"'policy' is not a valid cache policy"),
+         r"'policy' is not a valid cache policy \(threshold must be a number \(got 'high'\)\)"),
     Case("policy tag that does not match the policy", _edited(meta={"policy_tag": "FORA_N9_W0"}),
          r"'policy_tag' is 'FORA_N9_W0', but its policy settings make 'FORA_N2_W0'"),
     Case("sigmas increasing", _edited(meta={"sigmas": "[0.0, 0.5, 1.0]"}), r"'sigmas' must be non-negative and "

@@ -48,13 +48,14 @@ def catalogue() -> list[tuple[str, str]]:
     return rows
 
 
-def pytest_run(args: list[str], env: dict[str, str]) -> tuple[str, float]:
-    """The summary line of a pytest run and its wall time."""
+def pytest_run(args: list[str], env: dict[str, str]) -> tuple[str, list[str], float]:
+    """The summary line of a pytest run, its per-test outcome lines and its wall time."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=HERE.parent,
-                          env={**os.environ, **env}, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *args],
+                          cwd=HERE.parent, env={**os.environ, **env}, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return (lines[-1] if lines else done.stderr[-500:]), time.monotonic() - start
+    outcomes = [line for line in lines if line.startswith(("PASSED ", "FAILED ", "ERROR ", "SKIPPED "))]
+    return (lines[-1].strip("= ") if lines else done.stderr[-500:]), outcomes, time.monotonic() - start
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
@@ -76,7 +77,8 @@ def main() -> int:
              f"Python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPU cores, GPU "
              f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}.", ""]
 
-    summary, wall = pytest_run(["tests/test_prior_fuzz.py"], {**env, "CC_FUZZ_EXAMPLES": str(args.fuzz_examples)})
+    summary, _, wall = pytest_run(["tests/test_prior_fuzz.py"],
+                                  {**env, "CC_FUZZ_EXAMPLES": str(args.fuzz_examples)})
     counts = json.loads((report / "fuzz.json").read_text())["counts"] if (report / "fuzz.json").exists() else []
     total = sum(r["cases"] for r in counts)
     crashes = sum(r["cases"] for r in counts if r["outcome"] == "crash")
@@ -95,10 +97,11 @@ def main() -> int:
               "The file names are those the test writes.", "", *table(("bad input", "message"), rows), ""]
 
     if args.comfyui:
-        summary, wall = pytest_run(["tests/comfyui/test_queue.py", "-v"], {**env, "COMFYUI_PATH": args.comfyui})
+        summary, outcomes, wall = pytest_run(["tests/comfyui/test_queue.py"], {**env, "COMFYUI_PATH": args.comfyui})
         soak = json.loads((report / "soak.json").read_text()) if (report / "soak.json").exists() else {}
         lines += ["## Queue soak and interrupts (ComfyUI tier, HTTP API)", "",
                   f"`tests/comfyui/test_queue.py`: `{summary}` in {wall:.0f} s.", "",
+                  *(f"- {line}" for line in outcomes), "", "The soak's figures:", "",
                   *table(("figure", "value"), [(k, json.dumps(v) if isinstance(v, (dict, list)) else v)
                                                for k, v in soak.items()]), ""]
     out = Path(args.out)
