@@ -324,7 +324,8 @@ class ModelCall:
 
     def _on_device(self, values: list[Tensor]) -> list[Tensor]:
         """Anchors where the model computes (they are elsewhere only when offloaded)."""
-        return [self.state.memory.use(v, self.device) for v in values]
+        memory = self.state.memory
+        return [memory.use(v, self.device) for v in values] if memory.offload else values
 
     def account(self, block: int, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:
         stats, n = self.state.stats, self.chunk * len(self.branches)
