@@ -11,9 +11,12 @@ from .calibration.tcc import VARIANTS
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .testbed.demo import run_demo
+    from .testbed.demo import DemoError, run_demo
 
-    run_demo(args.out, args.samples)
+    try:
+        run_demo(args.out, args.samples)
+    except DemoError as err:
+        raise SystemExit(f"error: {err}") from None
     return 0
 
 
@@ -31,9 +34,10 @@ def _bench(args: argparse.Namespace) -> int:
 def _fit_priors(args: argparse.Namespace) -> int:
     from .calibration import CachePolicy, PolicyError
     from .calibration.goc import GocSettings
-    from .calibration.icc import FactorCache, IccSettings
+    from .calibration.icc import IccSettings, StatsRecorder
     from .priors import save_priors
-    from .testbed.fit_priors import fit_testbed, record_channels
+    from .testbed.fit_priors import fit_requests, fit_testbed
+    from .testbed.progress import Progress
     from .testbed.weights import load_dit
 
     try:
@@ -53,13 +57,24 @@ def _fit_priors(args: argparse.Namespace) -> int:
     out = args.out or f"dit.{policy.tag()}.tcc.safetensors"
     if os.path.exists(out) and not args.overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it or --out to choose another name")
-    channels, summary = record_channels(model, args.samples, steps, cfg, args.shift, sampler=args.sampler)
-    priors, prior_meta = fit_testbed(model, policy, args.samples, steps, cfg, args.sampler, args.shift, args.variant,
-                                     not args.oneshot, args.rounds, args.batch, factors=FactorCache(channels))
-    path = save_priors(out, priors, {**prior_meta, "icc_stats": summary}, channels)
+    progress = Progress(fit_requests(policy, args.variant, args.samples, args.held_out, args.verify, args.rounds),
+                        "fit-priors")
+    recorder = StatsRecorder()
+    try:
+        priors, prior_meta = fit_testbed(model, policy, args.samples, steps, cfg, args.sampler, args.shift,
+                                         args.variant, not args.oneshot, args.rounds, args.batch,
+                                         held_out=args.held_out, verify=args.verify, recorder=recorder,
+                                         progress=lambda n, purpose: progress.advance(n, purpose))
+    finally:
+        progress.close()
+    path = save_priors(out, priors, prior_meta, recorder.table())
     r = prior_meta["report"]
-    print(f"{r['sites']} sites, rel_l2 against full computation on the {args.samples} calibration samples: "
-          f"{r['rel_l2_before']:.4f} without priors, {r['rel_l2_after']:.4f} with them")
+    print(f"{r['sites']} sites fitted on {args.samples} requests; rel_l2 against full computation on "
+          f"{args.held_out} held-out requests: {r['held_out_before']:.4f} without priors, "
+          f"{r['held_out_after']:.4f} with them ({r['held_out_after'] / r['held_out_before'] - 1:+.0%})")
+    if args.verify:
+        print(f"on the {args.samples} fitted requests (optimistic): {r['in_sample_before']:.4f} without priors, "
+              f"{r['in_sample_after']:.4f} with them")
     print(f"written {path}")
     return 0
 
@@ -75,18 +90,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_dit(args: argparse.Namespace) -> int:
-    from .testbed.train_dit import main as train
-
-    return train(args.rest)
-
-
-def _train_classifier(args: argparse.Namespace) -> int:
-    from .testbed.train_classifier import main as train
-
-    return train(args.rest)
-
-
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -100,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="sample the embedded testbed with and without caching; write a PNG grid")
     demo.add_argument("--out", default="demo_out", help="folder for demo_grid.png (default: ./demo_out)")
-    demo.add_argument("--samples", type=int, default=20, help="digits to sample (default 20)")
+    demo.add_argument("--samples", type=positive, default=20, help="digits to sample (default 20)")
     demo.set_defaults(run=_demo)
 
     bench = sub.add_parser("bench", help="quality at matched compute fractions, and wall speedup vs ideal")
@@ -126,7 +129,11 @@ def parser() -> argparse.ArgumentParser:
                      help="ICC factorisation (default channel-aware, from the statistics this fit records)")
     fit.add_argument("--variant", default="auto", choices=("auto", *VARIANTS),
                      help="prior form: auto (default: drift for reuse, mm for taylor/foca), drift, trend or mm")
-    fit.add_argument("--samples", type=positive, default=64, help="calibration samples (default 64)")
+    fit.add_argument("--samples", type=positive, default=64, help="requests the priors are fitted on (default 64)")
+    fit.add_argument("--held-out", type=positive, default=16,
+                     help="other requests the fit's error is reported on (default 16)")
+    fit.add_argument("--verify", action="store_true",
+                     help="also report the error on the fitted requests (three more runs over them)")
     fit.add_argument("--batch", type=positive, help="samples per batch (default: all in one)")
     fit.add_argument("--rounds", type=positive, default=1, help="fit rounds (default 1; more when batched)")
     fit.add_argument("--oneshot", action="store_true", help="ablation: fit every prior on one uncalibrated run")
@@ -143,16 +150,25 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sites", action="store_true", help="also list every site")
     inspect.set_defaults(run=_inspect)
 
-    for name, fn, text in (
-        ("train-dit", _train_dit, "retrain the testbed DiT on scikit-learn's digits (needs scikit-learn)"),
-        ("train-classifier", _train_classifier, "retrain the digits classifier used for accuracy and FD"),
+    from .testbed import train_classifier, train_dit
+
+    for name, module, text in (
+        ("train-dit", train_dit, "retrain the testbed DiT on scikit-learn's digits (needs the [train] extra)"),
+        ("train-classifier", train_classifier, "retrain the digits classifier used for accuracy and FD (needs the "
+                                               "[train] extra)"),
     ):
-        cmd = sub.add_parser(name, help=text, add_help=False)
-        cmd.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the training script (--help lists them)")
-        cmd.set_defaults(run=fn)
+        cmd = sub.add_parser(name, help=text, description=module.__doc__.splitlines()[0])
+        module.add_arguments(cmd)
+        cmd.set_defaults(run=module.run)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .testbed.data import MissingDependency
+    from .testbed.weights import ShippedWeights
+
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (MissingDependency, ShippedWeights) as err:
+        raise SystemExit(f"error: {err}") from None

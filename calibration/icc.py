@@ -435,7 +435,7 @@ class IccRun:
     def _store(self, scope: Scope, key: str, p: Tensor, y: Tensor, samples: list[Tensor]) -> None:
         """With offload the outputs are copied away now, so they are checked for in-place changes now, not when used."""
         rows = p.shape[0] // len(scope.branches)
-        if self.memory.offload and y.device.type != "cpu":
+        if self.memory.moves(y):
             if not all(self._unchanged(key, b, ys, sample)
                        for b, ys, sample in zip(scope.branches, y.split(scope.chunk), samples)):
                 return

@@ -34,14 +34,17 @@ class CacheMemory:
     def limit(self) -> int | None:
         return self.limit_bytes or None
 
+    def moves(self, value: Tensor) -> bool:
+        """Whether `keep` moves `value` away from where it was computed (with offload, off an accelerator)."""
+        return self.offload and value.device.type != "cpu"
+
     def keep(self, value: Tensor) -> Tensor:
         """What the cache stores of `value`: itself, or with offload a copy in CPU memory."""
-        if not self.offload or value.device.type == "cpu":
+        if not self.moves(value):
             return value
         host = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available())
         return host.copy_(value, non_blocking=True)
 
-    @staticmethod
-    def use(value: Tensor, device: torch.device) -> Tensor:
+    def use(self, value: Tensor, device: torch.device) -> Tensor:
         """A cached value on the device of the computation that reads it."""
         return value if value.device == device else value.to(device, non_blocking=True)

@@ -21,8 +21,6 @@ The README gives the measurements behind the default. What makes a fit trajector
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -107,7 +105,9 @@ class LeastSquares:
             self.yy += yy
         self.count += h.shape[0]
 
-    def solve(self, site: Site) -> SitePrior:
+    def solve(self, site: Site, errors: bool = True) -> SitePrior:
+        """The prior; `errors`: with the fit's error before and after on everything added (NaN without: the
+        sequential fit solves at every site visit, and only the final priors report their errors)."""
         k = self.gram.shape[-1]
         ridge = RIDGE * self.gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
         eye = torch.eye(k, dtype=self.gram.dtype, device=self.gram.device)
@@ -118,8 +118,9 @@ class LeastSquares:
         else:
             unchanged[:, 0] = 1.0
             a, g = beta[:, 0], beta[:, 1]
+        before, after = (self._mse(unchanged), self._mse(beta)) if errors else (float("nan"), float("nan"))
         return SitePrior(a.float(), g.float(), beta[:, -1].float(), site.sigma, site.anchor_sigma, site.stale_steps,
-                         self._mse(unchanged), self._mse(beta))
+                         before, after)
 
     def _mse(self, beta: Tensor) -> float:
         """Mean squared error of the fit `beta` over everything added, from the sufficient statistics alone."""
@@ -152,15 +153,18 @@ class Moments:
 
 @dataclass
 class MomentMatch:
-    """The "mm" fit: moments of h̃ on the cache side against the full trajectory's moments of the same site."""
+    """The "mm" fit: moments of h̃ on the cache side against the moments of the target, the site recomputed on the
+    cache-side input (given to `add`), or in the full-trajectory ablation the moments a reference run observed."""
 
-    full: Moments
+    full: Moments = field(default_factory=Moments)
     cache: Moments = field(default_factory=Moments)
 
     def add(self, value: Tensor, increment: Tensor | None, target: Tensor | None) -> None:
         self.cache.add(value)
+        if target is not None:
+            self.full.add(target)
 
-    def solve(self, site: Site) -> SitePrior:
+    def solve(self, site: Site, errors: bool = True) -> SitePrior:
         mu_c, sd_c = self.cache.mean_std()
         mu_f, sd_f = self.full.mean_std()
         a = (sd_f / (sd_c + EPS)).clamp(*SCALE_RANGE)
@@ -283,8 +287,10 @@ def _close(a: float, b: float) -> bool:
 class TccFit(Calibrator):
     """Fits TCC priors over runs of the cached policy on the calibration requests.
 
-    "mm" first needs a `reference` run (full computation; its moments are the targets); the other variants compare
-    with the site recomputed on the cache-side input, offered by the engine. In the cache-side runs:
+    Every variant compares with the site recomputed on the cache-side input, offered by the engine, so one fitting run
+    per request suffices. `full_trajectory` (an ablation of "mm") takes mm's target moments from a `reference` run
+    (full computation) first instead: the published wording, which costs a second run per request and measured no
+    better (README, "TCC: the prior's form"). In the cache-side runs:
 
     * `sequential` (the trajectory-consistent fit): each site's prior is estimated from everything seen there so far
       and applied at once, so every later site is fitted on a trajectory that already carries it;
@@ -295,12 +301,14 @@ class TccFit(Calibrator):
 
     flops = FLOPS
 
-    def __init__(self, variant: str = "drift", sequential: bool = True) -> None:
+    def __init__(self, variant: str = "drift", sequential: bool = True, full_trajectory: bool = False) -> None:
         check_variant(variant)
+        if full_trajectory and variant != "mm":
+            raise ValueError(f"only moment matching can take its targets from the full trajectory, not {variant!r}")
         self.variant = variant
         self.sequential = sequential
-        self.reference = variant == "mm"
-        self.needs_truth = variant != "mm"
+        self.reference = full_trajectory
+        self.needs_truth = not full_trajectory
         self.anchors = 1 if variant == "mm" else 2
         self.full: dict[SiteKey, Moments] = {}
         self.stats: dict[SiteKey, LeastSquares | MomentMatch] = {}
@@ -331,7 +339,7 @@ class TccFit(Calibrator):
             stats.add(value[part], None if increment is None else increment[part], None if truth is None else truth[part])
             self.seen[site_key(site)] = site
             if self.sequential:
-                applied.append(stats.solve(site))
+                applied.append(stats.solve(site, errors=False))
             else:
                 applied.append(None if self._frozen is None else self._frozen.lookup(site))
         return correct(reused, stack(applied, value))
@@ -341,9 +349,9 @@ class TccFit(Calibrator):
         stats = self.stats.get(key)
         if stats is None:
             if self.variant == "mm":
-                if key not in self.full:  # the reference run never reached this site: nothing to match it to
+                if self.full and key not in self.full:  # the reference run never reached this site: no target
                     return None
-                stats = MomentMatch(self.full[key])
+                stats = MomentMatch(self.full[key]) if self.full else MomentMatch()
             else:
                 stats = LeastSquares(self.variant)
             self.stats[key] = stats
@@ -372,50 +380,3 @@ def resolve_variant(variant: str, forecaster: str) -> str:
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"TCC variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
-
-
-SampleRun = Callable[[Calibrator | None, bool], Tensor]
-
-
-def fit_tcc(run: SampleRun, variant: str = "drift", sequential: bool = True, rounds: int = 1) -> tuple[TccPriors, dict]:
-    """The whole fit over the calibration requests, and a report on them.
-
-    `run(calibrator, cached)` samples every calibration request (in as many batches as it likes) with full
-    computation (`cached=False`) or through the policy, and returns the final latents. Runs: full, cached without
-    priors, (mm: the reference), the cache-side fit rounds, then cached with the fitted priors; the report gives the
-    relative L2 error of the last against full computation, before and after calibration.
-    """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1 (got {rounds})")
-    full = run(None, False)
-    before = run(None, True)
-    fit = TccFit(variant, sequential)
-    if fit.reference:
-        run(fit, True)
-        fit.end_reference()
-    for r in range(rounds):
-        if r:
-            fit.end_round()
-        run(fit, True)
-    priors = fit.priors()
-    if not priors.priors:
-        raise ValueError("the policy reused nothing on the calibration runs: there is nothing to calibrate")
-    broken = [k for k, p in priors.priors.items() if not p.finite()]
-    if broken:
-        raise ValueError(f"the fit produced non-finite priors at {len(broken)} sites (first: {broken[0]}); the model's "
-                         "values overflow there. Try another variant, or fit in a higher precision.")
-    after = run(priors, True)
-    report = {"rel_l2_before": _rel_l2(before, full), "rel_l2_after": _rel_l2(after, full),
-              "sites": len(priors.priors), "rounds": rounds, "sequential": sequential}
-    return priors, report
-
-
-def fit_runs(variant: str, rounds: int) -> int:
-    """How many sampling runs `fit_tcc` makes (for progress bars)."""
-    return 3 + (variant == "mm") + rounds
-
-
-def _rel_l2(x: Tensor, ref: Tensor) -> float:
-    """Mean over samples of ||x − ref|| / ||ref||, as the benchmark reports it."""
-    d, r = (x.float() - ref.float()).flatten(1), ref.float().flatten(1)
-    return float((d.norm(dim=1) / r.norm(dim=1).clamp_min(1e-12)).mean())

@@ -1,10 +1,14 @@
-"""Fit TCC Priors: calibrate a fixed cache policy on a model by sampling a few seeds fully and through the cache, and
-save the priors with their provenance so that Apply Calibrated Cache can load them.
+"""Fit TCC Priors: calibrate a fixed cache policy on a model, and save the priors with their provenance so that Apply
+Calibrated Cache can load them.
 
-The fit samples the unpatched input model for full computation and a clone patched exactly as Apply Calibrated Cache
-patches it for the cached runs, with the same seeds and sigmas in every run. One progress bar covers all runs; its
-callback is also where an interrupt stops the fit. The file is written once, atomically, at the end, so an
-interrupted or failed fit leaves nothing behind.
+Of its calibration seeds, the last `held_out` are held out. The fit runs the cached policy once on each fitting seed,
+recomputing every reused block to fit against (so each costs about one full sampling); then it measures the error
+against full computation without and with the priors on the held-out seeds, which the priors never saw (one full and
+two cached samplings each). `verify` measures the in-sample error too. The full computation runs on a clone of the
+unpatched input model, the cached ones on a clone patched exactly as Apply Calibrated Cache patches it, with the
+same sigmas in every run. ICC's channel statistics are recorded on the first fitting seed. One
+progress bar covers all runs; its callback is also where an interrupt stops the fit. The file is written once,
+atomically, at the end, so an interrupted or failed fit leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import SVD_MODES, FactorCache, StatsRecorder
-from ..calibration.tcc import VARIANTS, fit_runs, fit_tcc, resolve_variant
+from ..calibration.fitting import FIT, HELD_OUT, FitRun, fit_plan, fit_tcc
+from ..calibration.tcc import VARIANTS, resolve_variant
 from ..priors import save_priors
 from . import folders
 from .apply_node import MAX_RANK, WrappersMP, block_policy, patch_model, with_icc
 from .fitted import FittedPriors, TccPriorsType, fingerprint
-from .linears import recording_clone
+from .linears import record_linears
 from .policy_node import CATEGORY, CachePolicyType
 from .session import KEY, CacheSession, send_event
 
 BESIDE, IN_FOLDER = "beside checkpoint", "cache_priors folder"
 FIT_EVENT = "calibrated_cache.fit"
 PROGRESS_EVERY_S = 0.25  # the page redraws the node on each event; every step would flood it on fast models
+DEFAULT_SAMPLES = 3  # 2 fitting seeds and 1 held out: README, "How many calibration seeds"
 
 
 def check_fittable(model: ModelPatcher, policy: CachePolicy) -> None:
@@ -60,10 +66,21 @@ def sigmas_for(model: ModelPatcher, sampler_name: str, scheduler: str, steps: in
                                    scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
 
 
+class Recording:
+    """Whether the sampling run now going records ICC's channel statistics (the fit's first run over its fitting
+    seeds, which computes every block); both clones route their block Linears through `target`."""
+
+    def __init__(self, recorder: StatsRecorder) -> None:
+        self.recorder, self.on = recorder, False
+
+    def target(self) -> StatsRecorder | None:
+        return self.recorder if self.on else None
+
+
 @dataclass
 class CalibrationRuns:
-    """`fit_tcc`'s run: samples every calibration seed, fully (on a clone of the input model that records ICC's channel
-    statistics) or cached on the patched clone. ICC in the cached runs uses the statistics of the full runs before."""
+    """`fit_tcc`'s run: samples the seeds of one part (fitting or held-out) fully or cached on the patched clone, one
+    seed at a time, so memory stays that of one sampling. A policy with ICC uses the statistics recorded before."""
 
     model: ModelPatcher
     clone: ModelPatcher
@@ -75,26 +92,36 @@ class CalibrationRuns:
     cfg: float
     sampler_name: str
     scheduler: str
-    seeds: list[int]
-    runs: int  # how many times fit_tcc will call this: the progress bar spans them all
-    recorder: StatsRecorder
+    seeds: dict[str, list[int]]  # part -> seeds
+    plan: list[FitRun]  # the runs fit_tcc will make: the progress bar spans them all
+    recording: Recording
     node_id: str | None = None
 
     def __post_init__(self) -> None:
         self.image = comfy.sample.fix_empty_latent_channels(self.model, self.latent["samples"])
-        self.total = self.runs * len(self.seeds) * (len(self.sigmas) - 1)
+        self.total = sum(len(self.seeds[step.part]) for step in self.plan) * (len(self.sigmas) - 1)
         self.progress = comfy.utils.ProgressBar(self.total)
-        self.done, self.calls, self.seed, self.phase = 0, 0, self.seeds[0], ""
+        self.done, self.calls, self.seed, self.phase = 0, 0, -1, ""
+        self.full_seconds: float | None = None  # one full-computation sampling of one seed: the fit's unit of cost
         self.started = self.sent = time.monotonic()
 
-    def __call__(self, calibrator: Calibrator | None, cached: bool) -> Tensor:
+    def __call__(self, calibrator: Calibrator | None, step: FitRun) -> Tensor:
         self.session.calibrator = calibrator
-        self.phase = fit_phase(self.calls, self.runs, cached)
+        self.phase = f"{step.purpose} ({'held-out seeds' if step.part == HELD_OUT else 'fitting seeds'})"
         self.calls += 1
-        out = torch.cat([self._sample(self.clone if cached else self.model, seed) for seed in self.seeds])
-        if not cached:
-            self.session.factors = FactorCache(self.recorder.table())
-        return out
+        start, out = time.monotonic(), []
+        for i, seed in enumerate(self.seeds[step.part]):
+            # ICC's channel statistics: one seed's run gives every Linear thousands of token changes per step
+            self.recording.on = step.records and i == 0
+            try:
+                out.append(self._sample(self.clone if step.cached else self.model, seed))
+            finally:
+                self.recording.on = False
+        if step.part == HELD_OUT and not step.cached:
+            self.full_seconds = (time.monotonic() - start) / len(self.seeds[step.part])
+        if step.records and self.session.policy.icc is not None:
+            self.session.factors = FactorCache(self.recording.recorder.table())
+        return torch.cat(out)
 
     def _sample(self, model: ModelPatcher, seed: int) -> Tensor:
         self.seed = seed
@@ -111,27 +138,39 @@ class CalibrationRuns:
         if now - self.sent >= PROGRESS_EVERY_S or step == 0 or self.done == self.total:
             self.sent = now
             elapsed = now - self.started
-            send_event(FIT_EVENT, {"node": self.node_id, "phase": self.phase, "run": self.calls, "runs": self.runs,
-                                   "seed": self.seed, "done": self.done, "total": self.total, "elapsed_s": elapsed,
-                                   "eta_s": elapsed * (self.total - self.done) / self.done})
+            send_event(FIT_EVENT, {"node": self.node_id, "phase": self.phase, "run": self.calls,
+                                   "runs": len(self.plan), "seed": self.seed, "done": self.done, "total": self.total,
+                                   "elapsed_s": elapsed, "eta_s": elapsed * (self.total - self.done) / self.done})
 
 
-def fit_phase(call: int, runs: int, cached: bool) -> str:
-    """What fit_tcc's `call`-th sampling run is for (its order: full, cached, fitting runs, cached with priors)."""
-    if not cached:
-        return "full computation"
-    if call == 1:
-        return "cached, without priors"
-    return "cached, with the fitted priors" if call == runs - 1 else "fitting"
+def split_seeds(seed: int, samples: int, held_out: int) -> dict[str, list[int]]:
+    """seed, seed + 1, … (torch seeds are 64-bit): the last `held_out` are held out, the rest fitted on."""
+    if not 1 <= held_out < samples:
+        raise ValueError(f"Fit TCC Priors holds out {held_out} of its {samples} seeds, and needs at least one seed to "
+                         "fit on and one to measure on: set held_out between 1 and samples - 1")
+    seeds = [(seed + i) % 2**64 for i in range(samples)]
+    return {FIT: seeds[:-held_out], HELD_OUT: seeds[-held_out:]}
 
 
-def report_text(report: dict, variant: str, tag: str, samples: int, path: str) -> str:
-    before, after = report["rel_l2_before"], report["rel_l2_after"]
+def report_text(report: dict, variant: str, tag: str, seeds: dict[str, list[int]], path: str,
+                cost: float | None) -> str:
+    lines = [f"TCC priors ({variant}) for {tag}: {report['sites']} sites, fitted on seeds {seed_list(seeds[FIT])}",
+             f"held-out seeds {seed_list(seeds[HELD_OUT])}: error against full computation (rel L2) "
+             + change_text(report["held_out_before"], report["held_out_after"])]
+    if "in_sample_before" in report:
+        lines.append(f"fitting seeds (optimistic): {change_text(report['in_sample_before'], report['in_sample_after'])}")
+    if cost is not None:
+        lines.append(f"the fit cost {cost:.1f} full samplings of one seed")
+    return "\n".join(lines + [f"saved to {path}"])
+
+
+def change_text(before: float, after: float) -> str:
     change = f" ({after / before - 1:+.0%})" if before > 0 else ""
-    return (f"TCC priors ({variant}) for {tag}: {report['sites']} sites\n"
-            f"error against full computation (rel L2, mean over {samples} calibration samples): "
-            f"{before:.4f} without priors, {after:.4f} with priors{change}\n"
-            f"saved to {path}")
+    return f"{before:.4f} without priors, {after:.4f} with priors{change}"
+
+
+def seed_list(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds)) if len(seeds) <= 4 else f"{seeds[0]}-{seeds[-1]}"
 
 
 class FitTccPriorsNode(io.ComfyNode):
@@ -141,10 +180,10 @@ class FitTccPriorsNode(io.ComfyNode):
             node_id="CalibratedCache_FitTCCPriors",
             display_name="Fit TCC Priors",
             category=CATEGORY,
-            description="Calibrates a fixed cache policy on this model: samples a few seeds with full computation and "
-                        "through the cache, fits a per-channel correction for every value the policy reuses (TCC), "
-                        "and saves it as a .tcc.safetensors file for Apply Calibrated Cache. Costs a few samplings "
-                        "per seed; runs again only when its inputs change.",
+            description="Calibrates a fixed cache policy on this model: fits a per-channel correction for every value "
+                        "the policy reuses (TCC) on a few seeds, measures it on a held-out seed, and saves it as a "
+                        ".tcc.safetensors file for Apply Calibrated Cache. Costs about one sampling per seed; runs "
+                        "again only when its inputs change.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to calibrate, from before Apply Calibrated Cache "
                                                 "(LoRAs applied as you will sample)."),
@@ -153,8 +192,10 @@ class FitTccPriorsNode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="A typical prompt; priors carry over to other prompts."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt you will sample with."),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you will sample."),
-                io.Int.Input("samples", default=4, min=1, max=64,
-                             tooltip="Calibration seeds (seed, seed + 1, ...). More fit better and cost more."),
+                io.Int.Input("samples", default=DEFAULT_SAMPLES, min=2, max=64,
+                             tooltip="Calibration seeds (seed, seed + 1, ...): the priors are fitted on all but the "
+                                     "last held_out of them, and their error is measured on those. More fit better; "
+                                     "each fitting seed costs about one sampling."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                              tooltip="The first calibration seed (fixed: a new seed would refit on every queue)."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
@@ -183,6 +224,12 @@ class FitTccPriorsNode(io.ComfyNode):
                                      "0: without ICC. Every file records ICC's channel statistics either way."),
                 io.Combo.Input("icc_svd", options=list(SVD_MODES), default=SVD_MODES[0], optional=True,
                                tooltip="ICC's factorisation while fitting; set the same on Apply Calibrated Cache."),
+                io.Int.Input("held_out", default=1, min=1, max=63, optional=True,
+                             tooltip="How many of the samples seeds are held out: not fitted on, the fit's error "
+                                     "is measured on them (full computation and two cached samplings each)."),
+                io.Boolean.Input("verify", default=False, optional=True,
+                                 tooltip="Also measure the error on the fitting seeds (optimistic: the priors were "
+                                         "fitted there); three more samplings per fitting seed."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
@@ -192,35 +239,48 @@ class FitTccPriorsNode(io.ComfyNode):
     @classmethod
     def execute(cls, model: ModelPatcher, policy: CachePolicy, positive: list, negative: list, latent: dict,
                 samples: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, variant: str,
-                checkpoint: str, save_to: str, overwrite: bool, icc_rank: int = 0,
-                icc_svd: str = SVD_MODES[0]) -> io.NodeOutput:
+                checkpoint: str, save_to: str, overwrite: bool, icc_rank: int = 0, icc_svd: str = SVD_MODES[0],
+                held_out: int = 1, verify: bool = False) -> io.NodeOutput:
         policy = block_policy(with_icc(policy, icc_rank, icc_svd))
         check_fittable(model, policy)
+        seeds = split_seeds(seed, samples, held_out)
         variant = resolve_variant(variant, policy.forecaster)
         path = folders.target_path(checkpoint, policy.tag(), save_to == BESIDE)
         if os.path.exists(path) and not overwrite:
             raise ValueError(f"{path} already exists. Enable overwrite to refit it, or rename the existing file to "
                              "keep it.")
         clone, session = patch_model(model, policy)
-        recorder = StatsRecorder()
+        recording = Recording(StatsRecorder())
+        full = model.clone()
+        record_linears(full, session.blocks, recording.recorder, recording.target)
+        if policy.icc is None:  # its fitting runs compute every block: they record; ICC's need statistics first
+            record_linears(clone, session.blocks, recording.recorder, recording.target)
         identity = fingerprint(model, session.family.name)
         if checkpoint != folders.NONE:
             identity["name"] = checkpoint
         sigmas = sigmas_for(model, sampler_name, scheduler, steps)
-        seeds = [(seed + i) % 2**64 for i in range(samples)]  # torch seeds are 64-bit
         node_id = getattr(cls.hidden, "unique_id", None)
-        runs = CalibrationRuns(recording_clone(model, session.blocks, recorder), clone, session, positive, negative,
-                               latent, sigmas, cfg, sampler_name, scheduler, seeds, fit_runs(variant, 1), recorder,
-                               node_id)
-        priors, report = fit_tcc(runs, variant)
-        channels = recorder.table()
+        statistics = policy.icc is not None
+        runs = CalibrationRuns(full, clone, session, positive, negative, latent, sigmas, cfg, sampler_name, scheduler,
+                               seeds, fit_plan(variant, 1, True, verify, statistics), recording, node_id)
+        priors, report = fit_tcc(runs, variant, verify=verify, statistics=statistics)
+        elapsed = time.monotonic() - runs.started
+        cost = elapsed / runs.full_seconds if runs.full_seconds else None
+        report = {**report, "fit_s": elapsed, **({"fit_cost_samplings": cost} if cost is not None else {})}
+        fitted = seeds[FIT]
         meta = {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
                 "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name,
-                "scheduler": scheduler, "cfg": cfg, "samples": samples, "seeds": seeds, "pack_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report, "icc_stats": {**recorder.summary(), "samples": samples, "seeds": seeds}}
-        save_priors(path, priors, meta, channels)
-        text = report_text(report, variant, policy.tag(), samples, path)
-        send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_before": report["rel_l2_before"],
-                               "error_after": report["rel_l2_after"], "sites": report["sites"], "path": path,
-                               "elapsed_s": time.monotonic() - runs.started})
-        return io.NodeOutput(FittedPriors(priors, meta, path, channels), text, ui=ui.PreviewText(text))
+                "scheduler": scheduler, "cfg": cfg, "samples": len(fitted), "seeds": fitted,
+                "held_out": len(seeds[HELD_OUT]), "held_out_seeds": seeds[HELD_OUT], "pack_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report,
+                "icc_stats": {**recording.recorder.summary(), "samples": 1, "seeds": fitted[:1]}}
+        save_priors(path, priors, meta, recording.recorder.table())
+        text = report_text(report, variant, policy.tag(), seeds, path, cost)
+        send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
+                               "error_before": report["held_out_before"], "error_after": report["held_out_after"],
+                               "in_sample_before": report.get("in_sample_before"),
+                               "in_sample_after": report.get("in_sample_after"), "fitted_seeds": fitted,
+                               "held_out_seeds": seeds[HELD_OUT], "sites": report["sites"], "path": path,
+                               "elapsed_s": elapsed, "cost_samplings": cost})
+        return io.NodeOutput(FittedPriors(priors, meta, path, recording.recorder.table()), text,
+                             ui=ui.PreviewText(text))

@@ -96,10 +96,11 @@ def _forward(layer: IccLinear, original: Callable, target: Callable[[], LinearTa
     return forward
 
 
-def recording_clone(model: ModelPatcher, blocks: list[BlockSite], recorder: StatsRecorder) -> ModelPatcher:
-    """A clone that computes exactly as `model` and records ICC's channel statistics of its block Linears."""
-    m = model.clone()
-    route_linears(m, blocks, lambda: recorder)
+def record_linears(model: ModelPatcher, blocks: list[BlockSite], recorder: StatsRecorder,
+                   target: Callable[[], LinearTarget | None]) -> None:
+    """Route the block Linears of `model` (a clone) to `target()`, and tell `recorder` the batch layout of every model
+    call and the end of every sampling run, so that it takes changes only between calls of one run and layout."""
+    route_linears(model, blocks, target)
 
     def outer_sample(executor, *args, **kwargs):
         try:
@@ -112,6 +113,5 @@ def recording_clone(model: ModelPatcher, blocks: list[BlockSite], recorder: Stat
         recorder.group = tuple(options.get("cond_or_uncond") or ())
         return executor(*args, **kwargs)
 
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, apply_model)
-    return m
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, apply_model)

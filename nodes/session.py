@@ -15,6 +15,7 @@ the fit that Fit TCC Priors sets for each of its runs.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ from ..priors import PriorMismatch, check_schedule, run_warnings
 from .compiled import BlockRunner, block_compiler
 from .families import BlockSite, Family
 from .fitted import FittedPriors
+from .schedules import sampler_name, scheduler_name
 
 log = logging.getLogger("calibrated_cache")
 KEY = "calibrated_cache"
@@ -57,6 +59,7 @@ class CacheSession:
         self.hooked = 0
         self.last_report: dict[str, Any] | None = None
         self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
+        self.prior_notes: list[str] = []  # how this run differs from the fit's settings
         self.compiled: BlockRunner | None = None  # runs a computed block compiled, under TorchCompileModel
 
     def outer_sample(self, executor, *args, **kwargs):
@@ -76,9 +79,10 @@ class CacheSession:
         except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
             log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
             return executor(*args, **kwargs)
+        self.prior_notes = []
         if self.priors is not None:
             cfg = getattr(guider, "cfg", None)  # CFGGuider's; other guiders have none to compare
-            self._check_priors(schedule, cfg if isinstance(cfg, (int, float)) else None)
+            self._check_priors(guider, schedule, cfg if isinstance(cfg, (int, float)) else None, args[2])
         self.run, self.hooked, self.compiled = run, 0, block_compiler(guider.model_options)
         start = time.perf_counter()
         try:
@@ -88,14 +92,19 @@ class CacheSession:
             self.run = self.call = self.compiled = None
             self._report(stats, time.perf_counter() - start)
 
-    def _check_priors(self, schedule: list[float], cfg: float | None) -> None:
-        """Refuse a run the priors cannot serve before it samples; say so when they only transfer approximately."""
+    def _check_priors(self, guider, schedule: list[float], cfg: float | None, sampler) -> None:
+        """Refuse a run the priors cannot serve before it samples; say so (in the log and the run report) when they
+        only transfer approximately: another schedule, cfg, sampler or scheduler than the fit's."""
         meta, name = self.priors.meta, self.priors.name
         try:
             note = check_schedule(meta, self.policy, schedule, name)
         except PriorMismatch as err:
             raise ValueError(str(err)) from None
-        for warning in ([note] if note else []) + run_warnings(meta, cfg=cfg):
+        used = sampler_name(sampler)
+        scheduler = scheduler_name(guider.model_patcher.get_model_object("model_sampling"), schedule, used)
+        self.prior_notes = ([note] if note else []) + run_warnings(meta, cfg=cfg, sampler=used,
+                                                                   scheduler=scheduler)
+        for warning in self.prior_notes:
             log.warning("calibrated_cache: %s", warning)
 
     def linear_target(self) -> LinearTarget | None:
@@ -162,7 +171,8 @@ class CacheSession:
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
         self.last_report = {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
-                            "priors": priors, "prior_check": self.prior_check, "wall_s": wall, **stats.to_dict()}
+                            "priors": priors, "prior_check": self.prior_check, "prior_notes": self.prior_notes,
+                            "wall_s": wall, **stats.to_dict()}
         log.info("calibrated_cache [%s] %s: %s, wall %.2f s%s", self.policy.tag(), self.family.name, stats.summary(),
                  wall, f", priors {priors}" if priors else "")
         send_event("calibrated_cache.stats", self.last_report)
@@ -195,11 +205,9 @@ def forward_patch(session: CacheSession, site: BlockSite, original: Callable) ->
 
 
 def send_event(event: str, data: dict) -> None:
-    """Broadcast to the browser when a server runs; scripts and tests have none."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
+    """Broadcast to the browser when a server runs (ComfyUI's `server` module is then loaded); scripts and tests have
+    none, and importing it there would be attempted anew, and fail, on every event."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is not None:
         instance.send_sync(event, data)

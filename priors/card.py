@@ -17,6 +17,8 @@ MATCH, MISMATCH, UNKNOWN = "match", "mismatch", "unknown"
 def prior_card(meta: dict[str, Any]) -> dict[str, Any]:
     """The fields a user compares before sampling with a prior file, typed for display."""
     model, report = _dict(meta.get("model")), _dict(meta.get("report"))
+    # held-out errors are what to expect on new requests; older files only have the in-sample ones
+    measured = "held_out" if "held_out_before" in report else "rel_l2" if "rel_l2_before" in report else None
     return {
         "model": model.get("name") or "(not recorded)",
         "family": model.get("family", "?"),
@@ -29,8 +31,10 @@ def prior_card(meta: dict[str, Any]) -> dict[str, Any]:
         "cfg": _float(meta.get("cfg")),
         "samples": _int(meta.get("samples")),
         "created": meta.get("created", "?"),
-        "error_before": _float(report.get("rel_l2_before")),
-        "error_after": _float(report.get("rel_l2_after")),
+        "held_out": _int(meta.get("held_out")),
+        "error_on": {"held_out": "held-out", "rel_l2": "in-sample"}.get(measured),
+        "error_before": _float(report.get(f"{measured}_before")),
+        "error_after": _float(report.get(f"{measured}_after")),
         "icc_statistics": "icc_stats" in meta,
     }
 

@@ -10,8 +10,6 @@ Files are written to a temporary name in the target folder and renamed, so no re
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors.torch import save_file
 from ..calibration.icc import ChannelTable
 from ..calibration.tcc import SiteKey, SitePrior, TccPriors
 from . import schema
+from .files import write_atomic
 
 FORMAT = "calibrated_cache.tcc"
 FORMAT_VERSION = 2
@@ -70,16 +69,7 @@ def save_priors(path: str | Path, priors: TccPriors, meta: dict[str, Any],
     if missing:
         raise ValueError(f"prior metadata lacks {missing}")
     strings = {k: json.dumps(v) if k in JSON_FIELDS else str(v) for k, v in full.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=strings)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=strings))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

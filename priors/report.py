@@ -15,6 +15,7 @@ def summarize(prior: PriorFile, per_site: bool = False) -> str:
              ("method", "variant", "policy_tag", "sampler", "scheduler", "steps", "sigmas", "cfg", "samples",
               "pack_version", "created")]
     lines.append(f"{'model':<13} " + ", ".join(f"{k} {v}" for k, v in meta["model"].items()))
+    lines += _errors(meta)
     if meta.get("report"):
         lines.append(f"{'report':<13} " + ", ".join(f"{k} {_num(v)}" for k, v in meta["report"].items()))
     channels = {p.a.numel() for p in priors.values()}
@@ -43,6 +44,35 @@ def summarize(prior: PriorFile, per_site: bool = False) -> str:
             lines.append(f"{'/'.join(map(str, key)):<40} a {float(p.a.mean()):.4f} g {float(p.g.mean()):.4f} "
                          f"b {float(p.b.abs().mean()):.4f} mse {_num(p.before)} -> {_num(p.after)}")
     return "\n".join(lines)
+
+
+def _errors(meta: dict[str, Any]) -> list[str]:
+    """The fit's error against full computation without and with the priors: on held-out requests (what to expect on
+    new prompts and seeds), and in-sample where it was measured (optimistic: the priors were fitted there)."""
+    report, lines = meta.get("report") or {}, []
+    fitted = f"fitted on {meta['samples']} requests (seeds {_seeds(meta.get('seeds'))})"
+    if "held_out_before" in report:
+        lines.append(f"{'held-out':<13} {_change(report['held_out_before'], report['held_out_after'])} on "
+                     f"{meta.get('held_out', '?')} requests (seeds {_seeds(meta.get('held_out_seeds'))}); {fitted}")
+    else:
+        lines.append(f"{'held-out':<13} not measured: this file was written before fits held requests out; {fitted}")
+    for key, label in (("in_sample", "in-sample"), ("rel_l2", "in-sample")):
+        if f"{key}_before" in report:
+            lines.append(f"{label:<13} {_change(report[f'{key}_before'], report[f'{key}_after'])} on the fitted "
+                         "requests (optimistic)")
+    return lines
+
+
+def _change(before: float, after: float) -> str:
+    change = f" ({after / before - 1:+.0%})" if before > 0 and math.isfinite(after) else ""
+    return f"error {_num(before)} without priors -> {_num(after)} with{change}"
+
+
+def _seeds(values: Any) -> str:
+    if not values:
+        return "?"
+    shown = ", ".join(str(v) for v in values[:6])
+    return shown + (f", … {len(values)} in all" if len(values) > 6 else "")
 
 
 def _sigmas(values: list[float]) -> str:

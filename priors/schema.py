@@ -24,7 +24,9 @@ MAX_CHANNELS = 1 << 20
 MAX_INDEX = 1 << 20  # rounds and blocks
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")  # a role, site or Linear name inside a tensor name
 HASH = re.compile(r"[0-9a-f]{16}")
-REPORT_NUMBERS = ("rel_l2_before", "rel_l2_after", "sites", "rounds")
+# in-sample errors of files written before held-out reports (rel_l2_*), held-out and in-sample errors, site counts
+REPORT_NUMBERS = ("rel_l2_before", "rel_l2_after", "held_out_before", "held_out_after", "in_sample_before",
+                  "in_sample_after", "sites", "rounds")
 
 
 class Invalid(ValueError):
@@ -165,6 +167,8 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "created": (False, created),
     "report": (True, report),
     "seeds": (True, seeds),
+    "held_out": (False, lambda v: integer(v, 0, 4096)),
+    "held_out_seeds": (True, seeds),
     "icc_stats": (True, icc_stats),
 }
 
@@ -179,6 +183,10 @@ def check_metadata(raw: dict[str, str]) -> dict[str, Any]:
             meta[key] = check(parsed(raw[key]) if is_json else raw[key])
         except Invalid as err:
             raise Invalid(f"metadata field {key!r} {err}") from None
+    shared = set(meta.get("seeds", ())) & set(meta.get("held_out_seeds", ()))
+    if shared:
+        raise Invalid(f"metadata field 'held_out_seeds' shares seeds {sorted(shared)[:4]} with the fitting seeds; "
+                      "held-out requests must be ones the priors were not fitted on")
     tag = CachePolicy.from_dict(meta["policy"]).tag()
     if meta["policy_tag"] != tag:
         raise Invalid(f"metadata field 'policy_tag' is {meta['policy_tag']!r}, but its policy settings make {tag!r}")

@@ -87,7 +87,9 @@ def check_schedule(meta: dict[str, Any], policy: CachePolicy, sigmas: Sequence[f
             "quality.")
 
 
-def run_warnings(meta: dict[str, Any], cfg: float | None = None, sampler: str | None = None) -> list[str]:
+def run_warnings(meta: dict[str, Any], cfg: float | None = None, sampler: str | None = None,
+                 scheduler: str | None = None) -> list[str]:
+    """What differs between a run and the fit that the priors transfer across (None: the run's value is unknown)."""
     notes = []
     fitted_cfg = float(meta["cfg"])
     if cfg is not None and abs(cfg - fitted_cfg) > 1e-6:
@@ -97,4 +99,7 @@ def run_warnings(meta: dict[str, Any], cfg: float | None = None, sampler: str | 
     if sampler is not None and meta["sampler"] != sampler:
         notes.append(f"priors were fitted with sampler {meta['sampler']}, this run uses {sampler}: sites are matched by "
                      "σ; refit for the best quality")
+    if scheduler is not None and meta["scheduler"] != scheduler:
+        notes.append(f"priors were fitted with scheduler {meta['scheduler']}, this run's σ are {scheduler}'s: sites are "
+                     "matched by σ; refit for the best quality")
     return notes

@@ -20,11 +20,14 @@ from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
 from ..calibration.goc import GocSettings
 from ..calibration.icc import FactorCache, IccSettings
-from ..calibration.tcc import TccPriors, fit_tcc
+from ..calibration.fitting import FitRun, fit_tcc
+from ..calibration.tcc import TccPriors
 from ..priors import check_schedule
+from ..priors.files import write_atomic
 from .evaluate import bench_inputs, score
 from .fit_priors import fit_testbed, record_channels
 from .metrics import psnr, rel_l2
+from .progress import Progress
 from .model import DiT, DiTConfig
 from .sampling import flow_sigmas, sample
 from .weights import load_classifier, load_dit
@@ -105,12 +108,15 @@ def corrected_methods(field: str, rows: tuple, targets: tuple[float, ...]) -> li
 
 
 def tcc_ablation_methods() -> list[Method]:
-    """The prior's form at N=3 on each base: drift, trend and moment matching (the published design)."""
+    """The prior's form at N=3 on each base: drift, trend and moment matching (the published design), mm's targets
+    from the site recomputed on the cache side (ours) or from a full-computation reference run (mm-full)."""
     methods = []
+    forms = {"drift": {"variant": "drift"}, "trend": {"variant": "trend"}, "mm": {"variant": "mm"},
+             "mm-full": {"variant": "mm", "full_trajectory": True}}
     for name, extra, _ in TCC_ROWS[:3]:
         policy = CachePolicy(interval=3, warmup_steps=0, **extra)
-        methods += [Method(f"{name}-{v}", {"interval": 3, **extra, "variant": v}, policy, 0.33, {"variant": v})
-                    for v in ("drift", "trend", "mm")]
+        methods += [Method(f"{name}-{form}", {"interval": 3, **extra, "variant": form}, policy, 0.33, fit)
+                    for form, fit in forms.items()]
     return methods
 
 
@@ -169,7 +175,25 @@ def dynamic_methods(
     return methods
 
 
-def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
+def quality_methods(quick: bool) -> list[Method]:
+    """The quality table's rows after full computation, but for the dynamic rows (tuned on the model, after the fixed
+    ones)."""
+    methods = [Method("engine-all", {"interval": 1}, CachePolicy(interval=1))] + fixed_methods()
+    methods += tcc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
+    methods += goc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
+    return methods + icc_methods((0.5,) if quick else (0.5, 0.33))
+
+
+def planned_rows(quick: bool, skip_quality: bool) -> int:
+    """The rows a run measures, for its progress bar: quality (with the dynamic rows, the ablation and the transfer
+    table as one) and speed."""
+    quality = len(quality_methods(quick)) + len(INTERVALS)
+    if not quick:
+        quality += len(ablation_methods()) + len(tcc_ablation_methods()) + 1
+    return (0 if skip_quality else quality) + SPEED_ROWS
+
+
+def quality_section(samples: int, quick: bool, shift: float, progress: Progress | None = None) -> dict[str, Any]:
     """Each row is timed once: its wall time is informative only; the speed section carries the speed claims."""
     model, meta = load_dit()
     classifier, _ = load_classifier()
@@ -191,11 +215,10 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
 
     run(None)  # warm the allocator and kernels before anything is timed
     (full, _), full_wall = timed(lambda: run(None), 1)
-    methods = [Method("engine-all", {"interval": 1}, CachePolicy(interval=1))] + fixed_methods()
-    methods += dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
-    methods += tcc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
-    methods += goc_methods((0.5, 0.33) if quick else tuple(INTERVALS))
-    methods += icc_methods((0.5,) if quick else (0.5, 0.33))
+    static = quality_methods(quick)
+    fixed = 1 + len(fixed_methods())
+    methods = static[:fixed] + dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
+    methods += static[fixed:]
 
     def rows_for(methods: list[Method]) -> list[dict[str, Any]]:
         rows = []
@@ -204,12 +227,14 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
             if m.tcc is not None:
                 start = time.perf_counter()
                 priors, _ = fit_testbed(model, m.policy, calibration, steps, cfg, shift=shift,
-                                        factors=factors(m.policy), **m.tcc)
+                                        factors=factors(m.policy), held_out=0, **m.tcc)
                 fit_s = time.perf_counter() - start
             (x, state), wall = timed(lambda: run(m.policy, priors), 1)
             rows.append(row_for(m, x, full, state.stats.compute_fraction, wall, full_wall, classifier, labels))
             if fit_s is not None:
                 rows[-1]["fit_s"] = fit_s
+            if progress is not None:
+                progress.advance(1, f"{m.name} {','.join(f'{k}={v}' for k, v in m.params.items())}")
         return rows
 
     full_row = row_for(Method("full", {}, None), full, full, 1.0, full_wall, full_wall, classifier, labels)
@@ -217,15 +242,16 @@ def quality_section(samples: int, quick: bool, shift: float) -> dict[str, Any]:
                        "model": meta["config"]},
             "rows": [full_row, *rows_for(methods)],
             "ablation": [] if quick else rows_for(ablation_methods() + tcc_ablation_methods()),
-            "transfer": None if quick else transfer_section(model, classifier, cfg, shift)}
+            "transfer": None if quick else transfer_section(model, classifier, cfg, shift, progress=progress)}
 
 
-def transfer_section(model: DiT, classifier, cfg: float, shift: float, samples: int = 128) -> dict[str, Any]:
+def transfer_section(model: DiT, classifier, cfg: float, shift: float, samples: int = 128,
+                     progress: Progress | None = None) -> dict[str, Any]:
     """TCC priors fitted on 20 steps, applied at 20, 25 and 30 steps (interpolated over σ), against no priors and
     against priors refitted at each step count; FORA N=3 on `samples` benchmark requests."""
     policy = CachePolicy(interval=3, warmup_steps=0)
     labels, noise = bench_inputs(model, samples)
-    fitted, meta = fit_testbed(model, policy, CALIBRATION_SAMPLES, 20, cfg, shift=shift)
+    fitted, meta = fit_testbed(model, policy, CALIBRATION_SAMPLES, 20, cfg, shift=shift, held_out=0)
     rows = []
     for steps in (20, 25, 30):
         sigmas = flow_sigmas(steps, shift)
@@ -234,12 +260,14 @@ def transfer_section(model: DiT, classifier, cfg: float, shift: float, samples: 
         candidates: list[tuple[str, TccPriors | None]] = [("fora", None), ("fora+tcc@20", fitted)]
         if steps != 20:
             candidates.append((f"fora+tcc@{steps}", fit_testbed(model, policy, CALIBRATION_SAMPLES, steps, cfg,
-                                                                shift=shift)[0]))
+                                                                shift=shift, held_out=0)[0]))
         for name, priors in candidates:
             x, state = sample(model, labels, noise, steps, cfg, policy=policy, sigmas=sigmas, calibrator=priors)
             rows.append({"steps": steps, "method": name, "compute_fraction": state.stats.compute_fraction,
                          "rel_l2": rel_l2(x, full), "fd": score(classifier, x, labels)["fd"],
                          "interpolated": priors is fitted and note is not None})
+    if progress is not None:
+        progress.advance(1, "transfer of priors to other step counts")
     return {"config": {"policy": policy.tag(), "fitted_steps": 20, "samples": samples}, "rows": rows}
 
 
@@ -271,7 +299,10 @@ def speed_config(quick: bool, flux: bool) -> tuple[DiTConfig, int, int]:
     return DiTConfig(image_size=64, patch=2, width=256, depth=12, heads=4), 1, 12
 
 
-def speed_section(quick: bool, flux: bool, device: str, repeats: int) -> dict[str, Any]:
+SPEED_ROWS = 12  # the speed table's rows after full computation and engine-all
+
+
+def speed_section(quick: bool, flux: bool, device: str, repeats: int, progress: Progress | None = None) -> dict[str, Any]:
     config, batch, steps = speed_config(quick, flux)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
@@ -304,16 +335,18 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int) -> dict[st
     ]
     fora = CachePolicy(interval=4, warmup_steps=0)
 
-    def calibration_run(calibrator: Calibrator | None, cached: bool) -> Tensor:
-        return sample(model, labels, noise, steps, 4.0, policy=fora if cached else None, calibrator=calibrator)[0]
+    def calibration_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
+        return sample(model, labels, noise, steps, 4.0, policy=fora if step.cached else None, calibrator=calibrator)[0]
 
-    priors, _ = fit_tcc(calibration_run)  # on the timed request itself: only its cost matters here
+    priors, _ = fit_tcc(calibration_run, held_out=False)  # on the timed request itself: only its cost matters here
     policies.append(("fora+tcc", {"interval": 4, "variant": "drift"}, fora))
     policies.append(("fora+goc", {"interval": 4, "goc": GocSettings().tag()}, replace(fora, goc=GocSettings())))
     for n in (2, 3):  # plain SVD: the random stack has no calibration statistics
         for icc in (IccSettings(config.width // 24, "plain"), IccSettings(config.width // 8, "plain")):
             policies.append(("icc", {"interval": n, "icc": icc.tag()}, CachePolicy(interval=n, warmup_steps=0, icc=icc)))
     for name, params, policy in policies:
+        if progress is not None:
+            progress.advance(1, f"speed: {name} {','.join(f'{k}={v}' for k, v in params.items())}")
         calibrator = priors if name == "fora+tcc" else None
         extra = {}
         if policy.icc is not None:
@@ -362,9 +395,13 @@ def run_benchmark(quick: bool = False, samples: int | None = None, flux: bool = 
     if flux and device == "cpu":
         raise SystemExit("--flux needs a GPU: a Flux-sized block stack takes hours on a CPU")
     report: dict[str, Any] = {"schema": SCHEMA, "version": __version__, "quick": quick, "machine": machine(device)}
-    if not skip_quality:
-        report["quality"] = quality_section(samples or (64 if quick else 256), quick, shift)
-    report["speed"] = speed_section(quick, flux, device, 1 if quick else 3)
+    progress = Progress(planned_rows(quick, skip_quality), "bench")
+    try:
+        if not skip_quality:
+            report["quality"] = quality_section(samples or (64 if quick else 256), quick, shift, progress)
+        report["speed"] = speed_section(quick, flux, device, 1 if quick else 3, progress)
+    finally:
+        progress.close()
     return report
 
 
@@ -423,7 +460,5 @@ def _num(value: float | None) -> str:
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
     """Atomic: a reader never sees half a report."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(report, indent=2, default=float) + "\n"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -6,12 +6,21 @@ import torch
 from torch import Tensor
 
 HELD_OUT_FRACTION = 0.2
+
+
+class MissingDependency(RuntimeError):
+    """An optional package a command needs is not installed; the message names the extra that brings it."""
+
 SPLIT_SEED = 1234
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
     """All 1797 digits as (N, 1, 8, 8) float32 in [-1, 1] (pixel values 0..16 → pixel/8 − 1) and int64 labels."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise MissingDependency("training needs scikit-learn, which ships the digits: pip install "
+                                "'calibrated-cache[train]' (from a checkout: pip install -e '.[train]')") from None
 
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -12,13 +12,16 @@ from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import ChannelTable, FactorCache, StatsRecorder
-from ..calibration.tcc import TccPriors, fit_tcc, resolve_variant
+from ..calibration.fitting import FIT, FitRun, fit_plan, fit_tcc
+from ..calibration.tcc import TccPriors, resolve_variant
 from ..priors import model_fingerprint
 from .evaluate import bench_inputs
 from .model import DiT
 from .sampling import flow_sigmas, sample
 
 CALIBRATION_SEED = 1  # disjoint from the benchmark's seed 0
+HELD_OUT_SEED = 2  # the fit's own held-out requests: disjoint from both
+HELD_OUT = 16
 
 
 def dit_fingerprint(model: DiT, name: str = "testbed dit") -> dict[str, str]:
@@ -35,26 +38,57 @@ def record_channels(model: DiT, samples: int, steps: int, cfg: float, shift: flo
     return recorder.table(), {**recorder.summary(), "samples": samples, "seeds": [seed]}
 
 
+def fit_requests(policy: CachePolicy, variant: str, samples: int, held_out: int, verify: bool = False,
+                 rounds: int = 1, statistics: bool | None = None) -> int:
+    """How many requests `fit_testbed` samples in all (its progress bar's total)."""
+    statistics = policy.icc is not None if statistics is None else statistics
+    plan = fit_plan(resolve_variant(variant, policy.forecaster), rounds, held_out > 0, verify, statistics)
+    return sum(samples if step.part == FIT else held_out for step in plan)
+
+
 def fit_testbed(model: DiT, policy: CachePolicy, samples: int, steps: int, cfg: float, sampler: str = "euler",
                 shift: float = 1.0, variant: str = "auto", sequential: bool = True, rounds: int = 1,
-                batch: int | None = None, seed: int = CALIBRATION_SEED,
-                factors: FactorCache | None = None) -> tuple[TccPriors, dict[str, Any]]:
-    """Priors for `policy` fitted on `samples` balanced requests (noise seed `seed`), and their metadata. A policy
-    with ICC is fitted on ICC's output (`factors` carry the channel statistics)."""
-    labels, noise = bench_inputs(model, samples, seed)
+                batch: int | None = None, seed: int = CALIBRATION_SEED, factors: FactorCache | None = None,
+                held_out: int = HELD_OUT, verify: bool = False,
+                recorder: StatsRecorder | None = None, progress: Callable[[int, str], None] | None = None,
+                full_trajectory: bool = False) -> tuple[TccPriors, dict[str, Any]]:
+    """Priors for `policy` fitted on `samples` balanced requests (noise seed `seed`), and their metadata, whose report
+    gives the error on `held_out` other requests (noise seed HELD_OUT_SEED; 0: not measured) and, with `verify`, on the
+    fitted ones. A policy with ICC is fitted on ICC's output, with `factors`, or else with factors from the channel
+    statistics that `recorder` records in the fit's first run (a full computation first, for such a policy).
+    `progress(requests, purpose)` is told of every batch sampled. `full_trajectory`: mm's ablation (see TccFit)."""
+    parts = {FIT: bench_inputs(model, samples, seed)}
+    if held_out:
+        parts["held_out"] = bench_inputs(model, held_out, HELD_OUT_SEED)
     sigmas = flow_sigmas(steps, shift)
-    size = batch or samples
+    current = {"factors": factors}
 
-    def run(calibrator: Calibrator | None, cached: bool) -> Tensor:
-        parts = [sample(model, labels[i:i + size], noise[i:i + size], steps, cfg, sampler=sampler,
-                        policy=policy if cached else None, sigmas=sigmas, calibrator=calibrator, factors=factors)[0]
-                 for i in range(0, samples, size)]
-        return torch.cat(parts)
+    def run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
+        labels, noise = parts[step.part]
+        size = batch or len(labels)
+        parts_out = []
+        for i in range(0, len(labels), size):
+            parts_out.append(sample(model, labels[i:i + size], noise[i:i + size], steps, cfg, sampler=sampler,
+                                    policy=policy if step.cached else None, sigmas=sigmas, calibrator=calibrator,
+                                    factors=current["factors"], recorder=recorder if step.records else None)[0])
+            if progress is not None:
+                progress(len(parts_out[-1]), step.purpose)
+        out = torch.cat(parts_out)
+        if step.records and recorder is not None and factors is None:
+            current["factors"] = FactorCache(recorder.table())
+        return out
 
-    priors, report = fit_tcc(run, resolve_variant(variant, policy.forecaster), sequential, rounds)
+    statistics = policy.icc is not None and factors is None
+    if statistics and recorder is None:
+        raise ValueError("a policy with ICC needs `factors`, or a `recorder` for the channel statistics")
+    priors, report = fit_tcc(run, resolve_variant(variant, policy.forecaster), sequential, rounds, held_out > 0, verify,
+                             statistics, full_trajectory)
     meta = {"model": dit_fingerprint(model), "policy": policy.to_dict(), "policy_tag": policy.tag(),
             "sigmas": sigmas.tolist(), "steps": steps, "sampler": sampler, "scheduler": f"flow_shift_{shift:g}",
             "cfg": cfg, "samples": samples, "seeds": [seed], "pack_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "report": report}
+    if held_out:
+        meta.update(held_out=held_out, held_out_seeds=[HELD_OUT_SEED])
+    if recorder is not None:
+        meta["icc_stats"] = {**recorder.summary(), "samples": samples, "seeds": [seed]}
     return priors, meta
-

@@ -113,7 +113,7 @@ def main() -> None:
     def row(interval: int, name: str, goc: GocSettings | None, tcc: bool = False,
             rule: Calibrator | None = None) -> None:
         policy = CachePolicy(interval=interval, warmup_steps=0, goc=goc)
-        calibrator = fit_testbed(model, policy, CALIBRATION_SAMPLES, STEPS, CFG)[0] if tcc else rule
+        calibrator = fit_testbed(model, policy, CALIBRATION_SAMPLES, STEPS, CFG, held_out=0)[0] if tcc else rule
         x, _ = sample(model, labels, noise, STEPS, CFG, policy=policy, calibrator=calibrator)
         rows.append({"interval": interval, "method": name, "tcc": tcc, "rel_l2": rel_l2(x, full),
                      "fd": score(classifier, x, labels)["fd"]})

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..priors.files import write_atomic
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -21,11 +22,7 @@ def write_png(pixels: Tensor, path: str | Path) -> Path:
     rows = b"".join(b"\x00" + bytes(row) for row in pixels.to(torch.uint8).tolist())
     data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
             + _chunk(b"IDAT", zlib.compress(rows, 9)) + _chunk(b"IEND", b""))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def image_grid(rows: list[Tensor], scale: int = 6, gap: int = 2) -> Tensor:

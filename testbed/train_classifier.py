@@ -1,6 +1,6 @@
 """Train the digits classifier that scores testbed samples, and store the real-digit FD reference with it.
 
-    python -m calibrated_cache.testbed.train_classifier [--out PATH] [--seed 0] [--epochs 80]
+    python -m calibrated_cache train-classifier [--out PATH | --replace-shipped] [--seed 0] [--epochs 80]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .classifier import Classifier, ClassifierConfig
 from .data import load_digits_tensors, load_split
 from .metrics import accuracy
 from .repro import deterministic
-from .weights import CLASSIFIER_PATH, save_module
+from .weights import CLASSIFIER_PATH, add_output_arguments, output_path, save_module
 
 BACKGROUND = -1.0
 BLUR = torch.tensor([1.0, 2.0, 1.0]) / 4.0
@@ -109,16 +109,23 @@ def train(
     return figures
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_output_arguments(parser, CLASSIFIER_PATH, "scores every benchmark")
+    parser.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args.out, CLASSIFIER_PATH, args.replace_shipped, args.overwrite)
+    figures = train(out, seed=args.seed, epochs=args.epochs)
+    print(f"held-out accuracy {figures['held_out_accuracy']:.4f}  all digits {figures['all_digits_accuracy']:.4f}  "
+          f"loss {figures['final_loss']:.4f}  {figures['seconds']:.1f}s  -> {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=CLASSIFIER_PATH)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=80)
-    args = parser.parse_args(argv)
-    figures = train(args.out, seed=args.seed, epochs=args.epochs)
-    print(f"held-out accuracy {figures['held_out_accuracy']:.4f}  all digits {figures['all_digits_accuracy']:.4f}  "
-          f"loss {figures['final_loss']:.4f}  {figures['seconds']:.1f}s  -> {args.out}")
-    return 0
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

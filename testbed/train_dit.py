@@ -1,6 +1,6 @@
 """Train the testbed DiT on the digits by rectified-flow matching, with CFG label dropout and an EMA of the weights.
 
-    python -m calibrated_cache.testbed.train_dit [--out PATH] [--seed 0] [--iters N] [--cfg W] [--steps S]
+    python -m calibrated_cache train-dit [--out PATH | --replace-shipped] [--seed 0] [--iters N] [--cfg W] [--steps S]
 
 x_t = (1 − t)·x0 + t·ε and the target is v = ε − x0, matching `sampling.py`. The EMA weights are saved, together with
 the DiT config, the training settings and the benchmark CFG/steps and the accuracy reached with them.
@@ -24,7 +24,7 @@ from .data import load_digits_tensors
 from .evaluate import evaluate
 from .model import DiT, DiTConfig
 from .repro import deterministic
-from .weights import CLASSIFIER_PATH, DIT_PATH, load_classifier, save_module
+from .weights import CLASSIFIER_PATH, DIT_PATH, add_output_arguments, load_classifier, output_path, save_module
 
 CONFIG = DiTConfig(patch=2, width=128, depth=8, heads=4)
 T_SAMPLING = ("logit_normal", "uniform")
@@ -145,20 +145,27 @@ def train(
     return figures
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DIT_PATH)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--iters", type=int, default=3500)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_output_arguments(parser, DIT_PATH, "the demo and the benchmark load")
+    parser.add_argument("--iters", type=int, default=3500, help="training iterations of batch 128 (default 3500)")
     parser.add_argument("--cfg", type=float, default=2.0, help="benchmark CFG scale, recorded in the weights")
     parser.add_argument("--steps", type=int, default=24, help="benchmark sampling steps, recorded in the weights")
-    parser.add_argument("--eval-samples", type=int, default=256)
-    parser.add_argument("--t-dist", choices=T_SAMPLING, default="logit_normal")
-    args = parser.parse_args(argv)
-    figures = train(args.out, args.seed, args.iters, bench_cfg=args.cfg, bench_steps=args.steps,
+    parser.add_argument("--eval-samples", type=int, default=256, help="samples scored after training (0: none)")
+    parser.add_argument("--t-dist", choices=T_SAMPLING, default="logit_normal", help="training time distribution")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = output_path(args.out, DIT_PATH, args.replace_shipped, args.overwrite)
+    figures = train(out, args.seed, args.iters, bench_cfg=args.cfg, bench_steps=args.steps,
                     eval_samples=args.eval_samples, settings=FitSettings(t_dist=args.t_dist))
-    print("  ".join(f"{k} {v:.4f}" for k, v in figures.items()), f"-> {args.out}")
+    print("  ".join(f"{k} {v:.4f}" for k, v in figures.items()), f"-> {out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file, safe_open
 from torch import Tensor, nn
 
+from ..priors.files import write_atomic
 from .classifier import Classifier, ClassifierConfig
 from .model import DiT, DiTConfig
 
@@ -19,30 +20,39 @@ DIT_PATH = WEIGHTS_DIR / "dit.safetensors"
 CLASSIFIER_PATH = WEIGHTS_DIR / "classifier.safetensors"
 
 
-def _umask() -> int:
-    """The process umask (readable only by setting it), so the final file gets normal permissions, not mkstemp's 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_atomic(path: str | os.PathLike[str], tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
     """Write via a temp file in the target directory and os.replace, so readers never see a half-written file.
 
     Every metadata value is stored JSON-encoded (safetensors metadata is str → str) and decoded again by `read`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     encoded = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=encoded)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    kept = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(kept, tmp, metadata=encoded))
+
+
+class ShippedWeights(ValueError):
+    """A training run asked to write where it must not without an explicit flag; the message names the flag."""
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, shipped: Path, used_by: str) -> None:
+    """--out, --replace-shipped, --overwrite and --seed, which every training command takes."""
+    parser.add_argument("--out", type=Path, default=Path(shipped.name),
+                        help=f"where to write the weights (default ./{shipped.name})")
+    parser.add_argument("--replace-shipped", action="store_true",
+                        help=f"write the package's own weights ({shipped}), which {used_by}")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+
+
+def output_path(out: str | os.PathLike[str], shipped: Path, replace_shipped: bool, overwrite: bool) -> Path:
+    """Where a training run writes: `shipped` (the package's own weights) only with `replace_shipped`, and an
+    existing file only with `overwrite`."""
+    path = shipped if replace_shipped else Path(out)
+    if not replace_shipped and path.resolve() == shipped.resolve():
+        raise ShippedWeights(f"{path} is the package's shipped weights: pass --replace-shipped to replace them, or "
+                             "choose another --out")
+    if not replace_shipped and path.exists() and not overwrite:
+        raise ShippedWeights(f"{path} exists: pass --overwrite to replace it, or choose another --out")
     return path
 
 

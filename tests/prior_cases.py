@@ -42,9 +42,9 @@ def valid_file(path: Path, seed: int = 0) -> Path:
     meta = {"model": {"family": "testbed-dit", "architecture": "0123456789abcdef", "weights": "fedcba9876543210",
                       "name": "tiny.safetensors"},
             "policy": POLICY.to_dict(), "policy_tag": POLICY.tag(), "sigmas": SIGMAS, "steps": 4, "sampler": "euler",
-            "scheduler": "simple", "cfg": 2.0, "samples": 1, "seeds": [seed], "pack_version": "0.1.0",
-            "created": "2026-11-22T00:00:00+00:00",
-            "report": {"rel_l2_before": 0.07, "rel_l2_after": 0.04, "sites": 8, "rounds": 1, "sequential": True},
+            "scheduler": "simple", "cfg": 2.0, "samples": 1, "seeds": [seed], "held_out": 1,
+            "held_out_seeds": [seed + 1], "pack_version": "0.1.0", "created": "2026-11-22T00:00:00+00:00",
+            "report": {"held_out_before": 0.07, "held_out_after": 0.04, "sites": 8, "rounds": 1, "sequential": True},
             "icc_stats": {"source": "delta_mag", "layers": 2, "alpha": 0.5, "samples": 1, "seeds": [seed]}}
     return save_priors(path, TccPriors(priors, "drift"), meta, channels)
 
@@ -201,8 +201,11 @@ CASES = [
     Case("sampler name of 10,000 characters", _edited(meta={"sampler": "e" * 10000}), r"'sampler' must be printable "
                                                                                      r"text of 1 to 128"),
     Case("creation time not a time", _edited(meta={"created": "yesterday"}), r"'created' must be an ISO 8601 time"),
-    Case("report with text in it", _edited(meta={"report": '{"rel_l2_after": "<script>"}'}),
-         r"'report' rel_l2_after must be a number"),
+    Case("report with text in it", _edited(meta={"report": '{"held_out_after": "<script>"}'}),
+         r"'report' held_out_after must be a number"),
+    Case("held-out seeds the priors were fitted on", _edited(meta={"held_out_seeds": "[0]"}),
+         r"'held_out_seeds' shares seeds \[0\] with the fitting seeds"),
+    Case("held-out count negative", _edited(meta={"held_out": "-1"}), r"'held_out' must be an integer in \[0, 4096\]"),
     Case("seeds negative", _edited(meta={"seeds": "[-1]"}), r"'seeds' must be an integer in \[0, "),
     Case("ICC statistics metadata nested", _edited(meta={"icc_stats": '{"source": {"a": 1}}'}),
          r"'icc_stats' source must be a number or text"),

@@ -1,5 +1,6 @@
 """Cache memory: the size is reported, a limit caps it by computing the blocks that do not fit, offload is reported."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -65,12 +66,54 @@ def test_the_limit_also_caps_icc_linear_caches(random_dit):
     assert 0 < capped.stats.blocks_over_limit < len(random_dit.blocks) and capped.stats.blocks_skipped > 0
 
 
-def test_offload_is_reported_and_leaves_the_samples_unchanged(random_dit):
-    """On the CPU the caches are already in CPU memory: offload changes nothing but the report (a GPU run copies)."""
-    plain, _ = run(random_dit)
-    out, state = run(random_dit, memory=CacheMemory(offload=True))
+class FakeHost(CacheMemory):
+    """Offload for a model computing on the meta device: cached values are kept as CPU tensors (shapes only: meta
+    tensors hold no data) and brought back to meta when read. Mixing a kept CPU value into the meta computation is an
+    error, so a read that skips `use` fails the run; a store that skips `keep` leaves a meta value that `use` sees."""
+
+    def __init__(self) -> None:
+        super().__init__(offload=True)
+        object.__setattr__(self, "kept", [])
+        object.__setattr__(self, "used", [])
+
+    def moves(self, value: torch.Tensor) -> bool:
+        return self.offload and value.device.type == "meta"
+
+    def keep(self, value: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(value.shape, dtype=value.dtype, device="cpu")
+        self.kept.append(host.untyped_storage().data_ptr())
+        return host
+
+    def use(self, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+        self.used.append(value.device.type)
+        return value.to(device)
+
+
+@pytest.mark.parametrize("policy", [TAYLOR, CachePolicy(interval=3, warmup_steps=1)], ids=["taylor2", "fora"])
+def test_offload_keeps_every_cached_value_on_the_host_and_brings_each_back_before_use(random_dit, policy):
+    model = copy.deepcopy(random_dit).to("meta")
+    memory = FakeHost()
+    out, state = sample(model, LABELS, noise().to("meta"), STEPS, CFG, policy=policy, memory=memory)
+    _, reference = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=policy)
+    assert out.device.type == "meta" and state.stats.cache_offloaded and "offloaded to CPU" in state.stats.summary()
+    block_calls = reference.stats.blocks_computed // 2  # cond and uncond batched in one call; every step stores
+    assert len(memory.kept) == block_calls * 2  # each computed block's two sites (attention, MLP), once per call
+    assert memory.used and set(memory.used) == {"cpu"}  # every value read came from the host
+    assert state.stats.blocks_skipped == reference.stats.blocks_skipped
+    assert state.stats.peak_cache_bytes == reference.stats.peak_cache_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload moves caches off a GPU; this machine has none")
+def test_offload_on_a_gpu_keeps_the_caches_in_pinned_cpu_memory_and_changes_no_output(random_dit):
+    model = copy.deepcopy(random_dit).cuda()
+    plain, _ = sample(model, LABELS.cuda(), noise().cuda(), STEPS, CFG, policy=TAYLOR)
+    seen = []
+    memory = CacheMemory(offload=True)
+    keep = memory.keep
+    object.__setattr__(memory, "keep", lambda value: seen.append(keep(value)) or seen[-1])
+    out, state = sample(model, LABELS.cuda(), noise().cuda(), STEPS, CFG, policy=TAYLOR, memory=memory)
     assert torch.equal(out, plain) and state.stats.cache_offloaded
-    assert "offloaded to CPU" in state.stats.summary()
+    assert seen and all(t.device.type == "cpu" and t.is_pinned() for t in seen)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -1,9 +1,11 @@
+import io
 import json
 import subprocess
 import sys
 import zlib
 
 import pytest
+import torch
 
 from calibrated_cache.cli import main
 from calibrated_cache.testbed.bench import SCHEMA, run_benchmark, write_json
@@ -34,15 +36,92 @@ def test_png_writer_produces_a_valid_greyscale_png(tmp_path):
     assert raw == b"".join(b"\x00" + bytes(row) for row in pixels.tolist())
 
 
-def test_demo_compares_full_and_cached_sampling_and_writes_the_grid(tmp_path, capsys):
+def test_demo_compares_full_and_cached_sampling_and_writes_a_labelled_picture(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--samples", "10"]) == 0
     printed = capsys.readouterr().out
     assert "compute fraction" in printed and "rel_l2 vs full" in printed
+    assert "median of 5 interleaved pairs" in printed and "white = " in printed
     assert (tmp_path / "demo_grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_demo_picture_carries_a_title_row_labels_a_scale_and_the_figures():
+    from calibrated_cache.testbed.demo import picture
+
+    rows = torch.zeros(3, 1, 8, 8)
+    figures = {"policy": "TAYLOR2_N4_W0", "samples": 3, "steps": 24, "cfg": 2.0, "compute_fraction": 0.274,
+               "ideal_speedup": 3.65, "wall_speedup": 2.5, "wall_ratios": [2.5] * 5, "rel_l2": 0.04, "psnr": 36.0,
+               "accuracy_full": 1.0, "accuracy_cached": 1.0}
+    inked = (picture(rows, rows, rows, 8, figures)[:, :40] < 100).any(dim=1).tolist()  # the left margin, by row
+    bands = sum(1 for i, ink in enumerate(inked) if ink and (i == 0 or not inked[i - 1]))
+    assert bands == 7  # the title, three row labels, the scale's label and two lines of figures
+
+
+def test_the_difference_is_stretched_by_a_power_of_two_toward_the_full_range():
+    from calibrated_cache.testbed.demo import difference_gain
+
+    assert difference_gain(torch.full((2, 2), 0.2)) == 8  # 0.2 × 8 = 1.6 ≤ 2
+    assert difference_gain(torch.zeros(2)) == 1 and difference_gain(torch.full((1,), 1e-9)) == 256
+
+
+def test_demo_errors_a_user_can_cause_get_messages_not_tracebacks(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--samples", "0"])
+    assert "must be 1 or more" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit, match="cannot write the demo picture to .*choose a writable folder with --out"):
+        main(["demo", "--out", str(blocked / "sub")])
+
+
+def test_the_training_commands_take_their_options_and_never_overwrite_the_shipped_weights(tmp_path, capsys):
+    from calibrated_cache.testbed.weights import CLASSIFIER_PATH, DIT_PATH
+
+    for command in ("train-dit", "train-classifier"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and "--replace-shipped" in capsys.readouterr().out
+    shipped = {path: path.stat().st_mtime_ns for path in (DIT_PATH, CLASSIFIER_PATH)}
+    with pytest.raises(SystemExit, match="shipped weights: pass --replace-shipped"):
+        main(["train-dit", "--out", str(DIT_PATH), "--iters", "1"])
+    out = tmp_path / "classifier.safetensors"
+    assert main(["train-classifier", "--epochs", "1", "--out", str(out)]) == 0 and out.exists()
+    with pytest.raises(SystemExit, match="exists: pass --overwrite"):
+        main(["train-classifier", "--epochs", "1", "--out", str(out)])
+    assert main(["train-dit", "--iters", "2", "--eval-samples", "0", "--out", str(tmp_path / "dit.safetensors")]) == 0
+    assert {path: path.stat().st_mtime_ns for path in shipped} == shipped
+
+
+def test_training_without_scikit_learn_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(SystemExit, match=r"scikit-learn.*calibrated-cache\[train\]"):
+        main(["train-classifier", "--epochs", "1", "--out", str(tmp_path / "c.safetensors")])
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_the_progress_bar_shows_its_eta_on_a_terminal_and_stays_silent_elsewhere():
+    from calibrated_cache.testbed.progress import Progress
+
+    for tty in (True, False):
+        stream = Stream(tty)
+        bar = Progress(4, "bench", stream)
+        bar.advance(1, "fora")
+        bar.advance(1)
+        bar.close()
+        assert ("50%" in stream.getvalue() and "ETA" in stream.getvalue() and "fora" in stream.getvalue()) == tty
+        assert (stream.getvalue() == "") != tty
+
+
 @pytest.mark.slow
-def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
+def test_benchmark_reports_every_method_and_the_orderings_its_tables_claim(tmp_path):
     report = run_benchmark(quick=True, samples=16)
     write_json(report, tmp_path / "bench.json")
     loaded = json.loads((tmp_path / "bench.json").read_text())
@@ -68,8 +147,15 @@ def test_benchmark_reports_every_method_with_the_documented_fields(tmp_path):
     assert all(r["target_fraction"] == 0.5 and r["params"]["interval"] == 2 for r in icc.values())
     assert icc["icc-r32"]["params"]["icc"] == "ICC32" and icc["icc-plain-svd"]["params"]["icc"] == "ICC32plain"
     assert icc["icc+tcc"]["fit_s"] > 0 and icc["icc-r16"]["compute_fraction"] < icc["icc-r32"]["compute_fraction"]
+    error = {(r["method"], r["target_fraction"]): r["rel_l2"] for r in rows}
+    for target in (0.5, 0.33, 0.25, 0.17):  # forecasting beats reuse at equal compute, more so as reuse gets staler
+        assert max(error[("taylor1", target)], error[("taylor2", target)]) < error[("fora", target)]
+    for target in (0.5, 0.33):  # what calibration and correction add to FORA at the same schedule
+        assert error[("fora+tcc", target)] < 0.75 * error[("fora", target)]
+        assert error[("fora+goc", target)] < error[("fora", target)]
+        assert error[("fora+tcc", target)] < error[("fora+tcc-oneshot", target)]
+    assert error[("icc-r32", 0.5)] < error[("fora", 0.5)] and error[("icc-r32", 0.5)] < error[("icc-r16", 0.5)]
     speed = loaded["speed"]["rows"]
-    assert all(r["ideal_speedup"] == pytest.approx(1 / r["compute_fraction"]) for r in speed)
     first_runs = [r for r in speed if "factorize_s" in r]
     assert [r["params"]["icc"] for r in first_runs] == ["ICC10plain", "ICC32plain"]
     assert all(r["factorized"] == 8 * 4 for r in first_runs)  # the token-wise Linears of 8 blocks, at each new rank

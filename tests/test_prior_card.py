@@ -5,14 +5,23 @@ from calibrated_cache.priors.card import MATCH, MISMATCH, UNKNOWN, match_connect
 META = {"model": {"family": "Flux", "architecture": "ab12", "weights": "cd34", "patches": "", "name": "flux1-dev.safetensors"},
         "policy_tag": "FORA_N3_W1_G2", "variant": "drift", "steps": "20", "sampler": "euler", "scheduler": "simple",
         "cfg": "3.5", "samples": "4", "created": "2026-11-22T10:00:00+00:00", "pack_version": "0.1.0",
-        "report": {"rel_l2_before": 0.05, "rel_l2_after": 0.02, "sites": 12}}
+        "held_out": "1", "report": {"held_out_before": 0.05, "held_out_after": 0.02, "sites": 12}}
 
 
 def test_the_card_types_the_string_metadata_for_display():
     card = prior_card(META)
-    assert (card["model"], card["family"], card["steps"], card["cfg"], card["samples"]) == (
-        "flux1-dev.safetensors", "Flux", 20, 3.5, 4)
+    assert (card["model"], card["family"], card["steps"], card["cfg"], card["samples"], card["held_out"]) == (
+        "flux1-dev.safetensors", "Flux", 20, 3.5, 4, 1)
     assert (card["error_before"], card["error_after"], card["lora"], card["icc_statistics"]) == (0.05, 0.02, False, False)
+    assert card["error_on"] == "held-out"
+
+
+def test_a_file_from_before_held_out_fits_shows_its_in_sample_error_as_such():
+    old = {**META, "report": {"rel_l2_before": 0.05, "rel_l2_after": 0.02}}
+    del old["held_out"]
+    card = prior_card(old)
+    assert (card["error_on"], card["error_before"], card["held_out"]) == ("in-sample", 0.05, None)
+    assert prior_card({**META, "report": {}})["error_on"] is None
 
 
 def test_a_card_of_odd_metadata_has_gaps_not_errors_and_stays_json():

@@ -124,11 +124,32 @@ def test_schedules_are_matched_exactly_interpolated_when_close_and_refused_when_
         check_schedule(meta, FORA, (flow_sigmas(12) * 5).tolist(), "p")
 
 
-def test_cfg_and_sampler_differences_are_warned_about(fitted):
+def test_cfg_sampler_and_scheduler_differences_are_warned_about(fitted):
     meta = fitted[2]
-    assert run_warnings(meta, 2.0, "euler") == []
-    notes = run_warnings(meta, 1.0, "heun")
-    assert any("cfg 1" in n for n in notes) and any("heun" in n for n in notes)
+    assert run_warnings(meta, 2.0, "euler", meta["scheduler"]) == []
+    notes = run_warnings(meta, 1.0, "heun", "karras")
+    assert any("cfg 1" in n for n in notes) and any("heun" in n for n in notes) and any("karras" in n for n in notes)
+
+
+def test_the_fit_reports_its_error_on_held_out_requests_and_the_file_keeps_the_split(fitted, saved, capsys):
+    meta = load_priors(saved).meta
+    assert meta["held_out"] == 16 and meta["held_out_seeds"] == [2] and meta["seeds"] == [1]
+    report = meta["report"]
+    assert report["held_out_after"] < report["held_out_before"] and "in_sample_before" not in report
+    assert main(["inspect", str(saved)]) == 0
+    text = capsys.readouterr().out
+    assert f"held-out      error {report['held_out_before']:.4g} without priors -> {report['held_out_after']:.4g}" in text
+    assert "on 16 requests (seeds 2); fitted on 8 requests (seeds 1)" in text
+
+
+def test_prior_files_get_the_permissions_of_any_new_file_so_they_can_be_shared(fitted, tmp_path):
+    _, priors, meta = fitted
+    previous = os.umask(0o022)
+    try:
+        path = save_priors(tmp_path / "shared.tcc.safetensors", priors, meta)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_saving_is_atomic_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(fitted, saved, monkeypatch):
@@ -149,8 +170,10 @@ def test_saving_is_atomic_a_failed_write_keeps_the_old_file_and_leaves_no_tempor
 
 def test_cli_fits_saves_and_inspects_priors(tmp_path, capsys):
     out = tmp_path / "p.safetensors"
-    assert main(["fit-priors", "--samples", "4", "--steps", "8", "--out", str(out)]) == 0
-    assert "without priors" in capsys.readouterr().out
+    assert main(["fit-priors", "--samples", "4", "--held-out", "2", "--verify", "--steps", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "on 2 held-out requests" in printed and "on the 4 fitted requests (optimistic)" in printed
+    assert set(load_priors(out).meta["report"]) >= {"held_out_before", "in_sample_before"}
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "FORA_N3_W0" in text and "sites" in text and "mse before" in text

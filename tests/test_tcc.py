@@ -3,8 +3,10 @@ import torch
 
 from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.calibration.calibrator import Calibrator, Reused, Site
+from calibrated_cache.calibration.fitting import (AFTER, BEFORE, FIT, FITTING, FULL, HELD_OUT, REFERENCE, STATISTICS,
+                                                 FitRun, fit_plan, fit_tcc)
 from calibrated_cache.calibration.tcc import (LeastSquares, MomentMatch, Moments, SitePrior, TccFit, TccPriors, correct,
-                                             fit_tcc, stack)
+                                             stack)
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.metrics import rel_l2
 from calibrated_cache.testbed.sampling import sample
@@ -136,42 +138,83 @@ def test_priors_cost_is_counted_in_the_compute_fraction(trained):
     assert plain.stats.compute_fraction < calibrated.stats.compute_fraction < plain.stats.compute_fraction + 0.01
 
 
-def runner(model, labels, noise, steps, policy=FORA, sigmas=None):
-    def run(calibrator, cached):
-        return sample(model, labels, noise, steps, 2.0, policy=policy if cached else None, sigmas=sigmas,
-                      calibrator=calibrator)[0]
+def runner(model, labels, noise, steps, policy=FORA, sigmas=None, held_out=None):
+    """fit_tcc's run over (labels, noise), and over `held_out` (labels, noise) for the held-out part."""
+    parts = {FIT: (labels, noise), HELD_OUT: held_out}
+
+    def run(calibrator, step):
+        part_labels, part_noise = parts[step.part]
+        return sample(model, part_labels, part_noise, steps, 2.0, policy=policy if step.cached else None,
+                      sigmas=sigmas, calibrator=calibrator)[0]
     return run
 
 
 @pytest.mark.parametrize("variant", ["drift", "trend"])
-def test_fitted_priors_bring_the_calibration_samples_closer_to_full_computation(trained, variant):
+def test_fitted_priors_lower_the_error_on_held_out_requests_and_on_their_own(trained, variant):
     labels, noise = bench_inputs(trained, 16, 1)
-    priors, report = fit_tcc(runner(trained, labels, noise, 12), variant)
-    assert report["rel_l2_after"] < report["rel_l2_before"]
+    priors, report = fit_tcc(runner(trained, labels, noise, 12, held_out=bench_inputs(trained, 16, 2)), variant,
+                             verify=True)
+    assert report["held_out_after"] < report["held_out_before"]
+    assert report["in_sample_after"] < report["in_sample_before"]
     assert all(p.a.shape == (trained.config.width,) for p in priors.priors.values())
 
 
-def test_moment_matching_fit_runs_a_reference_pass_and_fits_every_reused_site(trained):
+def test_the_fit_runs_its_plan_and_fits_only_on_the_fit_requests(trained):
+    """By default one fitting run over the fit requests (about one full sampling each), then full, cached and
+    calibrated runs of the held-out requests alone: F + H full-cost runs and 2H cached ones."""
+    labels, noise = bench_inputs(trained, 4, 1)
+    run, calls = runner(trained, labels, noise, 6, held_out=bench_inputs(trained, 2, 2)), []
+
+    def recorded(calibrator, step):
+        calls.append((step, type(calibrator).__name__))
+        return run(calibrator, step)
+
+    priors, report = fit_tcc(recorded, "drift")
+    assert [c[0] for c in calls] == fit_plan("drift") == [
+        FitRun(FIT, True, FITTING, records=True), FitRun(HELD_OUT, False, FULL), FitRun(HELD_OUT, True, BEFORE),
+        FitRun(HELD_OUT, True, AFTER)]
+    assert [c[1] for c in calls] == ["TccFit", "NoneType", "NoneType", "TccPriors"]
+    assert set(report) == {"sites", "rounds", "sequential", "held_out_before", "held_out_after"}
+
+
+def test_the_plan_adds_the_reference_statistics_and_verification_runs_where_asked():
+    assert fit_plan("mm") == fit_plan("drift")  # every variant fits in one run per request
+    assert fit_plan("mm", full_trajectory=True)[:2] == [FitRun(FIT, True, REFERENCE, records=True),
+                                                        FitRun(FIT, True, FITTING)]
+    assert fit_plan("drift", statistics=True)[:2] == [FitRun(FIT, False, STATISTICS, records=True),
+                                                      FitRun(FIT, True, FITTING)]
+    verified = fit_plan("drift", rounds=2, held_out=False, verify=True)
+    assert verified == [FitRun(FIT, True, FITTING, records=True), FitRun(FIT, True, FITTING),
+                        FitRun(FIT, False, FULL), FitRun(FIT, True, BEFORE), FitRun(FIT, True, AFTER)]
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        fit_plan("drift", rounds=0)
+
+
+@pytest.mark.parametrize("full_trajectory", [False, True], ids=["cache-side-targets", "full-trajectory-ablation"])
+def test_moment_matching_fits_every_reused_site_with_its_targets_from_the_cache_side_or_a_reference_run(
+        trained, full_trajectory):
     labels, noise = bench_inputs(trained, 4, 1)
     calls = []
-    run = runner(trained, labels, noise, 6)
-    priors, _ = fit_tcc(lambda c, cached: calls.append(getattr(c, "reference", None)) or run(c, cached), "mm")
-    assert calls == [None, None, True, False, False] and priors.priors
+    run = runner(trained, labels, noise, 6, held_out=bench_inputs(trained, 2, 2))
+    priors, report = fit_tcc(lambda c, step: calls.append(getattr(c, "reference", None)) or run(c, step), "mm",
+                             full_trajectory=full_trajectory)
+    assert calls == [True] * full_trajectory + [False, None, None, False] and priors.priors
     assert all(float(p.g.abs().max()) == 0.0 for p in priors.priors.values())
+    assert report["held_out_after"] < 1.5 * report["held_out_before"]
 
 
-def test_sequential_fit_is_its_own_fixed_point(trained):
+def test_sequential_fit_is_its_own_fixed_point_and_the_one_shot_fit_is_not(trained):
     """Each prior was fitted on the trajectory the earlier priors produce, so applying the final priors reproduces
-    the fitting run exactly; the one-shot priors, fitted on the uncalibrated trajectory, do not."""
+    the fitting run exactly; the one-shot priors, fitted on the uncalibrated trajectory, do not reproduce theirs."""
     labels, noise = bench_inputs(trained, 8, 1)
     fit = TccFit()
     during, _ = sample(trained, labels, noise, 12, 2.0, policy=FORA, calibrator=fit)
     again, _ = sample(trained, labels, noise, 12, 2.0, policy=FORA, calibrator=fit.priors())
     assert torch.equal(during, again)
     oneshot = TccFit(sequential=False)
-    sample(trained, labels, noise, 12, 2.0, policy=FORA, calibrator=oneshot)
-    other, _ = sample(trained, labels, noise, 12, 2.0, policy=FORA, calibrator=oneshot.priors())
-    assert not torch.equal(other, again)
+    oneshot_during, _ = sample(trained, labels, noise, 12, 2.0, policy=FORA, calibrator=oneshot)
+    oneshot_again, _ = sample(trained, labels, noise, 12, 2.0, policy=FORA, calibrator=oneshot.priors())
+    assert not torch.equal(oneshot_again, oneshot_during)
 
 
 def test_trajectory_consistent_fit_beats_the_one_shot_ablation_on_held_out_samples(trained):
@@ -180,7 +223,7 @@ def test_trajectory_consistent_fit_beats_the_one_shot_ablation_on_held_out_sampl
     full, _ = sample(trained, labels, noise, 24, 2.0)
     errors = {}
     for sequential in (True, False):
-        priors, _ = fit_tcc(runner(trained, cal_labels, cal_noise, 24), sequential=sequential)
+        priors, _ = fit_tcc(runner(trained, cal_labels, cal_noise, 24), sequential=sequential, held_out=False)
         x, _ = sample(trained, labels, noise, 24, 2.0, policy=FORA, calibrator=priors)
         errors[sequential] = rel_l2(x, full)
     plain, _ = sample(trained, labels, noise, 24, 2.0, policy=FORA)
@@ -190,7 +233,7 @@ def test_trajectory_consistent_fit_beats_the_one_shot_ablation_on_held_out_sampl
 def test_priors_fitted_on_20_steps_still_help_at_25_by_sigma_interpolation(trained):
     cal_labels, cal_noise = bench_inputs(trained, 16, 1)
     labels, noise = bench_inputs(trained, 16, 0)
-    priors, _ = fit_tcc(runner(trained, cal_labels, cal_noise, 20))
+    priors, _ = fit_tcc(runner(trained, cal_labels, cal_noise, 20), held_out=False)
     used = []
     interpolate = priors._interpolate
     priors._interpolate = lambda site: used.append(site) or interpolate(site)
@@ -203,7 +246,7 @@ def test_priors_fitted_on_20_steps_still_help_at_25_by_sigma_interpolation(train
 def test_the_fit_rejects_runs_that_reuse_nothing(trained):
     labels, noise = bench_inputs(trained, 2, 1)
     with pytest.raises(ValueError, match="nothing to calibrate"):
-        fit_tcc(runner(trained, labels, noise, 4, CachePolicy(interval=1)))
+        fit_tcc(runner(trained, labels, noise, 4, CachePolicy(interval=1)), held_out=False)
 
 
 def test_priors_apply_to_every_site_they_know_and_pass_others_through():
@@ -226,7 +269,7 @@ def test_fitting_half_precision_values_does_not_overflow():
 
 def test_priors_without_a_drift_term_keep_fora_memory(trained):
     labels, noise = bench_inputs(trained, 4, 1)
-    priors, _ = fit_tcc(runner(trained, labels, noise, 9), "mm")
+    priors, _ = fit_tcc(runner(trained, labels, noise, 9), "mm", held_out=False)
     _, plain = sample(trained, labels, noise, 9, 2.0, policy=FORA)
     _, calibrated = sample(trained, labels, noise, 9, 2.0, policy=FORA, calibrator=priors)
     assert priors.anchors == 1 and calibrated.stats.peak_cache_bytes == plain.stats.peak_cache_bytes

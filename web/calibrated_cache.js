@@ -110,6 +110,7 @@ function showStats(node, r) {
       `${mib(r.cache_limit_bytes)} cache limit`, "cc-unknown"));
   }
   if (r.priors) lines.push(line(`priors ${r.priors}${r.prior_check ? `: ${r.prior_check}` : ""}`));
+  for (const note of r.prior_notes ?? []) lines.push(line(note, "cc-unknown"));
   show(node, "stats", lines);
 }
 
@@ -131,6 +132,12 @@ function connectedModel(node) {
     current = upstream;
   }
   return { file: null, lora: null };
+}
+
+// what the prior file says its priors do: on held-out seeds, or in-sample for files written before held-out fits
+function fitError(c) {
+  if (!c.error_on) return `error not recorded (${c.variant})`;
+  return `${c.error_on} error ${err(c.error_before)} → ${err(c.error_after)} (rel L2, ${c.variant})`;
 }
 
 async function showPrior(node) {
@@ -161,8 +168,8 @@ async function showPrior(node) {
   show(node, "prior", [
     line(`prior file ${body.name}`, "cc-head"),
     line(`model ${c.model} (${c.family}${c.lora ? ", with LoRAs" : ""}) · ${c.policy}`),
-    line(`${c.steps} steps · ${c.sampler}/${c.scheduler} · cfg ${c.cfg} · ${c.samples} samples · ${c.created}`),
-    line(`fit error ${err(c.error_before)} → ${err(c.error_after)} (rel L2, ${c.variant})${c.icc_statistics ? " · ICC statistics" : ""}`),
+    line(`${c.steps} steps · ${c.sampler}/${c.scheduler} · cfg ${c.cfg} · ${c.samples} seed${c.samples === 1 ? "" : "s"}${c.held_out ? ` + ${c.held_out} held out` : ""} · ${c.created}`),
+    line(`${fitError(c)}${c.icc_statistics ? " · ICC statistics" : ""}`),
     line(`${mark} ${m.reason}`, `cc-${m.verdict}`),
   ]);
 }
@@ -181,13 +188,23 @@ function showFitProgress(node, p) {
   ], "progress");
 }
 
+const change = (before, after) =>
+  before > 0 ? ` (${after >= before ? "+" : "−"}${pct(Math.abs(after / before - 1))})` : "";
+const seeds = (list) => (list.length <= 4 ? list.join(", ") : `${list[0]}-${list[list.length - 1]}`);
+
 function showFitResult(node, r) {
-  const change = r.error_before > 0 ? ` (${r.error_after >= r.error_before ? "+" : "−"}${pct(Math.abs(r.error_after / r.error_before - 1))})` : "";
-  show(node, "fit", [
-    line(`fitted in ${secs(r.elapsed_s)} · ${r.sites} sites`, "cc-head"),
-    line(`error vs full computation ${err(r.error_before)} without priors → ${err(r.error_after)} with${change}`),
-    Object.assign(line(`saved as ${r.path.split(/[\\/]/).pop()}`), { title: r.path }),
-  ], "result");
+  const lines = [
+    line(`fitted in ${secs(r.elapsed_s)}${r.cost_samplings ? ` (${r.cost_samplings.toFixed(1)} samplings)` : ""} · ` +
+      `${r.sites} sites · seeds ${seeds(r.fitted_seeds)}`, "cc-head"),
+    line(`held-out seed${r.held_out_seeds.length > 1 ? "s" : ""} ${seeds(r.held_out_seeds)}: error vs full ` +
+      `computation ${err(r.error_before)} without priors → ${err(r.error_after)} with${change(r.error_before, r.error_after)}`),
+  ];
+  if (r.in_sample_before != null) {
+    lines.push(line(`fitting seeds (optimistic): ${err(r.in_sample_before)} → ${err(r.in_sample_after)}` +
+      change(r.in_sample_before, r.in_sample_after)));
+  }
+  lines.push(Object.assign(line(`saved as ${r.path.split(/[\\/]/).pop()}`), { title: r.path }));
+  show(node, "fit", lines, "result");
 }
 
 function showStopped(node, message) {

@@ -40,9 +40,9 @@ def graph(model_name: str) -> dict:
         "2": {"class_type": "CalibratedCache_CachePolicy", "inputs": policy},
         "9": {"class_type": "CalibratedCache_FitTCCPriors", "inputs": {
             "model": ["1", 0], "policy": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "latent": ["6", 0],
-            "samples": 2, "seed": 0, "steps": 9, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
+            "samples": 3, "seed": 0, "steps": 9, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
             "variant": "drift", "checkpoint": model_name, "save_to": "cache_priors folder", "overwrite": True,
-            "icc_rank": 0, "icc_svd": "channel-aware"}},
+            "icc_rank": 0, "icc_svd": "channel-aware", "held_out": 1, "verify": False}},
         "3": {"class_type": "CalibratedCache_Apply", "inputs": {
             "model": ["1", 0], "policy": ["2", 0], "priors": ["9", 0], "prior_file": "none", "icc_rank": 0,
             "icc_svd": "channel-aware"}},
@@ -144,9 +144,12 @@ def test_a_queued_run_shows_fit_progress_its_errors_and_the_cache_report(page, s
     seen = page.js("() => window.ccFitSeen")
     progress = [s for s in seen if "fitting · run" in s]
     assert progress and any(re.search(r"\d+/\d+ steps \(\d+%\)", s) for s in progress), seen
-    assert any("full computation" in s for s in progress) and any("with the fitted priors" in s for s in progress), seen
+    assert any("fitting (fitting seeds)" in s for s in progress), seen
+    assert any("full computation (held-out seeds)" in s for s in progress), seen
+    assert any("with the fitted priors (held-out seeds)" in s for s in progress), seen
     fit = page.text(f"{FIT_PANEL} [data-cc=fit]")
-    assert re.search(r"error vs full computation [\d.e-]+ without priors → [\d.e-]+ with", fit), fit
+    assert re.search(r"\(\d+\.\d samplings\) · \d+ sites · seeds 0, 1", fit), fit
+    assert re.search(r"held-out seed 2: error vs full computation [\d.e-]+ without priors → [\d.e-]+ with", fit), fit
     assert f"saved as {PRIORS}" in fit, fit
     path = page.js(f"() => document.querySelector('{FIT_PANEL} [title]').title")
     assert path == str(server.log.parent / "models" / "cache_priors" / PRIORS)
@@ -179,8 +182,8 @@ def test_choosing_a_prior_file_shows_its_provenance_and_whether_it_fits_the_mode
     page.js(choose, [3, "prior_file", PRIORS])
     prior = page.wait_text(f"{APPLY_PANEL} [data-cc=prior]", f"✓ fitted for {server.model_name}")
     assert f"prior file {PRIORS}" in prior and f"model {server.model_name} (Wan) · FORA_N2_W1_G2" in prior, prior
-    assert re.search(r"9 steps · euler/simple · cfg 2(\.0)? · 2 samples · \d{4}-\d\d-\d\dT", prior), prior
-    assert re.search(r"fit error [\d.e-]+ → [\d.e-]+ \(rel L2, drift\)", prior), prior
+    assert re.search(r"9 steps · euler/simple · cfg 2(\.0)? · 2 seeds \+ 1 held out · \d{4}-\d\d-\d\dT", prior), prior
+    assert re.search(r"held-out error [\d.e-]+ → [\d.e-]+ \(rel L2, drift\)", prior), prior
 
     page.js(choose, [1, "unet_name", other])
     prior = page.wait_text(f"{APPLY_PANEL} [data-cc=prior]", "✗ fitted for")

@@ -102,31 +102,58 @@ def test_a_cache_priors_folder_from_extra_model_paths_stays_first(modules, tmp_p
 
 
 @pytest.mark.parametrize("family", ["Wan", "SD3"])
-def test_fitted_priors_lower_the_error_against_full_computation(pack, folders, modules, family):
+def test_fitted_priors_lower_the_error_on_the_held_out_seed_they_were_not_fitted_on(pack, folders, modules, family):
     bundle = build_family(family)
-    out = fit(pack, bundle)
+    out = fit(pack, bundle, samples=3)
     priors, report = out.result
     path = folders["cache_priors"] / f"model.{TAG}.tcc.safetensors"
     assert priors.path == str(path) and path.exists() and str(path) in report
     assert out.ui.as_dict() == {"text": (report,)}
     meta, numbers = priors.meta, priors.meta["report"]
-    assert all(math.isfinite(numbers[k]) for k in ("rel_l2_before", "rel_l2_after"))
-    assert numbers["rel_l2_after"] < numbers["rel_l2_before"], report
-    assert meta["policy_tag"] == TAG and meta["policy"]["granularity"] == "block"
-    assert meta["seeds"] == [0, 1] and meta["samples"] == 2 and len(meta["sigmas"]) == 10
+    assert (meta["seeds"], meta["held_out_seeds"], meta["samples"], meta["held_out"]) == ([0, 1], [2], 2, 1)
+    assert "fitted on seeds 0, 1" in report and "held-out seeds 2: error against full computation" in report
+    assert numbers["held_out_after"] < numbers["held_out_before"], report
+    assert "in_sample_before" not in numbers and numbers["fit_cost_samplings"] > 0
+    assert meta["policy_tag"] == TAG and meta["policy"]["granularity"] == "block" and len(meta["sigmas"]) == 10
     assert meta["model"]["family"] == family and "name" not in meta["model"]
     on_disk = modules["fitted"].load(str(path))
-    assert {k: on_disk.meta[k] for k in ("model", "policy", "sigmas", "seeds", "report")} == \
-        {k: meta[k] for k in ("model", "policy", "sigmas", "seeds", "report")}
+    assert {k: on_disk.meta[k] for k in ("model", "policy", "sigmas", "seeds", "held_out_seeds", "report")} == \
+        {k: meta[k] for k in ("model", "policy", "sigmas", "seeds", "held_out_seeds", "report")}
     assert set(on_disk.priors.priors) == set(priors.priors.priors)
-    # Applied to a calibration seed, the priors do what the report says, through a plain KSampler-style call.
+    # The held-out figures are what a plain KSampler-style run of the held-out seed gives, with and without priors.
     model, positive, negative, latent = bundle
-    full = run_sampler(model, positive, negative, latent, steps=9, cfg=2.0, seed=0)
-    plain = run_sampler(apply(pack, model), positive, negative, latent, steps=9, cfg=2.0, seed=0)
+    full = run_sampler(model, positive, negative, latent, steps=9, cfg=2.0, seed=2)
+    plain = run_sampler(apply(pack, model), positive, negative, latent, steps=9, cfg=2.0, seed=2)
     calibrated_model = apply(pack, model, priors=priors)
-    calibrated = run_sampler(calibrated_model, positive, negative, latent, steps=9, cfg=2.0, seed=0)
-    assert rel_l2(calibrated, full) < rel_l2(plain, full)
+    calibrated = run_sampler(calibrated_model, positive, negative, latent, steps=9, cfg=2.0, seed=2)
+    assert rel_l2(plain, full) == pytest.approx(numbers["held_out_before"], rel=1e-4)
+    assert rel_l2(calibrated, full) == pytest.approx(numbers["held_out_after"], rel=1e-4)
     assert session_of(calibrated_model).last_report["priors"] == path.name
+
+
+def test_verify_adds_the_in_sample_error_and_the_fit_costs_one_sampling_per_fitting_seed_plus_the_held_out_ones(
+        pack, folders, wan, monkeypatch):
+    import comfy.sample
+
+    calls = []
+    real = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda model, *a, **k: calls.append(k["seed"]) or real(model, *a, **k))
+    report = fit(pack, wan, samples=4, held_out=1).result[0].meta["report"]
+    assert calls == [0, 1, 2, 3, 3, 3]  # one fitting run per fitting seed; full, cached and calibrated on seed 3
+    calls.clear()
+    verified = fit(pack, wan, samples=4, held_out=2, verify=True, overwrite=True)
+    numbers = verified.result[0].meta["report"]
+    assert calls == [0, 1, 2, 3, 2, 3, 2, 3, 0, 1, 0, 1, 0, 1]
+    assert numbers["in_sample_after"] < numbers["in_sample_before"] and "fitting seeds (optimistic)" in \
+        verified.result[1]
+    assert "held_out_before" in report
+
+
+@pytest.mark.parametrize("samples, held_out", [(2, 2), (3, 0)])
+def test_a_fit_without_a_seed_to_fit_or_to_measure_on_is_refused_with_the_fix(pack, folders, wan, samples, held_out):
+    with pytest.raises(ValueError, match="set held_out between 1 and samples - 1"):
+        fit(pack, wan, samples=samples, held_out=held_out)
+    assert not any(folders["cache_priors"].iterdir())
 
 
 def test_prior_file_by_name_matches_the_socket_and_a_refit_changes_the_fingerprint(pack, folders, wan):
@@ -237,7 +264,22 @@ def test_a_schedule_too_far_from_the_fitted_one_is_refused_at_sampling_and_a_nea
     assert session_of(calibrated).last_report["blocks_skipped"] > 0
 
 
-@pytest.mark.parametrize("at_call", [2, 40], ids=["full-run", "fit-run"])  # 18 model calls per run
+def test_another_sampler_or_scheduler_than_the_fit_is_named_in_the_log_and_the_run_report(pack, folders, wan, caplog):
+    priors = fit(pack, wan).result[0]
+    model, positive, negative, latent = wan
+    calibrated = apply(pack, model, priors=priors)
+    with caplog.at_level(logging.WARNING, logger="calibrated_cache"):
+        run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0)
+    assert session_of(calibrated).last_report["prior_notes"] == [] and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="calibrated_cache"):
+        run_sampler(calibrated, positive, negative, latent, steps=9, cfg=2.0, sampler="dpmpp_2m", scheduler="beta")
+    notes = session_of(calibrated).last_report["prior_notes"]
+    assert any("fitted with sampler euler, this run uses dpmpp_2m" in n for n in notes), notes
+    assert any("fitted with scheduler simple, this run's σ are beta's" in n for n in notes), notes
+    assert all(any(n in r.getMessage() for r in caplog.records) for n in notes)
+
+
+@pytest.mark.parametrize("at_call", [2, 20], ids=["fitting-run", "held-out-full-run"])  # 18 model calls per run
 def test_an_interrupted_fit_leaves_no_file(pack, folders, wan, at_call):
     import comfy.model_management
     import comfy.patcher_extension
