@@ -27,6 +27,7 @@ HASH = re.compile(r"[0-9a-f]{16}")
 # in-sample errors of files written before held-out reports (rel_l2_*), held-out and in-sample errors, site counts
 REPORT_NUMBERS = ("rel_l2_before", "rel_l2_after", "held_out_before", "held_out_after", "in_sample_before",
                   "in_sample_after", "sites", "rounds")
+ERROR_PAIRS = ("rel_l2", "held_out", "in_sample")  # each an error without and with the priors, both or neither
 
 
 class Invalid(ValueError):
@@ -126,6 +127,9 @@ def report(value: Any) -> dict[str, Any]:
     for key in REPORT_NUMBERS:
         if key in data:
             number(data[key], finite=False)
+    for prefix in ERROR_PAIRS:
+        if (f"{prefix}_before" in data) != (f"{prefix}_after" in data):
+            raise Invalid(f"has {prefix}_before without {prefix}_after, or the reverse")
     return data
 
 

@@ -203,6 +203,8 @@ CASES = [
     Case("creation time not a time", _edited(meta={"created": "yesterday"}), r"'created' must be an ISO 8601 time"),
     Case("report with text in it", _edited(meta={"report": '{"held_out_after": "<script>"}'}),
          r"'report' held_out_after must be a number"),
+    Case("report with a held-out error without its pair", _edited(meta={"report": '{"held_out_before": 0.07}'}),
+         r"'report' has held_out_before without held_out_after"),
     Case("held-out seeds the priors were fitted on", _edited(meta={"held_out_seeds": "[0]"}),
          r"'held_out_seeds' shares seeds \[0\] with the fitting seeds"),
     Case("held-out count negative", _edited(meta={"held_out": "-1"}), r"'held_out' must be an integer in \[0, 4096\]"),
