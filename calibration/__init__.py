@@ -1,19 +1,22 @@
-"""Caching engine: policies, forecasters, per-run state, block sites. Pure torch; never imports comfy."""
+"""Caching engine: policies, forecasters, per-run state, block calls. Pure torch; never imports comfy."""
 
+from .call import ModelCall
 from .clock import StepClock
+from .dmd import DmdForecaster
 from .foca import FocaForecaster
-from .forecast import Forecaster
+from .forecast import Forecaster, WeightedForecaster
 from .memory import CacheMemory
 from .policy import CachePolicy, PolicyError
 from .reuse import ReuseForecaster
-from .sites import gated_block, residual_block
-from .state import ModelCall, RunState
+from .spectrum import SpectrumForecaster
+from .state import RunState
 from .stats import RunStats
 from .taylor import TaylorForecaster
 
 __all__ = [
     "CacheMemory",
     "CachePolicy",
+    "DmdForecaster",
     "FocaForecaster",
     "Forecaster",
     "ModelCall",
@@ -21,8 +24,8 @@ __all__ = [
     "ReuseForecaster",
     "RunState",
     "RunStats",
+    "SpectrumForecaster",
     "StepClock",
     "TaylorForecaster",
-    "gated_block",
-    "residual_block",
+    "WeightedForecaster",
 ]

@@ -1,58 +1,101 @@
-"""The one interface every forecaster implements: keep a site's newest anchors, forecast as their weighted sum.
+"""The interface every forecaster implements: one site's cached values for one group of branch chunks (the batch of a
+model call), and how a skipped evaluation of the site is filled in from them.
 
-Writing each method as scalar weights over stored anchors keeps memory at (history × one tensor), makes a second
-evaluation at the same time (Heun) a plain replacement, and puts all tensor work in one fused weighted sum.
+A forecaster owns its state. Every method keeps the site's newest computed values (its anchors); some keep more: an
+integrator its own forecasts, a fitted basis its coefficients. All of a forecaster's arithmetic is per row (the
+first dimension: one sample of one branch), so a batch forecasts each sample exactly as it would alone, and cond and
+uncond do not mix.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+Fetch = Callable[[Tensor], Tensor]  # a stored tensor where the model computes (caches may be offloaded)
+
+
+def same_time(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
 
 class Forecaster(ABC):
-    """Anchors (time, value) of one site for one branch; `predict(t)` estimates the value at time t."""
+    """`history`: computed anchors the method needs; `keep` (>= history) is how many the run keeps, because a
+    calibrator may need more (TCC's drift term reads the two newest)."""
 
     history: int = 1
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 1) -> None:
+        self.keep = max(keep, self.history)
         self.times: list[float] = []
         self.values: list[Tensor] = []
 
     def update(self, t: float, value: Tensor) -> None:
-        """Add a computed value. The caller must not modify `value` in place afterwards."""
-        if self.times and math.isclose(t, self.times[-1], rel_tol=1e-9, abs_tol=1e-12):
+        """A computed value at time t; a second one at the same time (Heun) replaces the newest. The caller must not
+        modify `value` in place afterwards."""
+        if self.times and same_time(t, self.times[-1]):
             self.values[-1] = value
-            return
-        self.times.append(t)
-        self.values.append(value)
-        if len(self.times) > self.history:
-            del self.times[0], self.values[0]
+        else:
+            self.times.append(t)
+            self.values.append(value)
+            if len(self.times) > self.keep:
+                del self.times[0], self.values[0]
+        self.anchored()
 
-    def predict(self, t: float, values: list[Tensor] | None = None) -> Tensor:
-        """Forecast at t; `values` may replace the stored anchors by others at the same times (batched branches)."""
-        weights = self.weights(self.times, t)
-        active = [(w, v) for w, v in zip(weights, self.values if values is None else values) if w != 0.0]
-        if len(active) == 1 and active[0][0] == 1.0:
-            return active[0][1]
-        (w0, v0), rest = active[0], active[1:]
-        out = torch.mul(v0, w0)
-        for w, v in rest:
-            out.add_(v, alpha=w)
-        return out
+    def anchored(self) -> None:
+        """A new anchor arrived: derive what the method keeps from its anchors (nothing by default)."""
 
-    def predict_flops(self, t: float) -> float:
-        """Elementwise work of one forecast, so that compute accounting stays honest."""
-        used = sum(1 for w in self.weights(self.times, t) if w != 0.0)
-        return 0.0 if used <= 1 else 2.0 * used * self.values[-1].numel()
+    @abstractmethod
+    def forecast(self, t: float, fetch: Fetch) -> Tensor:
+        """The value at time t (t after the newest anchor, or equal to it). The result may be an anchor itself: do not
+        modify it in place."""
+
+    @abstractmethod
+    def flops(self, t: float) -> float:
+        """Elementwise work per value element of `forecast(t)`, and of the derivations `anchored` made for it, so that
+        compute fractions count all the work a method does on a skipped step."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values[-1].shape
+
+    @property
+    def numel(self) -> int:
+        return self.values[-1].numel()
 
     @property
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.values)
+        """Every tensor the forecaster holds, once (its own forecasts and derived tensors included)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
+        return sum(storages.values())
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.values)
+
+
+class WeightedForecaster(Forecaster):
+    """A method whose forecast is a weighted sum of its anchors, with weights from the anchor times alone (Python
+    floats): FORA, TaylorSeer, Spectrum's Chebyshev regression. A forecast then costs one fused pass, and a weight of
+    one on the newest anchor returns it without a copy."""
 
     @abstractmethod
     def weights(self, times: list[float], t: float) -> list[float]:
-        """Weights of the stored anchors (oldest first) whose sum forecasts the value at t."""
+        """Weights of the anchors (oldest first) whose sum forecasts the value at t."""
+
+    def forecast(self, t: float, fetch: Fetch) -> Tensor:
+        active = [(w, v) for w, v in zip(self.weights(self.times, t), self.values) if w != 0.0]
+        if len(active) == 1 and active[0][0] == 1.0:
+            return fetch(active[0][1])
+        (w0, v0), rest = active[0], active[1:]
+        out = torch.mul(fetch(v0), w0)
+        for w, v in rest:
+            out.add_(fetch(v), alpha=w)
+        return out
+
+    def flops(self, t: float) -> float:
+        used = sum(1 for w in self.weights(self.times, t) if w != 0.0)
+        return 0.0 if used <= 1 else 2.0 * used

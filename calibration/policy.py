@@ -10,7 +10,7 @@ from .goc import GocSettings
 from .icc import IccSettings
 
 MODES = ("fixed", "dynamic")
-FORECASTERS = ("reuse", "taylor", "foca")
+FORECASTERS = ("reuse", "taylor", "foca", "spectrum", "dmd")
 TIME_UNITS = ("step", "sigma")
 GRANULARITIES = ("module", "block")
 
@@ -38,7 +38,7 @@ class CachePolicy:
     forecaster: str = "reuse"
     order: int = 1
     time_unit: str = "step"
-    foca_lambda: float = 0.0
+    foca_lambda: float = 1.0
     granularity: str = "module"
     goc: GocSettings | None = None
     icc: IccSettings | None = None
@@ -67,7 +67,8 @@ class CachePolicy:
         if not self.threshold > 0:
             raise PolicyError(f"threshold must be > 0 (got {self.threshold}); typical values are 0.05-0.2")
         if not 0.0 <= self.foca_lambda <= 1.0:
-            raise PolicyError(f"foca_lambda must be in [0, 1] (got {self.foca_lambda}); 1 = full curvature")
+            raise PolicyError(f"foca_lambda must be in [0, 1] (got {self.foca_lambda}); 1 = the relaxation the anchors "
+                              "show, 0 = none (first order with the BDF2 slope)")
         if self.goc is not None and not isinstance(self.goc, GocSettings):
             raise PolicyError(f"goc must be GOC settings or None (got {self.goc!r})")
         if self.goc is not None and self.forecaster != "reuse":
@@ -101,7 +102,8 @@ class CachePolicy:
             parts.append(f"F{self.first_blocks}B{self.last_blocks}")
         if self.granularity == "block":
             parts.append("G2")
-        head = {"reuse": "FORA", "taylor": f"TAYLOR{self.order}", "foca": f"FOCA{self.foca_lambda:g}"}[self.forecaster]
+        head = {"reuse": "FORA", "taylor": f"TAYLOR{self.order}", "foca": f"FOCAI{self.foca_lambda:g}",
+                "spectrum": "SPECTRUM", "dmd": "DMD"}[self.forecaster]
         if self.forecaster != "reuse" and self.time_unit == "sigma":
             parts.append("sigma")
         if self.goc is not None:

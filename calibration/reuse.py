@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .forecast import Forecaster
+from .forecast import WeightedForecaster
 
 
-class ReuseForecaster(Forecaster):
+class ReuseForecaster(WeightedForecaster):
     history = 1
 
     def weights(self, times: list[float], t: float) -> list[float]:

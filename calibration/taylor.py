@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import math
 
-from .forecast import Forecaster
+from .forecast import WeightedForecaster
 
 
-class TaylorForecaster(Forecaster):
-    def __init__(self, order: int) -> None:
-        super().__init__()
+class TaylorForecaster(WeightedForecaster):
+    def __init__(self, order: int, keep: int = 1) -> None:
         self.order = order
         self.history = order + 1
+        super().__init__(keep)
 
     def weights(self, times: list[float], t: float) -> list[float]:
+        kept, times = len(times), times[-self.history:]  # the table needs order + 1 anchors; older ones weigh 0
         n = len(times)
         table: list[list[float]] = []
         for k in range(n):
@@ -33,4 +34,4 @@ class TaylorForecaster(Forecaster):
         for i, phi in enumerate(table):
             scale = x**i / math.factorial(i)
             weights = [w + scale * p for w, p in zip(weights, phi)]
-        return weights
+        return [0.0] * (kept - n) + weights

@@ -5,10 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..calibration import CachePolicy, PolicyError
-from ..calibration.policy import FORECASTERS, MODES, TIME_UNITS
+from ..calibration.policy import MODES, TIME_UNITS
 
 CachePolicyType = io.Custom("CACHE_POLICY")
 CATEGORY = "sampling/calibrated cache"
+# The engine also runs Spectrum and DMD; they are benchmark peers, offered here only where they beat these (README,
+# "Benchmark": the forecaster table).
+OFFERED = ("reuse", "taylor", "foca")
 
 
 class CachePolicyNode(io.ComfyNode):
@@ -27,9 +30,10 @@ class CachePolicyNode(io.ComfyNode):
                                tooltip="fixed: compute every N-th step (FORA schedule). dynamic: compute the first "
                                        "block every step and skip the rest while its residual barely changes "
                                        "(First-Block-Cache)."),
-                io.Combo.Input("forecaster", options=list(FORECASTERS), default="taylor",
+                io.Combo.Input("forecaster", options=list(OFFERED), default="taylor",
                                tooltip="How a skipped block is produced. reuse: last computed value (FORA). taylor: "
-                                       "TaylorSeer extrapolation. foca: FoCa forecast-then-calibrate (3 anchors)."),
+                                       "TaylorSeer extrapolation. foca: FoCa, which integrates each block's feature "
+                                       "ODE step by step (BDF2 predictor, Heun corrector), bounded on long skips."),
                 io.Int.Input("interval", default=3, min=1, max=64,
                              tooltip="fixed mode: compute one step in N. 1 computes everything; 2-4 is mild, "
                                      "5-6 aggressive."),
@@ -57,8 +61,8 @@ class CachePolicyNode(io.ComfyNode):
                                tooltip="Time axis of taylor/foca forecasts: step index (as TaylorSeer) or sigma "
                                        "(better on strongly non-uniform schedules)."),
                 io.Float.Input("foca_lambda", default=d.foca_lambda, min=0.0, max=1.0, step=0.05,
-                               tooltip="foca: how much curvature the calibration step keeps (1 = parabola through "
-                                       "three anchors, 0 = first order)."),
+                               tooltip="foca: how much of the relaxation the anchors show the integrated feature ODE "
+                                       "keeps (1 = all; 0 = none: a first-order forecast with the BDF2 slope)."),
             ],
             outputs=[CachePolicyType.Output(display_name="policy")],
         )

@@ -23,7 +23,7 @@ import comfy.patcher_extension
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..calibration import CacheMemory, CachePolicy, ModelCall, RunState, RunStats, residual_block
+from ..calibration import CacheMemory, CachePolicy, ModelCall, RunState, RunStats
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import FactorCache, LinearTarget
 from ..priors import PriorMismatch, check_schedule, run_warnings
@@ -153,8 +153,7 @@ class CacheSession:
         cost = self._block_flops.get(key)
         if cost is not None:
             compiled = self.compiled
-            return residual_block(self.call, site.index, streams,
-                                  run if compiled is None else lambda: compiled(run), cost)
+            return self.call.block(site.index, streams, run if compiled is None else lambda: compiled(run), cost)
         batch = next(iter(streams.values())).shape[0]
 
         def measured() -> dict:
@@ -163,7 +162,7 @@ class CacheSession:
             self._block_flops[key] = max(counter.get_total_flops() / batch, 1.0)
             return out
 
-        return residual_block(self.call, site.index, streams, measured, lambda: self._block_flops.get(key, 1.0))
+        return self.call.block(site.index, streams, measured, lambda: self._block_flops.get(key, 1.0))
 
     def _report(self, stats: RunStats, wall: float) -> None:
         if self.hooked == 0:

@@ -32,8 +32,9 @@ from .model import DiT, DiTConfig
 from .sampling import flow_sigmas, sample
 from .weights import load_classifier, load_dit
 
-SCHEMA = "calibrated_cache.bench/4"
-INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4, 0.17: 6}
+SCHEMA = "calibrated_cache.bench/5"
+INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4, 0.17: 6}  # the corrected methods' (TCC, GOC, ICC) and the dynamic policy's targets
+FORECAST_INTERVALS = {0.5: 2, 0.33: 3, 0.25: 4, 0.2: 5, 0.17: 6, 0.125: 8}  # every forecaster, down to 1 step in 8
 MAX_SKIPS = 16  # lets the dynamic policy reach the lowest target fraction; its threshold does the rest
 
 
@@ -47,24 +48,28 @@ class Method:
 
 
 CALIBRATION_SAMPLES = 64
+FORECASTERS = (("fora", {"forecaster": "reuse"}),
+               ("taylor1", {"forecaster": "taylor", "order": 1}),
+               ("taylor2", {"forecaster": "taylor", "order": 2}),
+               ("foca", {"forecaster": "foca"}),
+               ("spectrum", {"forecaster": "spectrum"}),
+               ("dmd", {"forecaster": "dmd"}))
 TCC_ROWS = (("fora+tcc", {"forecaster": "reuse"}, {}),
             ("taylor+tcc", {"forecaster": "taylor", "order": 1}, {}),
-            ("foca+tcc", {"forecaster": "foca", "foca_lambda": 0.0}, {}),
             ("fora+tcc-oneshot", {"forecaster": "reuse"}, {"sequential": False}))
 
 
 def fixed_methods() -> list[Method]:
-    """FORA, TaylorSeer (orders 1, 2) and FoCa on one schedule per target, so their fractions match exactly."""
+    """FORA, TaylorSeer (orders 1, 2), FoCa, and the peers Spectrum and DMD, with FoCa + TCC beside them, on one
+    schedule per target, so their fractions match exactly."""
     methods = []
-    for target, n in INTERVALS.items():
-        for name, extra in (
-            ("fora", {"forecaster": "reuse"}),
-            ("taylor1", {"forecaster": "taylor", "order": 1}),
-            ("taylor2", {"forecaster": "taylor", "order": 2}),
-            ("foca", {"forecaster": "foca", "foca_lambda": 0.0}),
-        ):
-            policy = CachePolicy(interval=n, warmup_steps=0, **extra)
-            methods.append(Method(name, {"interval": n, **extra}, policy, target))
+    for target, n in FORECAST_INTERVALS.items():
+        for name, extra in FORECASTERS:
+            methods.append(Method(name, {"interval": n, **extra}, CachePolicy(interval=n, warmup_steps=0, **extra),
+                                  target))
+        foca = {"forecaster": "foca"}
+        methods.append(Method("foca+tcc", {"interval": n, **foca}, CachePolicy(interval=n, warmup_steps=0, **foca),
+                              target, {}))
     return methods
 
 
@@ -113,7 +118,8 @@ def tcc_ablation_methods() -> list[Method]:
     methods = []
     forms = {"drift": {"variant": "drift"}, "trend": {"variant": "trend"}, "mm": {"variant": "mm"},
              "mm-full": {"variant": "mm", "full_trajectory": True}}
-    for name, extra, _ in TCC_ROWS[:3]:
+    for name, extra in (("fora+tcc", {"forecaster": "reuse"}), ("taylor+tcc", {"forecaster": "taylor", "order": 1}),
+                        ("foca+tcc", {"forecaster": "foca"})):
         policy = CachePolicy(interval=3, warmup_steps=0, **extra)
         methods += [Method(f"{name}-{form}", {"interval": 3, **extra, "variant": form}, policy, 0.33, fit)
                     for form, fit in forms.items()]
@@ -121,19 +127,39 @@ def tcc_ablation_methods() -> list[Method]:
 
 
 def ablation_methods() -> list[Method]:
-    """The design choices the README justifies, all at FORA N=4's schedule: FoCa's λ, Taylor's order and time unit,
-    and module-level (pre-gate, G3) against block-level (residual, G2) sites."""
+    """The design choices the README justifies, all at FORA N=4's schedule: FoCa's relaxation (λ = 0 is the anchored
+    first-order form of earlier releases) and time unit, Taylor's order and time unit, and module-level (pre-gate, G3)
+    against block-level (residual, G2) sites."""
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("foca", {"forecaster": "foca", "foca_lambda": lam}) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)
+        (f"foca-lambda{lam:g}" if lam else "foca-anchored", {"forecaster": "foca", "foca_lambda": lam})
+        for lam in (0.0, 0.5, 1.0)
     ]
-    variants += [("foca", {"forecaster": "foca", "foca_lambda": 0.0, "time_unit": "sigma"})]
+    variants += [("foca", {"forecaster": "foca", "time_unit": "sigma"})]
     variants += [(f"taylor{k}", {"forecaster": "taylor", "order": k, "time_unit": u}) for k in (1, 2, 3)
                  for u in ("step", "sigma")]
     variants += [(f"{name}-block", {**extra, "granularity": "block"}) for name, extra in (
         ("fora", {"forecaster": "reuse"}), ("taylor2", {"forecaster": "taylor", "order": 2}),
-        ("foca", {"forecaster": "foca", "foca_lambda": 0.0}))]
-    return [Method(name, {"interval": 4, **extra}, CachePolicy(interval=4, warmup_steps=0, **extra), 0.25)
-            for name, extra in variants]
+        ("foca", {"forecaster": "foca"}))]
+    methods = [Method(name, {"interval": 4, **extra}, CachePolicy(interval=4, warmup_steps=0, **extra), 0.25)
+               for name, extra in variants]
+    methods += [Method("foca-anchored", {"interval": n, "forecaster": "foca", "foca_lambda": 0.0},
+                       CachePolicy(interval=n, warmup_steps=0, forecaster="foca", foca_lambda=0.0), target)
+                for target, n in FORECAST_INTERVALS.items() if n != 4]
+    return methods
+
+
+SHIFT = 3.0  # a schedule whose σ steps are far from even, as SD3's and Flux's shifted schedules
+
+
+def schedule_methods() -> list[Method]:
+    """The time unit on a non-uniform σ schedule: forecasting in step index or in σ, at N = 4 and 6."""
+    return [Method(name, {"interval": n, **extra}, CachePolicy(interval=n, warmup_steps=0, **extra), target)
+            for target, n in ((0.25, 4), (0.17, 6))
+            for name, extra in (("fora", {"forecaster": "reuse"}),
+                                ("taylor2", {"forecaster": "taylor", "order": 2}),
+                                ("taylor2", {"forecaster": "taylor", "order": 2, "time_unit": "sigma"}),
+                                ("foca", {"forecaster": "foca"}),
+                                ("foca", {"forecaster": "foca", "time_unit": "sigma"}))]
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -189,7 +215,7 @@ def planned_rows(quick: bool, skip_quality: bool) -> int:
     table as one) and speed."""
     quality = len(quality_methods(quick)) + len(INTERVALS)
     if not quick:
-        quality += len(ablation_methods()) + len(tcc_ablation_methods()) + 1
+        quality += len(ablation_methods()) + len(tcc_ablation_methods()) + len(schedule_methods()) + 1
     return (0 if skip_quality else quality) + SPEED_ROWS
 
 
@@ -209,7 +235,7 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
         """ICC's statistics come from the calibration seeds, as TCC's priors do; factors are kept across rows."""
         return shared if policy is not None and policy.icc is not None else None
 
-    def run(policy: CachePolicy | None, priors: TccPriors | None = None) -> tuple[Tensor, Any]:
+    def run(policy: CachePolicy | None, priors: TccPriors | None = None, shift: float = shift) -> tuple[Tensor, Any]:
         return sample(model, labels, noise, steps, cfg, policy=policy, shift=shift, calibrator=priors,
                       factors=factors(policy))
 
@@ -220,7 +246,7 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
     methods = static[:fixed] + dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
     methods += static[fixed:]
 
-    def rows_for(methods: list[Method]) -> list[dict[str, Any]]:
+    def rows_for(methods: list[Method], full: Tensor = full, shift: float = shift) -> list[dict[str, Any]]:
         rows = []
         for m in methods:
             priors, fit_s = None, None
@@ -229,7 +255,7 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
                 priors, _ = fit_testbed(model, m.policy, calibration, steps, cfg, shift=shift,
                                         factors=factors(m.policy), held_out=0, **m.tcc)
                 fit_s = time.perf_counter() - start
-            (x, state), wall = timed(lambda: run(m.policy, priors), 1)
+            (x, state), wall = timed(lambda: run(m.policy, priors, shift), 1)
             rows.append(row_for(m, x, full, state.stats.compute_fraction, wall, full_wall, classifier, labels))
             if fit_s is not None:
                 rows[-1]["fit_s"] = fit_s
@@ -242,6 +268,8 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
                        "model": meta["config"]},
             "rows": [full_row, *rows_for(methods)],
             "ablation": [] if quick else rows_for(ablation_methods() + tcc_ablation_methods()),
+            "schedule": None if quick else {"shift": SHIFT, "rows": rows_for(schedule_methods(), run(None, shift=SHIFT)[0],
+                                                                          SHIFT)},
             "transfer": None if quick else transfer_section(model, classifier, cfg, shift, progress=progress)}
 
 
@@ -413,8 +441,11 @@ def format_tables(report: dict[str, Any]) -> str:
         lines += ["", f"quality: {c['samples']} samples, {c['steps']} Euler steps (shift {c['shift']}), cfg {c['cfg']}"]
         lines += _quality_table(report["quality"]["rows"])
         if report["quality"]["ablation"]:
-            lines += ["", "ablation at FORA N=4's schedule (TCC prior forms at N=3)"]
+            lines += ["", "ablation at FORA N=4's schedule (TCC prior forms at N=3; foca-anchored at every interval)"]
             lines += _quality_table(report["quality"]["ablation"])
+        if report["quality"].get("schedule"):
+            lines += ["", f"time unit on a non-uniform schedule (shift {report['quality']['schedule']['shift']:g})"]
+            lines += _quality_table(report["quality"]["schedule"]["rows"])
         if report["quality"].get("transfer"):
             t = report["quality"]["transfer"]
             lines += ["", f"TCC priors fitted on {t['config']['fitted_steps']} steps, {t['config']['policy']}, "

@@ -29,7 +29,7 @@ def test_the_report_gives_the_peak_cache_size_and_every_run_releases_it(random_d
     depth, sites, history = len(random_dit.blocks), 2, 3  # Taylor-2 keeps three anchors of attn and mlp per block
     value = 4 * 16 * 64 * 4  # cond and uncond of 2 samples, 16 tokens, 64 channels, float32
     assert stats["peak_cache_bytes"] == depth * sites * history * value
-    assert state.stats.cache_bytes == 0 and not state.branches
+    assert state.stats.cache_bytes == 0 and not state.groups
     assert stats["cache_offloaded"] is False and stats["cache_limit_bytes"] is None and stats["blocks_over_limit"] == 0
 
 

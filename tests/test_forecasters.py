@@ -3,95 +3,160 @@ import math
 import pytest
 import torch
 
-from calibrated_cache.calibration import FocaForecaster, ReuseForecaster, TaylorForecaster
+from calibrated_cache.calibration import (DmdForecaster, FocaForecaster, ReuseForecaster, SpectrumForecaster,
+                                          TaylorForecaster)
+from calibrated_cache.calibration.spectrum import DEGREE, RIDGE, WINDOW, chebyshev
+
+
+def same(value):
+    return value
 
 
 def feed(forecaster, times, fn):
     for t in times:
-        forecaster.update(t, torch.tensor([fn(t)], dtype=torch.float64))
+        forecaster.update(t, torch.as_tensor(fn(t), dtype=torch.float64).reshape(1, -1))
     return forecaster
 
 
-def test_reuse_returns_the_last_anchor():
+def at(forecaster, t) -> float:
+    return forecaster.forecast(t, same).item()
+
+
+def test_reuse_returns_the_last_anchor_itself():
     f = feed(ReuseForecaster(), [0, 1, 2], lambda t: 3.0 * t)
-    assert f.predict(5.0).item() == 6.0
-    assert len(f.values) == 1
+    assert f.forecast(5.0, same) is f.values[-1] and at(f, 5.0) == 6.0 and len(f.values) == 1
 
 
 def test_reuse_still_returns_the_newest_anchor_when_a_calibrator_keeps_more():
-    f = ReuseForecaster()
-    f.history = 2
-    feed(f, [0, 1, 2], lambda t: 3.0 * t)
-    assert len(f.values) == 2 and f.predict(5.0).item() == 6.0
+    f = feed(ReuseForecaster(keep=2), [0, 1, 2], lambda t: 3.0 * t)
+    assert len(f.values) == 2 and at(f, 5.0) == 6.0 and f.flops(5.0) == 0.0
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_taylor_reproduces_lines_exactly_at_every_order(order):
     line = lambda t: 1.0 - 2.0 * t  # noqa: E731
     f = feed(TaylorForecaster(order), [0.0, 2.0, 4.0, 6.0], line)
-    assert f.predict(9.0).item() == pytest.approx(line(9.0))
+    assert at(f, 9.0) == pytest.approx(line(9.0))
 
 
-def test_taylor_matches_taylorseer_difference_table():
+def test_taylor_matches_taylorseer_difference_table_and_ignores_anchors_kept_for_calibrators():
     """Φ1 = (F_k − F_{k−1})/d, Φ2 = (Φ1_k − Φ1_{k−1})/d with d the newest gap; forecast Σ Φi x^i/i!."""
     times, values = [0.0, 3.0, 6.0], [1.0, 4.0, 2.0]
-    f = TaylorForecaster(2)
-    for t, v in zip(times, values):
-        f.update(t, torch.tensor([v], dtype=torch.float64))
+    f = feed(TaylorForecaster(2, keep=5), [-3.0] + times, dict(zip([-3.0] + times, [9.0] + values)).get)
     phi1_new, phi1_old = (2.0 - 4.0) / 3, (4.0 - 1.0) / 3
     phi2 = (phi1_new - phi1_old) / 3
-    x = 2.0
-    assert f.predict(8.0).item() == pytest.approx(2.0 + phi1_new * x + phi2 * x**2 / 2)
+    assert len(f.values) == 4 and at(f, 8.0) == pytest.approx(2.0 + phi1_new * 2 + phi2 * 2**2 / 2)
 
 
 def test_taylor_orders_fill_in_as_anchors_accumulate():
-    f = TaylorForecaster(3)
-    f.update(0.0, torch.tensor([5.0]))
-    assert f.predict(2.0).item() == 5.0
-    f.update(1.0, torch.tensor([6.0]))
-    assert f.predict(2.0).item() == pytest.approx(7.0)
+    f = feed(TaylorForecaster(3), [0.0], lambda t: 5.0)
+    assert at(f, 2.0) == 5.0
+    f.update(1.0, torch.tensor([[6.0]], dtype=torch.float64))
+    assert at(f, 2.0) == pytest.approx(7.0)
 
 
-def test_foca_with_full_curvature_is_the_parabola_through_three_anchors_even_unevenly_spaced():
-    parabola = lambda t: 2.0 - t + 0.75 * t * t  # noqa: E731
-    f = feed(FocaForecaster(1.0), [0.0, 1.0, 3.5], parabola)
-    for t in (4.0, 5.5, 7.0):
-        assert f.predict(t).item() == pytest.approx(parabola(t))
+def bdf2_slope(times, values):
+    (t0, t1, t2), (f0, f1, f2) = times, values
+    h1, h2 = t2 - t1, t1 - t0
+    return f2 * (2 * h1 + h2) / (h1 * (h1 + h2)) - f1 * (h1 + h2) / (h1 * h2) + f0 * h1 / (h2 * (h1 + h2))
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
-def test_foca_reproduces_linear_sequences_for_any_lambda(lam):
-    line = lambda t: 4.0 - 1.5 * t  # noqa: E731
-    f = feed(FocaForecaster(lam), [0.0, 2.0, 3.0], line)
-    assert f.predict(6.0).item() == pytest.approx(line(6.0))
+def test_foca_without_relaxation_is_the_first_order_forecast_with_the_bdf2_slope_at_any_spacing():
+    """λ = 0: the anchored form of earlier releases, F_c + Δ·ġ_c, whatever the path the integrator took there."""
+    curve = lambda t: 2.0 - t + 0.75 * t * t  # noqa: E731
+    times = [0.0, 1.0, 3.5]
+    f = feed(FocaForecaster(0.0), times, curve)
+    slope = bdf2_slope(times, [curve(t) for t in times])
+    for t in (4.0, 4.5, 7.0):  # steps of 0.5, then 2.5
+        assert at(f, t) == pytest.approx(curve(3.5) + (t - 3.5) * slope)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.5])
-def test_foca_does_not_collapse_to_linear_extrapolation(lam):
-    """The degeneracy of methods.md §6.3: a corrector fed only the last two anchors equals 2F_k − F_{k−1}."""
-    f = feed(FocaForecaster(lam), [0.0, 1.0, 2.0], lambda t: math.exp(t))
-    linear = 2 * math.exp(2.0) - math.exp(1.0)
-    assert abs(f.predict(3.0).item() - linear) > 0.5
-    assert abs(f.predict(3.0).item() - math.exp(3.0)) < abs(linear - math.exp(3.0))
+def test_foca_reproduces_lines_and_forecasting_the_same_time_twice_returns_the_same_value():
+    line = lambda t: 1.0 + 0.5 * t  # noqa: E731
+    f = feed(FocaForecaster(1.0), [0.0, 2.0, 4.0], line)
+    for t in (5.0, 6.0, 7.5):
+        assert at(f, t) == pytest.approx(line(t))
+    assert f.forecast(7.5, same) is f.forecast(7.5, same)
 
 
-def test_foca_single_anchor_falls_back_to_reuse_and_two_anchors_to_a_line():
-    f = FocaForecaster(0.5)
-    f.update(1.0, torch.tensor([2.0]))
-    assert f.predict(4.0).item() == 2.0
-    f.update(2.0, torch.tensor([3.0]))
-    assert f.predict(4.0).item() == pytest.approx(5.0)
+def test_foca_starts_as_reuse_then_as_the_secant_line():
+    f = feed(FocaForecaster(1.0), [0.0], lambda t: 4.0)
+    assert at(f, 1.0) == 4.0
+    f.update(2.0, torch.tensor([[6.0]], dtype=torch.float64))
+    assert at(f, 3.0) == pytest.approx(7.0)
 
 
-def test_a_second_value_at_the_same_time_replaces_the_anchor():
-    f = feed(TaylorForecaster(1), [0.0, 1.0], lambda t: t)
-    f.update(1.0, torch.tensor([3.0], dtype=torch.float64))
-    assert f.times == [0.0, 1.0]
-    assert f.predict(2.0).item() == pytest.approx(6.0)
+def exponentials(t: float) -> list[float]:
+    """A feature relaxing toward a state: a sum of exponentials in t, as a 3-channel value."""
+    return [1.0 + 2.0 * math.exp(-0.3 * t), -0.5 + 1.5 * math.exp(-0.3 * t), 0.2 - 0.8 * math.exp(-0.3 * t)]
 
 
-def test_history_is_bounded_by_the_method():
-    for f, kept in ((ReuseForecaster(), 1), (TaylorForecaster(2), 3), (FocaForecaster(0.5), 3)):
-        feed(f, range(10), float)
-        assert len(f.values) == kept
-        assert f.nbytes == kept * 8
+def test_foca_follows_a_relaxing_feature_over_any_horizon_where_taylor_diverges():
+    anchors = [0.0, 3.0, 6.0]
+    foca, taylor = feed(FocaForecaster(1.0), anchors, exponentials), feed(TaylorForecaster(2), anchors, exponentials)
+    truth = lambda t: torch.tensor(exponentials(t), dtype=torch.float64)  # noqa: E731
+    foca_errors, taylor_errors = [], []
+    for step in range(1, 31):  # one step at a time: the integrator advances from its own previous forecast
+        t = 6.0 + step
+        foca_errors.append(float((foca.forecast(t, same) - truth(t)).norm()))
+        taylor_errors.append(float((taylor.forecast(t, same) - truth(t)).norm()))
+    assert all(b > a for a, b in zip(taylor_errors[4:], taylor_errors[5:]))  # Taylor-2's error grows with the horizon
+    assert taylor_errors[-1] > 10.0
+    assert max(foca_errors) < 0.15 and foca_errors[-1] < 0.1  # the integrator's stays bounded, and small
+    assert foca.rate.item() == pytest.approx(-0.3, rel=1e-6)  # the relaxation rate, read off the anchors
+
+
+def test_foca_works_per_row_so_a_batch_forecasts_each_row_as_alone():
+    rows = [lambda t: exponentials(t), lambda t: [math.sin(t), t, 2.0 - t * t]]
+    batched = FocaForecaster(1.0)
+    alone = [FocaForecaster(1.0) for _ in rows]
+    for t in (0.0, 2.0, 4.0):
+        batched.update(t, torch.tensor([fn(t) for fn in rows], dtype=torch.float64))
+        for f, fn in zip(alone, rows):
+            f.update(t, torch.tensor([fn(t)], dtype=torch.float64))
+    for t in (5.0, 6.0):
+        together = batched.forecast(t, same)
+        assert torch.equal(together, torch.cat([f.forecast(t, same) for f in alone]))
+
+
+def test_spectrum_is_the_ridge_regression_on_chebyshev_polynomials_over_its_window():
+    span = (0.0, 24.0)
+    times = [float(t) for t in range(0, 36, 3)]  # 12 anchors: the window keeps the newest 10
+    values = torch.randn(len(times), 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = SpectrumForecaster(span, keep=WINDOW)
+    for t, v in zip(times, values):
+        f.update(t, v)
+    taus = lambda ts: torch.tensor(ts, dtype=torch.float64) / 12.0 - 1.0  # noqa: E731
+    x = chebyshev(taus(times[-WINDOW:]), DEGREE)
+    coef = torch.linalg.solve(x.T @ x + RIDGE * torch.eye(DEGREE + 1, dtype=torch.float64),
+                              x.T @ values[-WINDOW:, 0])
+    expected = chebyshev(taus([34.0]), DEGREE) @ coef
+    assert torch.allclose(f.forecast(34.0, same), expected, atol=1e-12)
+    assert len(f.values) == WINDOW and f.flops(34.0) == 2.0 * WINDOW
+
+
+def test_spectrum_with_one_anchor_reuses_it():
+    f = feed(SpectrumForecaster((0.0, 10.0)), [0.0], lambda t: [3.0, 4.0])
+    assert at_vector(f, 2.0) == [3.0, 4.0]
+
+
+def at_vector(f, t):
+    return f.forecast(t, same).flatten().tolist()
+
+
+def linear_system(t: float) -> list[float]:
+    """Two decaying, rotating modes: the exact solution class of a linear system, which DMD identifies."""
+    return [math.exp(-0.1 * t) * math.cos(0.4 * t), math.exp(-0.1 * t) * math.sin(0.4 * t),
+            0.5 * math.exp(-0.25 * t), 0.3 * math.exp(-0.1 * t) * math.cos(0.4 * t) + math.exp(-0.25 * t)]
+
+
+def test_dmd_identifies_a_linear_system_from_four_uniform_snapshots_and_forecasts_it_at_any_horizon():
+    f = feed(DmdForecaster(), [0.0, 2.0, 4.0, 6.0, 8.0], linear_system)
+    for t in (9.0, 11.0, 13.5, 20.0):
+        assert at_vector(f, t) == pytest.approx(linear_system(t), abs=1e-6)
+
+
+def test_dmd_is_taylor_order_one_before_four_uniform_snapshots():
+    f = feed(DmdForecaster(), [0.0, 1.0, 3.0, 5.0], linear_system)  # uneven: only the newest three are uniform
+    newest, previous = linear_system(5.0), linear_system(3.0)
+    assert at_vector(f, 6.0) == pytest.approx([n + (n - p) / 2 for n, p in zip(newest, previous)])

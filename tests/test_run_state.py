@@ -60,7 +60,7 @@ def test_runs_are_isolated_from_each_other(random_dit):
 def test_finishing_a_run_releases_its_caches(random_dit):
     _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=POLICIES["foca"])
     assert run.stats.peak_cache_bytes > 0
-    assert run.stats.cache_bytes == 0 and not run.branches
+    assert run.stats.cache_bytes == 0 and not run.groups
 
 
 def test_heun_counts_schedule_steps_and_every_evaluation(random_dit):
@@ -114,7 +114,7 @@ def test_a_change_of_shape_starts_the_branch_afresh(random_dit):
         x = noise(n)
         call = run.call(sigma, ["cond"], x)
         random_dit(x, torch.full((n,), sigma), y[:n], call)
-    assert run.branches["cond"].signature[0] == 1
+    assert run.groups[("cond",)].signature[0] == 1
     assert run.stats.blocks_computed == 2 * len(random_dit.blocks)  # step 0 and the reset step 2
 
 
@@ -145,29 +145,25 @@ def _double(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_dynamic_probe_spanning_double_and_single_blocks_does_not_crash():
     """Flux-like: block 0 takes {img, txt}; block 1 (single) takes cat(txt, img) as one longer `img` stream."""
-    from calibrated_cache.calibration import residual_block
-
     run = RunState(CachePolicy(mode="dynamic", first_blocks=2, threshold=10.0), flow_sigmas(4).tolist(), 3)
     for sigma in flow_sigmas(4)[:-1].tolist():
         call = run.call(sigma, ["cond"], torch.zeros(1, 4))
-        double = residual_block(call, 0, _streams(1, 4, 2), lambda: _double(_streams(1, 4, 2)))
+        double = call.block(0, _streams(1, 4, 2), lambda: _double(_streams(1, 4, 2)))
         joined = {"img": torch.cat([double["txt"], double["img"]], dim=1)}
-        single = residual_block(call, 1, joined, lambda: _double(joined))
-        residual_block(call, 2, single, lambda: _double(single))
+        single = call.block(1, joined, lambda: _double(joined))
+        call.block(2, single, lambda: _double(single))
     assert run.stats.blocks_computed == 3 * 4  # no like-for-like probe stream: every round is computed
 
 
 def test_a_text_stream_that_changes_length_mid_run_is_computed_not_forecast():
     """ComfyUI pads text to a common length when it batches conds, not when it runs them apart."""
-    from calibrated_cache.calibration import residual_block
-
     run = RunState(CachePolicy(interval=4, warmup_steps=0), flow_sigmas(4).tolist(), 1)
     first = _streams(2, 4, 6)
-    residual_block(run.call(1.0, ["uncond", "cond"], torch.zeros(2, 4)), 0, first, lambda: _double(first))
+    run.call(1.0, ["uncond", "cond"], torch.zeros(2, 4)).block(0, first, lambda: _double(first))
     shorter = _streams(1, 4, 3)
     call = run.call(0.75, ["cond"], torch.zeros(1, 4))
-    out = residual_block(call, 0, shorter, lambda: _double(shorter))
+    out = call.block(0, shorter, lambda: _double(shorter))
     assert out["txt"].shape == (1, 3, 8) and run.stats.blocks_computed == 3
     again = run.call(0.5, ["cond"], torch.zeros(1, 4))
-    assert residual_block(again, 0, shorter, lambda: _double(shorter))["txt"].shape == (1, 3, 8)
+    assert again.block(0, shorter, lambda: _double(shorter))["txt"].shape == (1, 3, 8)
     assert run.stats.blocks_skipped == 1  # the recomputed value became the new anchor
