@@ -31,6 +31,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from .calibration import CachePolicy
+    from .testbed.profile import format_breakdown, profile
+
+    policies = {"full": None}
+    for name in args.forecasters:
+        forecaster, order = ("taylor", int(name[-1])) if name.startswith("taylor") else (name, 1)
+        policies[f"{name} N={args.interval}"] = CachePolicy(interval=args.interval, warmup_steps=0,
+                                                            forecaster=forecaster, order=order)
+    print(f"testbed DiT, {args.samples} samples, cfg 2 (batched), medians of {args.repeats} interleaved runs")
+    print(format_breakdown(profile(policies, args.samples, args.repeats, args.steps)))
+    return 0
+
+
 def _fit_priors(args: argparse.Namespace) -> int:
     from .calibration import CachePolicy, PolicyError
     from .calibration.goc import GocSettings
@@ -115,6 +129,16 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-quality", action="store_true", help="run the speed section only")
     bench.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift of the quality runs (default 1)")
     bench.set_defaults(run=_bench)
+
+    prof = sub.add_parser("profile", help="where a cached run's time goes: blocks, the pack's work, the rest")
+    prof.add_argument("--samples", type=positive, default=256, help="requests per run (default 256, the benchmark's)")
+    prof.add_argument("--steps", type=positive, help="sampling steps (default: the benchmark's 24)")
+    prof.add_argument("--interval", type=positive, default=4, help="policy interval (default 4)")
+    prof.add_argument("--repeats", type=positive, default=3, help="interleaved runs per configuration (default 3)")
+    prof.add_argument("--forecasters", nargs="+", default=["reuse", "taylor2", "foca"],
+                      choices=("reuse", "taylor1", "taylor2", "taylor3", "foca", "spectrum", "dmd"),
+                      help="configurations besides full computation")
+    prof.set_defaults(run=_profile)
 
     fit = sub.add_parser("fit-priors", help="fit TCC calibration priors for a cache policy on the testbed")
     fit.add_argument("--interval", type=int, default=3, help="policy: compute one step in N (default 3)")

@@ -1,6 +1,11 @@
-"""One model call of a run: per block, whether it is computed or filled in, and the storing, forecasting, calibrating
-and accounting that goes with either. Blocks enter through one method per granularity:
+"""One model call of a run: whether it and each of its blocks is computed or filled in, and the storing, forecasting,
+calibrating and accounting that goes with either. The call enters through `model`, its blocks through one method per
+granularity:
 
+* `model` (G1, and the accounting of every granularity): the whole model call. With step granularity, a step that
+  skips every block returns the forecast of the model's output, so nothing of the model runs; otherwise the model
+  runs, and what it computes outside its blocks (embedders, final layer) counts as computed, so that compute fractions
+  compare with whole-model caches.
 * `block` (G2): any block, as a function from input streams to output streams. The cached value of each stream is its
   residual (output − input); a skipped block returns input + filled-in residual. ComfyUI's DiT loops expose this.
 * `gated` (G3): an adaLN block given as ordered sites (name, gate, pre-gate function). Computed sites run their
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
 
 GatedSite = tuple[str, Tensor, Callable[[Tensor], Tensor]]
 Outputs = Mapping[str, Tensor | None]
+OUTPUT = (-1, "output")  # the model output's site (step granularity); its priors and tracks name it block 0
 
 
 def _identity(value: Tensor) -> Tensor:
@@ -48,8 +54,49 @@ class ModelCall:
         self._probe_inputs: Mapping[str, Tensor] | None = None
         self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
         self._icc_only = state.icc is not None and state.calibrator is None
+        self._step = state.policy.granularity == "step"
+        self._block_flops = 0.0  # per sample: what the blocks of this call would cost, computed or not
 
-    # --- the two entries ---------------------------------------------------------------------------------------
+    # --- the entries ----------------------------------------------------------------------------------------------
+
+    def model(self, compute: Callable[[], Tensor], flops: float | Callable[[], float], like: Tensor
+              ) -> tuple[Tensor, bool]:
+        """One whole model call. `compute` runs the model and returns the value this call caches with step
+        granularity (whatever the caller makes of the model's output: the testbed its velocity, ComfyUI the output in
+        noise units), shaped as `like`; it runs the blocks through this call, but with step granularity as the plain
+        model (no block is skipped one by one then). `flops` is what a whole call costs per sample (a callable is read
+        after the model ran, so it can be measured on the first call). Returns the value, and whether it was computed
+        (else forecast)."""
+        cost = flops if callable(flops) else (lambda: flops)
+        block, name = OUTPUT
+        if self._step and self._skips_model(like):
+            truth = compute if self.state.calibrator is not None and self.state.calibrator.needs_truth else None
+            value, spent = self.recall(block, name, truth)
+            self.account(None, False, cost(), spent, 1)
+            return value, False
+        self._block_flops = 0.0
+        value = compute()
+        if self._step:
+            self.remember(block, name, value)
+            full = cost()
+            self.account(None, True, full, full, 1)
+        else:  # the blocks accounted for themselves; the rest of the model was computed
+            outside = max(cost() - self._block_flops, 0.0) * self.chunk * len(self.branches)
+            self.state.stats.flops_full += outside
+            self.state.stats.flops_computed += outside
+        return value, True
+
+    def _skips_model(self, like: Tensor) -> bool:
+        """Step granularity: the round skips and the output is cached for this group and shape. A reference run
+        computes the model there and observes its output."""
+        block, name = OUTPUT
+        if not (self.round.skip and block in self.cache.ready and self.fits(block, name, like)):
+            return False
+        calibrator = self.state.calibrator
+        if calibrator is not None and calibrator.reference:
+            self._observed.add(block)
+            return False
+        return True
 
     def block(self, index: int, inputs: Mapping[str, Tensor], run: Callable[[], Outputs],
               flops: float | Callable[[], float] = 1.0) -> dict[str, Tensor | None]:
@@ -73,8 +120,8 @@ class ModelCall:
             truth = self._truth(inputs, run)
             for k, has in self.state.layouts[index]:
                 if has:
-                    residual, extra = self.recall(index, f"residual.{k}", truth and (lambda k=k: truth()[k]))
-                    outputs[k] = inputs[k] + residual
+                    outputs[k], extra = self.recall(index, f"residual.{k}", truth and (lambda k=k: truth()[k]),
+                                                    base=inputs[k])
                     spent += extra
                 else:
                     outputs[k] = None
@@ -98,15 +145,13 @@ class ModelCall:
                 spent += cost - (scope.saved if scope is not None else 0.0)  # ICC's projection of the inputs counts
                 h = h + gate * value  # exactly the block's own arithmetic, so computing everything is bit-identical
             else:
+                value = None
                 if icc:  # the site runs with its Linears' increments: only their saving is not spent
                     with self.linears(index, False, name) as scope:
                         value = branch(h)
                     spent += cost - scope.saved
-                    value, extra = self.recall(index, name, lambda: branch(h), value)
-                else:
-                    value, extra = self.recall(index, name, lambda: branch(h))
+                h, extra = self.recall(index, name, lambda h=h: branch(h), value, base=h, gate=gate)
                 spent += extra
-                h = torch.addcmul(h, gate, value)
         self.account(index, compute, full, spent, len(sites))
         self.leave(index, {"x": h})
         return h
@@ -130,6 +175,9 @@ class ModelCall:
     # --- deciding and storing -------------------------------------------------------------------------------------
 
     def computes(self, block: int) -> bool:
+        """Whether a block is computed in this call (with step granularity, always: whole steps are skipped)."""
+        if self._step:
+            return True
         state = self.state
         reuses = bool(self.round.skip) and block not in state.always and block not in state.uncacheable and \
             block in self.cache.ready
@@ -146,7 +194,10 @@ class ModelCall:
         return self._icc_only or self.cache.sites[(block, name)].shape == like.shape
 
     def stores(self, block: int) -> bool:
-        """Whether values computed now can serve a later skip (nothing is kept when none can), or are observed."""
+        """Whether values computed now can serve a later skip (nothing is kept when none can), or are observed. With
+        step granularity blocks are never skipped one by one, so only the model's output is kept."""
+        if self._step:
+            return (self._stores and block == OUTPUT[0]) or block in self._observed
         return (self._stores and block not in self.state.always) or block in self._observed
 
     def remember(self, block: int, name: str, value: Tensor) -> None:
@@ -194,15 +245,21 @@ class ModelCall:
     def sites(self, block: int, name: str) -> list[Site]:
         r = self.round
         sigma, step = self.cache.anchors[block]
-        return [Site(role, r.index, r.sigma, sigma, r.step - step, block, name, r.step) for role in self.roles]
+        index = max(block, 0)  # the output's site is named block 0 in prior files (its own name keeps it apart)
+        return [Site(role, r.index, r.sigma, sigma, r.step - step, index, name, r.step) for role in self.roles]
 
-    def recall(self, block: int, name: str, truth: Callable[[], Tensor] | None = None,
-               value: Tensor | None = None) -> tuple[Tensor, float]:
+    def recall(self, block: int, name: str, truth: Callable[[], Tensor] | None = None, value: Tensor | None = None,
+               base: Tensor | None = None, gate: Tensor | None = None) -> tuple[Tensor, float]:
         """The value used in place of a site's computation for this call's batch (the forecast, or ICC's `value`,
         corrected by the run's calibrator if any), and the FLOPs spent on it per sample beyond producing `value`.
-        `truth` computes the site (for fitting)."""
-        value, flops = self._forecast(block, name) if value is None else (value, 0.0)
+        With `base`, what is returned is base + value (times `gate`): without a calibrator in between, a weighted
+        forecast writes it into one new tensor. `truth` computes the site (for fitting)."""
         calibrator = self.state.calibrator
+        if calibrator is None and value is None and base is not None:
+            forecaster, t = self.cache.sites[(block, name)], self.round.time
+            flops = self._flops(forecaster, t)
+            return self._held(forecaster, lambda: forecaster.forecast_onto(t, self.fetch, base, gate)), flops
+        value, flops = self._forecast(block, name) if value is None else (value, 0.0)
         if calibrator is not None:
             reused = Reused(value, lambda: self._anchors(block, name), truth if calibrator.needs_truth else None)
             sites, held = self.sites(block, name), calibrator.nbytes
@@ -212,17 +269,27 @@ class ModelCall:
             calibrator.settle(sites, calibrated)
             self.state.stats.add_cache_bytes(calibrator.nbytes - held)
             value = calibrated
-        return value, flops
+        if base is None:
+            return value, flops
+        return (base + value if gate is None else torch.addcmul(base, gate, value)), flops
 
     def _forecast(self, block: int, name: str) -> tuple[Tensor, float]:
-        """The forecast of a site for this call's batch, and the FLOPs it spent per sample (counted before it runs:
-        a method's work at a new anchor is charged to the first forecast after it)."""
+        """The forecast of a site for this call's batch, and the FLOPs it spent per sample."""
         forecaster, t = self.cache.sites[(block, name)], self.round.time
-        flops = forecaster.flops(t) * forecaster.numel / (self.chunk * len(self.branches))
+        flops = self._flops(forecaster, t)
+        return self._held(forecaster, lambda: forecaster.forecast(t, self.fetch)), flops
+
+    def _flops(self, forecaster, t: float) -> float:
+        """Per sample, counted before the forecast runs: a method's work at a new anchor is charged to the first
+        forecast after it."""
+        return forecaster.flops(t) * forecaster.numel / (self.chunk * len(self.branches))
+
+    def _held(self, forecaster, forecast: Callable[[], Tensor]) -> Tensor:
+        """Run a forecast, counting what the forecaster keeps of it (an integrator keeps its own forecasts)."""
         held = forecaster.nbytes
-        value = forecaster.forecast(t, self.fetch)
-        self.state.stats.add_cache_bytes(forecaster.nbytes - held)  # integrators keep their own forecasts
-        return value, flops
+        value = forecast()
+        self.state.stats.add_cache_bytes(forecaster.nbytes - held)
+        return value
 
     def _anchors(self, block: int, name: str) -> tuple[Tensor, Tensor, list[float]] | None:
         """The newest and previous computed values of a site for the batch, and each chunk's staleness ratio
@@ -291,16 +358,20 @@ class ModelCall:
 
     # --- accounting and the dynamic policy ------------------------------------------------------------------------
 
-    def account(self, block: int, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:
-        stats, n = self.state.stats, self.chunk * len(self.branches)
+    def account(self, block: int | None, computed: bool, full_flops: float, spent_flops: float, sites: int) -> None:
+        """`block` None: a whole model call with step granularity, which computes or skips every block."""
+        stats, n, branches = self.state.stats, self.chunk * len(self.branches), len(self.branches)
         stats.flops_full += full_flops * n
         stats.flops_computed += spent_flops * n
+        if block is not None:
+            self._block_flops += full_flops
+        blocks = self.state.blocks if block is None else 1
         if computed:
-            stats.blocks_computed += len(self.branches)
-            stats.sites_computed += sites * len(self.branches)
+            stats.blocks_computed += blocks * branches
+            stats.sites_computed += sites * branches
         else:
-            stats.blocks_skipped += len(self.branches)
-            stats.sites_skipped += sites * len(self.branches)
+            stats.blocks_skipped += blocks * branches
+            stats.sites_skipped += sites * branches
 
     def enter(self, block: int, inputs: Mapping[str, Tensor]) -> None:
         if block == 0 and self.state.policy.mode == "dynamic":

@@ -35,9 +35,8 @@ from torch import Tensor
 
 from .forecast import Fetch, Forecaster, same_time
 
-PREDICT_FLOPS = 9.0  # per element: three multiply-adds, the constant term, the division
-CORRECT_FLOPS = 6.0  # g at two points and the trapezoid
-ANCHOR_FLOPS = 16.0  # at each new anchor: the slopes, the secants and the two reductions behind α
+STEP_FLOPS = 6.0  # per element and step: predictor and corrector fold into three multiply-adds (see `forecast`)
+ANCHOR_FLOPS = 12.0  # at each new anchor: the two differences, two dot products, and the field's three multiply-adds
 
 
 class FocaForecaster(Forecaster):
@@ -46,48 +45,53 @@ class FocaForecaster(Forecaster):
     def __init__(self, relaxation: float = 1.0, keep: int = 1) -> None:
         super().__init__(keep)
         self.relaxation = relaxation
-        self.slope: Tensor | None = None  # ġ_c
-        self.rate: Tensor | None = None  # α per row, shaped to broadcast
+        self.drive: Tensor | None = None  # g(F) = drive + a·F, i.e. drive = ġ_c − a·F_c
+        self.rate: Tensor | None = None  # a = λα per row, shaped to broadcast; None where the field is constant
         self.trajectory: list[tuple[float, Tensor]] = []  # the two newest points, computed or forecast
 
     def anchored(self) -> None:
-        """Derive ġ_c and α from the newest anchors; the trajectory restarts from the two newest."""
-        self.slope = self.rate = None
+        """A new anchor: the field is derived again (on the next forecast) and the trajectory restarts from the two
+        newest anchors."""
+        self.drive = self.rate = None
         self.trajectory = list(zip(self.times[-2:], self.values[-2:]))
 
     def _field(self, fetch: Fetch) -> None:
-        """ġ_c and α, derived on the first forecast after an anchor (where the anchors are fetched anyway)."""
+        """The field at the newest anchor, from the last three: with s₁, s₂ the two newest secants and w = h₁/(h₁+h₂),
+        the BDF2 slope is s₁(1 + w) − s₂w; on a relaxing row the exponentially fitted slope is s₁·αh₁/(1 − e^{−αh₁})."""
         times, values = self.times[-3:], [fetch(v) for v in self.values[-3:]]
         if len(times) == 2:
-            self.slope = (values[1] - values[0]) / (times[1] - times[0])
-            self.rate = None
+            self.drive = (values[1] - values[0]).div_(times[1] - times[0])
             return
         (t0, t1, t2), (f0, f1, f2) = times, values
         h1, h2 = t2 - t1, t1 - t0
-        self.slope = (f2 * ((2 * h1 + h2) / (h1 * (h1 + h2))) - f1 * ((h1 + h2) / (h1 * h2))
-                      + f0 * (h1 / (h2 * (h1 + h2))))
+        d1, d2 = torch.sub(f2, f1), torch.sub(f1, f0)  # the secants are d/h; the h fold into the coefficients
+        w = h1 / (h1 + h2)
         if self.relaxation == 0.0:
-            self.rate = None
+            self.drive = d1.mul_((1 + w) / h1).add_(d2, alpha=-w / h2)
             return
-        secant = (f2 - f1) / h1
-        s1, s2 = secant.flatten(1).double(), ((f1 - f0) / h2).flatten(1).double()
-        ratio = (s1 * s2).sum(1) / (s2 * s2).sum(1).clamp_min(1e-300)
+        rows = d1.shape[0]
+        flat1, flat2 = d1.reshape(rows, -1), d2.reshape(rows, -1)
+        cross = torch.linalg.vecdot(flat1, flat2).double()
+        norm = torch.linalg.vecdot(flat2, flat2).double().clamp_min(1e-300)
+        ratio = cross / norm * (h2 / h1)  # <s₁, s₂> / <s₂, s₂>
         relaxing = (ratio > 0) & (ratio < 1)
         alpha = torch.where(relaxing, ratio.clamp_min(1e-300).log() / ((h1 + h2) / 2), torch.zeros_like(ratio))
-        # On a relaxing row the slope consistent with that relaxation and the two newest anchors is the exponentially
-        # fitted one, αh₁/(1 − e^{−αh₁}) times the newest secant: the parabola's slope misjudges a curve that long
-        # anchor gaps sample coarsely. Both agree to first order in αh₁.
         x = alpha * h1
-        fitted = torch.where(relaxing, x / torch.where(relaxing, 1 - torch.exp(-x), torch.ones_like(x)),
-                             torch.ones_like(x))
-        shape = (-1,) + (1,) * (self.slope.dim() - 1)
-        self.slope = torch.where(relaxing.view(shape), secant * fitted.to(secant.dtype).view(shape), self.slope)
-        self.rate = (self.relaxation * alpha).to(self.slope.dtype).view(shape)
+        fitted = x / torch.where(relaxing, 1 - torch.exp(-x), torch.ones_like(x))
+        shape = (-1,) + (1,) * (d1.dim() - 1)
+        p = torch.where(relaxing, fitted, torch.full_like(fitted, 1 + w)) / h1
+        q = torch.where(relaxing, torch.zeros_like(fitted), torch.full_like(fitted, -w)) / h2
+        self.rate = (self.relaxation * alpha).to(d1.dtype).view(shape)
+        self.drive = d1.mul_(p.to(d1.dtype).view(shape)).addcmul_(d2, q.to(d1.dtype).view(shape))
+        self.drive.addcmul_(f2, self.rate, value=-1.0)
 
     def forecast(self, t: float, fetch: Fetch) -> Tensor:
+        """One predictor-corrector step from the trajectory's newest point. Both stages are linear in F_n, F_{n−1}
+        and the drive, with per-row coefficients, so the step is out = A·F_n + B·F_{n−1} + C·drive:
+        F* = (a₁F_n − a₂F_{n−1} + β·drive)/(1 − βa) and out = F_n + h/2·(2·drive + a(F_n + F*))."""
         if len(self.times) == 1:
             return fetch(self.values[-1])
-        if self.slope is None:
+        if self.drive is None:
             self._field(fetch)
         (t_prev, f_prev), (t_n, f_n) = self.trajectory
         if same_time(t, t_n):
@@ -96,23 +100,24 @@ class FocaForecaster(Forecaster):
         h, h_prev = t - t_n, t_n - t_prev
         omega = h / h_prev
         a1, a2, beta = (1 + omega) ** 2 / (1 + 2 * omega), omega**2 / (1 + 2 * omega), h * (1 + omega) / (1 + 2 * omega)
-        if self.rate is None:  # a constant field: both stages are exact, and the corrector alone gives the step
-            out = torch.add(f_n, self.slope, alpha=h)
+        if self.rate is None:  # a constant field: both stages are exact, and the step is F_n + h·drive
+            out = torch.add(f_n, self.drive, alpha=h)
         else:
-            anchor, alpha = fetch(self.values[-1]), self.rate
-            drive = self.slope - alpha * anchor  # g(F) = drive + α F
-            predicted = (f_n * a1 - f_prev * a2 + drive * beta) / (1 - beta * alpha)
-            out = f_n + (drive * 2 + alpha * (f_n + predicted)) * (h / 2)
+            a = self.rate
+            half = a * (h / 2)
+            scale = half / (1 - beta * a)
+            out = torch.mul(f_n, 1 + half + scale * a1)
+            out.addcmul_(f_prev, scale, value=-a2).addcmul_(self.drive, h + scale * beta)
         self.trajectory = [(t_n, f_n), (t, out)]
         return out
 
     def flops(self, t: float) -> float:
         if len(self.times) == 1:
             return 0.0
-        per_step = 2.0 if self.relaxation == 0.0 or len(self.times) == 2 else PREDICT_FLOPS + CORRECT_FLOPS
-        derived = ANCHOR_FLOPS if self.slope is None else 0.0  # charged to the first forecast after an anchor
+        per_step = 2.0 if self.relaxation == 0.0 or len(self.times) == 2 else STEP_FLOPS
+        derived = ANCHOR_FLOPS if self.drive is None else 0.0  # charged to the first forecast after an anchor
         return per_step + derived
 
     def tensors(self) -> list[Tensor]:
         held = list(self.values) + [v for _, v in self.trajectory]
-        return held + [x for x in (self.slope, self.rate) if x is not None]
+        return held + [x for x in (self.drive, self.rate) if x is not None]

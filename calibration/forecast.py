@@ -54,6 +54,13 @@ class Forecaster(ABC):
         """The value at time t (t after the newest anchor, or equal to it). The result may be an anchor itself: do not
         modify it in place."""
 
+    def forecast_onto(self, t: float, fetch: Fetch, base: Tensor, gate: Tensor | None = None) -> Tensor:
+        """base + forecast (times `gate`, broadcast, when given): how a skipped site enters the hidden state when
+        nothing corrects the forecast first. A method whose forecast is a weighted sum writes it straight into one new
+        tensor."""
+        value = self.forecast(t, fetch)
+        return base + value if gate is None else torch.addcmul(base, gate, value)
+
     @abstractmethod
     def flops(self, t: float) -> float:
         """Elementwise work per value element of `forecast(t)`, and of the derivations `anchored` made for it, so that
@@ -94,6 +101,19 @@ class WeightedForecaster(Forecaster):
         out = torch.mul(fetch(v0), w0)
         for w, v in rest:
             out.add_(fetch(v), alpha=w)
+        return out
+
+    def forecast_onto(self, t: float, fetch: Fetch, base: Tensor, gate: Tensor | None = None) -> Tensor:
+        out = None
+        for w, v in zip(self.weights(self.times, t), self.values):
+            if w == 0.0:
+                continue
+            if out is None:
+                out = torch.add(base, fetch(v), alpha=w) if gate is None else torch.addcmul(base, gate, fetch(v), value=w)
+            elif gate is None:
+                out.add_(fetch(v), alpha=w)
+            else:
+                out.addcmul_(gate, fetch(v), value=w)
         return out
 
     def flops(self, t: float) -> float:

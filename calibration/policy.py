@@ -12,7 +12,7 @@ from .icc import IccSettings
 MODES = ("fixed", "dynamic")
 FORECASTERS = ("reuse", "taylor", "foca", "spectrum", "dmd")
 TIME_UNITS = ("step", "sigma")
-GRANULARITIES = ("module", "block")
+GRANULARITIES = ("module", "block", "step")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class CachePolicy:
     `threshold` relative to the last computed step, at most `max_skips` steps in a row (First-Block-Cache/DBCache).
     Steps before `warmup_steps` and outside the window [start, end) (fractions of the run's steps) are computed.
     The first `first_blocks` and last `last_blocks` blocks are always computed.
+
+    `granularity` is what a skipped evaluation fills in: each adaLN block's pre-gate sites ("module", engine models
+    that expose them), each block's residual ("block"), or on a step that skips every block the model's output
+    itself ("step": the embedders, the final layer and the calls into the blocks are skipped too).
     """
 
     mode: str = "fixed"
@@ -76,6 +80,14 @@ class CachePolicy:
                               "follows the trend: set the Cache Policy forecaster to reuse, or drop the GOC Corrector")
         if self.icc is not None and not isinstance(self.icc, IccSettings):
             raise PolicyError(f"icc must be ICC settings or None (got {self.icc!r})")
+        if self.granularity == "step" and (self.mode != "fixed" or self.first_blocks or self.last_blocks):
+            raise PolicyError("whole-step forecasting skips every block of a step, so it needs a fixed interval and no "
+                              "first_blocks or last_blocks (the dynamic mode decides from its first block): set those "
+                              "to 0 and the mode to fixed, or forecast block by block")
+        if self.icc is not None and self.granularity == "step":
+            raise PolicyError("ICC recomputes skipped blocks from their Linears' increments, and whole-step "
+                              "forecasting runs no block on a skipped step: forecast block by block, or set the ICC "
+                              "rank to 0")
         if self.icc is not None and (self.forecaster != "reuse" or self.goc is not None):
             raise PolicyError("ICC recomputes skipped blocks from their Linears' increments, so there is no reused or "
                               "forecast value to correct: use it with a reuse (FORA) policy and no GOC Corrector, or "
@@ -100,8 +112,8 @@ class CachePolicy:
             parts.append(f"S{self.start:g}-{self.end:g}")
         if self.first_blocks or self.last_blocks:
             parts.append(f"F{self.first_blocks}B{self.last_blocks}")
-        if self.granularity == "block":
-            parts.append("G2")
+        if self.granularity != "module":
+            parts.append({"block": "G2", "step": "G1"}[self.granularity])
         head = {"reuse": "FORA", "taylor": f"TAYLOR{self.order}", "foca": f"FOCAI{self.foca_lambda:g}",
                 "spectrum": "SPECTRUM", "dmd": "DMD"}[self.forecaster]
         if self.forecaster != "reuse" and self.time_unit == "sigma":

@@ -27,8 +27,9 @@ MAX_RANK = 4096
 
 
 def block_policy(policy: CachePolicy) -> CachePolicy:
-    """In ComfyUI the pack caches whole-block residuals (G2): the DiT loops expose block inputs and outputs."""
-    return dataclasses.replace(policy, granularity="block")
+    """In ComfyUI the pack caches whole-block residuals (G2), as the DiT loops expose block inputs and outputs, or with
+    whole-step forecasting the model's output (G1); the adaLN blocks' pre-gate sites (G3) are not exposed."""
+    return policy if policy.granularity == "step" else dataclasses.replace(policy, granularity="block")
 
 
 def with_icc(policy: CachePolicy, rank: int, svd: str) -> CachePolicy:

@@ -63,6 +63,11 @@ class CachePolicyNode(io.ComfyNode):
                 io.Float.Input("foca_lambda", default=d.foca_lambda, min=0.0, max=1.0, step=0.05,
                                tooltip="foca: how much of the relaxation the anchors show the integrated feature ODE "
                                        "keeps (1 = all; 0 = none: a first-order forecast with the BDF2 slope)."),
+                io.Combo.Input("granularity", options=["block", "step"], default="block", optional=True,
+                               tooltip="block: each skipped block's residual is forecast. step (fixed mode, no "
+                                       "first/last blocks): a step that skips every block forecasts the model's "
+                                       "output instead, so embedders, final layer and block calls are skipped too: "
+                                       "faster on small models, a little less close on large intervals."),
             ],
             outputs=[CachePolicyType.Output(display_name="policy")],
         )

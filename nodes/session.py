@@ -56,6 +56,7 @@ class CacheSession:
         self.primary = True
         self._evaluation_open = False
         self._block_flops: dict[tuple, float] = {}
+        self._model_flops: dict[tuple, float] = {}  # per sample, by input shape: the whole diffusion model
         self.hooked = 0
         self.last_report: dict[str, Any] | None = None
         self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
@@ -133,16 +134,49 @@ class CacheSession:
         options = kwargs.get("transformer_options") or (args[5] if len(args) > 5 else {})
         previous = self.call
         self.call = None
-        if self.run is not None and self.primary:
-            # uuids are stable per cond entry; older ComfyUI lacks them, so chunk position keeps entries apart
-            kinds = options.get("cond_or_uncond") or [0]
-            branches = list(options.get("uuids") or enumerate(kinds))
-            roles = [ROLES.get(k, str(k)) for k in kinds] if len(kinds) == len(branches) else [str(b) for b in branches]
-            self.call = self.run.call(float(sigma.flatten()[0]), branches, x, roles)
+        if self.run is None or not self.primary:
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                self.call = previous
+        # uuids are stable per cond entry; older ComfyUI lacks them, so chunk position keeps entries apart
+        kinds = options.get("cond_or_uncond") or [0]
+        branches = list(options.get("uuids") or enumerate(kinds))
+        roles = [ROLES.get(k, str(k)) for k in kinds] if len(kinds) == len(branches) else [str(b) for b in branches]
+        call = self.call = self.run.call(float(sigma.flatten()[0]), branches, x, roles)
         try:
-            return executor(*args, **kwargs)
+            return self._model(call, x, sigma, lambda: executor(*args, **kwargs))
         finally:
             self.call = previous
+
+    def _model(self, call: ModelCall, x: torch.Tensor, sigma: torch.Tensor, run: Callable[[], torch.Tensor]):
+        """The model call through the engine. With step granularity its cached value is the output in noise units,
+        (x − denoised)/σ: ε for ε-prediction models, the velocity for flow models, which is what varies smoothly along
+        the trajectory; a forecast step returns x − σ·value, and nothing of the model runs. Otherwise the model runs
+        (its blocks through the block hooks), and what it computes outside them counts toward the compute fraction.
+        The model's FLOPs are measured on its first call for a shape."""
+        step = self.policy.granularity == "step"
+        scale = sigma.reshape(-1, *(1,) * (x.dim() - 1)).to(x.dtype)
+        key = tuple(x.shape[1:])
+        measure = key not in self._model_flops
+        denoised: list[torch.Tensor] = []
+
+        def value() -> torch.Tensor:
+            if step:
+                self.call = None  # whole steps: the blocks run plainly, not through the engine
+            try:
+                if measure:
+                    with FlopCounterMode(display=False) as counter:
+                        denoised.append(run())
+                    self._model_flops[key] = max(counter.get_total_flops() / x.shape[0], 1.0)
+                else:
+                    denoised.append(run())
+            finally:
+                self.call = call
+            return (x - denoised[-1]) / scale if step else denoised[-1]
+
+        out, computed = call.model(value, lambda: self._model_flops.get(key, 1.0), x)
+        return denoised[-1] if computed else x - scale * out
 
     @torch.compiler.disable
     def cached_block(self, site: BlockSite, streams: dict[str, torch.Tensor], run: Callable[[], dict]) -> dict:

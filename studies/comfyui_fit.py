@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"
 from tiny_models import FAMILIES, load_pack, run_sampler  # noqa: E402  (importing it boots ComfyUI in CPU mode)
 
 POLICY = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
-              last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
+              last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
 FORA = {**POLICY, "forecaster": "reuse"}
 FIT = dict(seed=0, cfg=2.0, sampler_name="euler", scheduler="simple", variant="auto", checkpoint="none",
            save_to="cache_priors folder", overwrite=True)

@@ -139,6 +139,14 @@ class DiT(nn.Module):
     def null_class(self) -> int:
         return self.config.classes
 
+    def flops(self) -> float:
+        """Multiply-adds ×2 per sample of one forward: the blocks, and the embedders and final layer around them."""
+        cfg, w = self.config, self.config.width
+        pixels = cfg.patch * cfg.patch * cfg.channels
+        blocks = sum(sum(block.site_flops(cfg.tokens).values()) for block in self.blocks)
+        outside = 2 * cfg.tokens * pixels * w * 2 + 2 * 2 * w * w + 2 * w * 2 * w  # patches in and out, t, final adaLN
+        return float(blocks + outside)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor, runner: BlockRunner | None = None) -> Tensor:
         cfg = self.config
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos

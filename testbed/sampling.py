@@ -37,10 +37,13 @@ class GuidedVelocity:
 
     def _call(self, x: Tensor, sigma: float, y: Tensor, branches: list[str]) -> Tensor:
         t = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-        runner = None if self.run is None else self.run.call(sigma, branches, x)
         if self.recorder is not None:
             self.recorder.group = tuple(branches)
-        return self.model(x, t, y, runner)
+        if self.run is None:
+            return self.model(x, t, y)
+        call = self.run.call(sigma, branches, x)
+        runner = None if self.run.policy.granularity == "step" else call  # whole steps: the blocks run plainly
+        return call.model(lambda: self.model(x, t, y, runner), self.model.flops(), x)[0]
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         if self.cfg == 1.0:

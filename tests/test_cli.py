@@ -127,8 +127,9 @@ def test_benchmark_reports_every_method_and_the_orderings_its_tables_claim(tmp_p
     loaded = json.loads((tmp_path / "bench.json").read_text())
     assert loaded["schema"] == SCHEMA
     rows = loaded["quality"]["rows"]
-    assert {r["method"] for r in rows} == {"full", "engine-all", "fora", "taylor1", "taylor2", "foca", "fbcache",
-                                           "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot", "fora+goc",
+    assert {r["method"] for r in rows} == {"full", "engine-all", "fora", "taylor1", "taylor2", "foca", "spectrum",
+                                           "dmd", "fbcache", "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot",
+                                           "fora+goc",
                                            "fora+goc-noinflection", "fora+goc+tcc", "icc-r16", "icc-r32",
                                            "icc-plain-svd", "icc+tcc"}
     for row in rows:

@@ -38,8 +38,12 @@ def test_policy_round_trips_through_a_dict_and_has_distinct_tags():
     assert CachePolicy.from_dict(a.to_dict()) == a
     assert a.tag() == "TAYLOR2_N4_W1_sigma"
     assert CachePolicy(interval=3).tag() == "FORA_N3_W1"
-    tags = {CachePolicy(interval=n, forecaster=f).tag() for n in (2, 3) for f in ("reuse", "taylor", "foca")}
-    assert len(tags) == 6
+    methods = ("reuse", "taylor", "foca", "spectrum", "dmd")
+    tags = {CachePolicy(interval=n, forecaster=f).tag() for n in (2, 3) for f in methods}
+    assert len(tags) == 10
+    # the integrator is not the anchored forecast of earlier releases: their prior files must not match it
+    assert CachePolicy(forecaster="foca").tag() == "FOCAI1_N3_W1" and "FOCA0_" not in CachePolicy(
+        forecaster="foca", foca_lambda=0.0).tag()
 
 
 def test_fixed_plan_computes_every_nth_step_after_warmup():

@@ -127,8 +127,10 @@ def test_a_batch_that_does_not_split_into_branches_is_refused(random_dit):
 def test_compute_fraction_weighs_skipped_sites_by_their_flops(random_dit):
     _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=CachePolicy(interval=4, warmup_steps=0))
     flops = random_dit.blocks[0].site_flops(16)
-    skipped_share = (flops["attn"] + flops["mlp"]) / sum(flops.values())
-    assert run.stats.compute_fraction == pytest.approx(1 - skipped_share * 9 / 12, rel=1e-9)
+    blocks = sum(flops.values()) * len(random_dit.blocks)
+    outside = random_dit.flops() - blocks  # embedders and final layer: computed at every step, so they count too
+    skipped = (flops["attn"] + flops["mlp"]) * len(random_dit.blocks) * 9 / 12
+    assert run.stats.compute_fraction == pytest.approx(1 - skipped / (blocks + outside), rel=1e-9)
 
 
 def _streams(n: int, img: int, txt: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from tiny_models import SPECS, save_tiny_unet
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
-              last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
+              last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
 
 
 def get(url: str) -> dict:

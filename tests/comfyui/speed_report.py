@@ -28,7 +28,7 @@ def main() -> int:
     policy_node, apply_node = load_pack()
     settings = dict(mode="fixed", forecaster="reuse", interval=args.interval, warmup_steps=0, start=0.0, end=1.0,
                     first_blocks=0, last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step",
-                    foca_lambda=0.0)
+                    foca_lambda=1.0)
     rows = []
     print(f"{'family':<12} {'compute':>8} {'ideal':>7} {'full_s':>7} {'cached_s':>8} {'speedup':>8} {'rel_diff':>8}")
     for name, build in FAMILIES.items():

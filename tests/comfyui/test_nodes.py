@@ -7,7 +7,7 @@ import torch
 from .tiny_models import force_split_cfg, FAMILIES, run_sampler
 
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
-                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
+                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
 
 
 def bundle(bundles, family):
@@ -48,9 +48,15 @@ def test_cached_run_reaches_the_compute_fraction_stays_close_and_leaves_the_mode
     full = run_sampler(model, positive, negative, latent, steps=8, cfg=2.0)
     cached_model = patched(pack, model)
     cached = run_sampler(cached_model, positive, negative, latent, steps=8, cfg=2.0)
-    report = session_of(cached_model).last_report
+    session = session_of(cached_model)
+    report = session.last_report
     assert report["steps"] == 8
-    assert report["compute_fraction"] == pytest.approx(5 / 8, abs=1e-6)  # steps 0 (warm-up), 1, 3, 5, 7
+    # steps 0 (warm-up), 1, 3, 5, 7 compute their blocks; the model's work outside its blocks is done at every step
+    blocks = sum(session._block_flops.values())
+    (model_flops,) = session._model_flops.values()
+    outside = model_flops - blocks
+    assert 0 < outside < model_flops
+    assert report["compute_fraction"] == pytest.approx((5 / 8 * blocks + outside) / model_flops, rel=1e-6)
     drift = ((cached - full).norm() / full.norm()).item()
     assert 0 < drift < 0.25, drift
     assert torch.equal(run_sampler(cached_model, positive, negative, latent, steps=8, cfg=2.0), cached)
@@ -84,6 +90,53 @@ def test_cfg_one_runs_a_single_branch(pack, bundles):
     run_sampler(cached_model, positive, negative, latent, steps=6, cfg=1.0)
     report = session_of(cached_model).last_report
     assert report["model_calls"] == 6 and report["blocks_skipped"] > 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_foca_integrates_the_skipped_blocks_of_every_family_and_is_not_taylor(pack, bundles, family):
+    model, positive, negative, latent = bundle(bundles, family)
+    full = run_sampler(model, positive, negative, latent, steps=12, cfg=2.0)
+    foca_model = patched(pack, model, forecaster="foca", interval=4)
+    foca = run_sampler(foca_model, positive, negative, latent, steps=12, cfg=2.0)
+    report = session_of(foca_model).last_report
+    assert report["policy"] == "FOCAI1_N4_W1_G2" and report["blocks_skipped"] > 0 and torch.isfinite(foca).all()
+    taylor_model = patched(pack, model, forecaster="taylor", interval=4)
+    taylor = run_sampler(taylor_model, positive, negative, latent, steps=12, cfg=2.0)
+    assert not torch.equal(foca, taylor)  # another method, on the same schedule
+    assert session_of(taylor_model).last_report["blocks_skipped"] == report["blocks_skipped"]
+    assert report["compute_fraction"] > session_of(taylor_model).last_report["compute_fraction"]  # its work counts
+    assert ((foca - full).norm() / full.norm()).item() < 0.5
+    assert torch.equal(run_sampler(foca_model, positive, negative, latent, steps=12, cfg=2.0), foca)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_whole_step_forecasting_runs_nothing_of_the_model_on_a_skipped_step(pack, bundles, family):
+    from .tiny_models import diffusion_model
+
+    model, positive, negative, latent = bundle(bundles, family)
+    full = run_sampler(model, positive, negative, latent, steps=12, cfg=2.0)
+    calls = []
+    handle = diffusion_model(model).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        step_model = patched(pack, model, interval=4, granularity="step")
+        out = run_sampler(step_model, positive, negative, latent, steps=12, cfg=2.0)
+        report = session_of(step_model).last_report
+        assert len(calls) == 4  # steps 0 (warm-up), 1, 5, 9, cond and uncond batched: the model ran only there
+        everything = patched(pack, model, interval=1, granularity="step")
+        assert torch.equal(run_sampler(everything, positive, negative, latent, steps=12, cfg=2.0), full)
+    finally:
+        handle.remove()
+    blocks = report["blocks_computed"] // 8  # 4 computed model calls, cond and uncond
+    assert report["policy"] == "FORA_N4_W1_G1" and report["blocks_skipped"] == 8 * 2 * blocks
+    assert report["compute_fraction"] == pytest.approx(4 / 12, abs=1e-9)  # reuse forecasts cost nothing
+    assert torch.isfinite(out).all() and 0 < ((out - full).norm() / full.norm()).item() < 0.5
+    assert torch.equal(run_sampler(step_model, positive, negative, latent, steps=12, cfg=2.0), out)
+
+
+def test_whole_step_forecasting_refuses_a_policy_that_computes_some_blocks_of_every_step(pack):
+    policy_node, _ = pack
+    message = policy_node.validate_inputs(**{**SETTINGS, "granularity": "step", "last_blocks": 1})
+    assert "set those to 0 and the mode to fixed, or forecast block by block" in message
 
 
 def test_batch_of_two_gives_the_per_sample_results_of_batch_one(pack, bundles):

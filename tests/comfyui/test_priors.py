@@ -12,7 +12,7 @@ import torch
 from .tiny_models import force_split_cfg, SPECS, build_family, load_pack, run_sampler, save_tiny_unet
 
 SETTINGS = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
-                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=0.0)
+                last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
 TAG = "TAYLOR2_N3_W1_G2"
 FIT = dict(samples=2, seed=0, steps=9, cfg=2.0, sampler_name="euler", scheduler="simple", variant="drift",
            checkpoint="none", save_to="cache_priors folder", overwrite=False)
@@ -129,6 +129,14 @@ def test_fitted_priors_lower_the_error_on_the_held_out_seed_they_were_not_fitted
     assert rel_l2(plain, full) == pytest.approx(numbers["held_out_before"], rel=1e-4)
     assert rel_l2(calibrated, full) == pytest.approx(numbers["held_out_after"], rel=1e-4)
     assert session_of(calibrated_model).last_report["priors"] == path.name
+
+
+def test_priors_fitted_for_whole_step_forecasts_lower_their_held_out_error(pack, folders, wan):
+    policy = policy_of(pack, granularity="step", forecaster="reuse", interval=3)
+    priors, report = fit(pack, wan, policy, samples=3).result
+    numbers = priors.meta["report"]
+    assert priors.meta["policy_tag"] == "FORA_N3_W1_G1" and {k[3] for k in priors.priors.priors} == {"output"}
+    assert numbers["held_out_after"] < numbers["held_out_before"], report
 
 
 def test_verify_adds_the_in_sample_error_and_the_fit_costs_one_sampling_per_fitting_seed_plus_the_held_out_ones(
