@@ -286,6 +286,8 @@ class ModelCall:
 
     def _held(self, forecaster, forecast: Callable[[], Tensor]) -> Tensor:
         """Run a forecast, counting what the forecaster keeps of it (an integrator keeps its own forecasts)."""
+        if not forecaster.keeps_forecasts:
+            return forecast()
         held = forecaster.nbytes
         value = forecast()
         self.state.stats.add_cache_bytes(forecaster.nbytes - held)

@@ -41,6 +41,7 @@ ANCHOR_FLOPS = 12.0  # at each new anchor: the two differences, two dot products
 
 class FocaForecaster(Forecaster):
     history = 3
+    keeps_forecasts = True
 
     def __init__(self, relaxation: float = 1.0, keep: int = 1) -> None:
         super().__init__(keep)

@@ -28,6 +28,7 @@ class Forecaster(ABC):
     calibrator may need more (TCC's drift term reads the two newest)."""
 
     history: int = 1
+    keeps_forecasts = False  # whether a forecast adds to what the forecaster holds (an integrator's trajectory)
 
     def __init__(self, keep: int = 1) -> None:
         self.keep = max(keep, self.history)
@@ -89,12 +90,27 @@ class WeightedForecaster(Forecaster):
     floats): FORA, TaylorSeer, Spectrum's Chebyshev regression. A forecast then costs one fused pass, and a weight of
     one on the newest anchor returns it without a copy."""
 
+    def __init__(self, keep: int = 1) -> None:
+        super().__init__(keep)
+        self._cached: dict[float, list[float]] = {}  # weights by forecast time, for the current anchors
+
+    def anchored(self) -> None:
+        self._cached.clear()
+
     @abstractmethod
     def weights(self, times: list[float], t: float) -> list[float]:
         """Weights of the anchors (oldest first) whose sum forecasts the value at t."""
 
+    def weights_at(self, t: float) -> list[float]:
+        """The weights for the current anchors, computed once per forecast time (a skipped step asks twice: for its
+        cost and for its value)."""
+        weights = self._cached.get(t)
+        if weights is None:
+            weights = self._cached[t] = self.weights(self.times, t)
+        return weights
+
     def forecast(self, t: float, fetch: Fetch) -> Tensor:
-        active = [(w, v) for w, v in zip(self.weights(self.times, t), self.values) if w != 0.0]
+        active = [(w, v) for w, v in zip(self.weights_at(t), self.values) if w != 0.0]
         if len(active) == 1 and active[0][0] == 1.0:
             return fetch(active[0][1])
         (w0, v0), rest = active[0], active[1:]
@@ -105,7 +121,7 @@ class WeightedForecaster(Forecaster):
 
     def forecast_onto(self, t: float, fetch: Fetch, base: Tensor, gate: Tensor | None = None) -> Tensor:
         out = None
-        for w, v in zip(self.weights(self.times, t), self.values):
+        for w, v in zip(self.weights_at(t), self.values):
             if w == 0.0:
                 continue
             if out is None:
@@ -117,5 +133,5 @@ class WeightedForecaster(Forecaster):
         return out
 
     def flops(self, t: float) -> float:
-        used = sum(1 for w in self.weights(self.times, t) if w != 0.0)
+        used = sum(1 for w in self.weights_at(t) if w != 0.0)
         return 0.0 if used <= 1 else 2.0 * used

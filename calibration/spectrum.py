@@ -32,7 +32,6 @@ class SpectrumForecaster(WeightedForecaster):
     def __init__(self, span: tuple[float, float], keep: int = 1) -> None:
         super().__init__(keep)
         self.span = span
-        self._weights: tuple[tuple[float, ...], float, list[float]] | None = None
 
     def _tau(self, t: torch.Tensor) -> torch.Tensor:
         start, end = self.span
@@ -41,13 +40,8 @@ class SpectrumForecaster(WeightedForecaster):
     def weights(self, times: list[float], t: float) -> list[float]:
         if len(times) == 1:
             return [1.0]
-        key = (tuple(times), t)
-        if self._weights is not None and self._weights[:2] == key:
-            return self._weights[2]
         used = times[-WINDOW:]
         x = chebyshev(self._tau(torch.tensor(used, dtype=torch.float64)), DEGREE)
         x_star = chebyshev(self._tau(torch.tensor([t], dtype=torch.float64)), DEGREE)
         gram = x.T @ x + RIDGE * torch.eye(DEGREE + 1, dtype=torch.float64)
-        weights = [0.0] * (len(times) - len(used)) + (x_star @ torch.linalg.solve(gram, x.T)).flatten().tolist()
-        self._weights = (key[0], t, weights)
-        return weights
+        return [0.0] * (len(times) - len(used)) + (x_star @ torch.linalg.solve(gram, x.T)).flatten().tolist()

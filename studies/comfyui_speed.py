@@ -135,6 +135,9 @@ def profile_run(family: str, bundle, policy_node, apply_node, settings: dict | N
 def profile(args: argparse.Namespace, policy_node, apply_node) -> list[dict]:
     rows = []
     configs = {"engine, interval 1": None, "fora N=4": POLICY, "taylor2 N=4": {**POLICY, "forecaster": "taylor"}}
+    if args.whole_step:
+        configs.update({"fora N=4 step": {**POLICY, "granularity": "step"},
+                        "taylor2 N=4 step": {**POLICY, "forecaster": "taylor", "granularity": "step"}})
     print(f"{'family':<13} {'config':<18} {'total_s':>8} " + " ".join(f"{p:>26}" for p in PARTS)
           + f" {'pack/skipped call':>17}")
     for family in args.families:
@@ -163,8 +166,12 @@ def share(args: argparse.Namespace, policy_node, apply_node) -> list[dict]:
     for family in args.families:
         model, positive, negative, latent = FAMILIES[family]()
         configs = {"full": model}
+        kinds = [("fora", {}), ("taylor2", {"forecaster": "taylor"})]
+        if args.whole_step:
+            kinds += [("fora step", {"granularity": "step"}), ("taylor2 step", {"forecaster": "taylor",
+                                                                               "granularity": "step"})]
         for n in intervals:
-            for name, extra in (("fora", {}), ("taylor2", {"forecaster": "taylor"})):
+            for name, extra in kinds:
                 policy = policy_node.execute(**{**POLICY, "interval": n, **extra}).result[0]
                 configs[f"{name} N={n}"] = apply_node.execute(model, policy).result[0]
         for m in configs.values():
@@ -195,6 +202,7 @@ def main() -> int:
     parser.add_argument("--families", nargs="+", default=["SD3", "Flux"], choices=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--whole-step", action="store_true", help="also whole-step forecasting (step granularity)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the ComfyUI tier: stable timings on a shared 2-core machine

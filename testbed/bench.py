@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -148,6 +149,16 @@ def ablation_methods() -> list[Method]:
     return methods
 
 
+def granularity_methods() -> list[Method]:
+    """Block by block against whole steps, at equal compute: the blocks' residuals (G2, what ComfyUI's DiT loops
+    expose) against the model's output (G1) on steps that skip every block."""
+    return [Method(f"{name}-{granularity}", {"interval": n, **extra, "granularity": granularity},
+                   CachePolicy(interval=n, warmup_steps=0, granularity=granularity, **extra), target)
+            for target, n in INTERVALS.items() for granularity in ("block", "step")
+            for name, extra in (("fora", {"forecaster": "reuse"}), ("taylor2", {"forecaster": "taylor", "order": 2}),
+                                ("foca", {"forecaster": "foca"}))]
+
+
 SHIFT = 3.0  # a schedule whose σ steps are far from even, as SD3's and Flux's shifted schedules
 
 
@@ -160,16 +171,6 @@ def schedule_methods() -> list[Method]:
                                 ("taylor2", {"forecaster": "taylor", "order": 2, "time_unit": "sigma"}),
                                 ("foca", {"forecaster": "foca"}),
                                 ("foca", {"forecaster": "foca", "time_unit": "sigma"}))]
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    """Best wall time of `repeats` runs: the least disturbed by other work on the machine."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
 
 
 def calibrate_threshold(run: Callable[[CachePolicy], float], target: float, iters: int) -> float:
@@ -216,6 +217,7 @@ def planned_rows(quick: bool, skip_quality: bool) -> int:
     quality = len(quality_methods(quick)) + len(INTERVALS)
     if not quick:
         quality += len(ablation_methods()) + len(tcc_ablation_methods()) + len(schedule_methods()) + 1
+        quality += len(granularity_methods())
     return (0 if skip_quality else quality) + SPEED_ROWS
 
 
@@ -239,8 +241,7 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
         return sample(model, labels, noise, steps, cfg, policy=policy, shift=shift, calibrator=priors,
                       factors=factors(policy))
 
-    run(None)  # warm the allocator and kernels before anything is timed
-    (full, _), full_wall = timed(lambda: run(None), 1)
+    full, _ = run(None)
     static = quality_methods(quick)
     fixed = 1 + len(fixed_methods())
     methods = static[:fixed] + dynamic_methods(model, labels, noise, steps, cfg, shift, 6 if quick else 9)
@@ -255,19 +256,20 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
                 priors, _ = fit_testbed(model, m.policy, calibration, steps, cfg, shift=shift,
                                         factors=factors(m.policy), held_out=0, **m.tcc)
                 fit_s = time.perf_counter() - start
-            (x, state), wall = timed(lambda: run(m.policy, priors, shift), 1)
-            rows.append(row_for(m, x, full, state.stats.compute_fraction, wall, full_wall, classifier, labels))
+            x, state = run(m.policy, priors, shift)
+            rows.append(row_for(m, x, full, state.stats.compute_fraction, classifier, labels))
             if fit_s is not None:
                 rows[-1]["fit_s"] = fit_s
             if progress is not None:
                 progress.advance(1, f"{m.name} {','.join(f'{k}={v}' for k, v in m.params.items())}")
         return rows
 
-    full_row = row_for(Method("full", {}, None), full, full, 1.0, full_wall, full_wall, classifier, labels)
+    full_row = row_for(Method("full", {}, None), full, full, 1.0, classifier, labels)
     return {"config": {"samples": samples, "steps": steps, "cfg": cfg, "sampler": "euler", "shift": shift, "seed": 0,
                        "model": meta["config"]},
             "rows": [full_row, *rows_for(methods)],
             "ablation": [] if quick else rows_for(ablation_methods() + tcc_ablation_methods()),
+            "granularity": [] if quick else rows_for(granularity_methods()),
             "schedule": None if quick else {"shift": SHIFT, "rows": rows_for(schedule_methods(), run(None, shift=SHIFT)[0],
                                                                           SHIFT)},
             "transfer": None if quick else transfer_section(model, classifier, cfg, shift, progress=progress)}
@@ -299,7 +301,8 @@ def transfer_section(model: DiT, classifier, cfg: float, shift: float, samples: 
     return {"config": {"policy": policy.tag(), "fitted_steps": 20, "samples": samples}, "rows": rows}
 
 
-def row_for(m: Method, x: Tensor, full: Tensor, fraction: float, wall: float, full_wall: float, classifier, labels) -> dict:
+def row_for(m: Method, x: Tensor, full: Tensor, fraction: float, classifier, labels) -> dict:
+    """Quality only: the speed section carries every wall figure, paired."""
     quality = score(classifier, x, labels)
     return {
         "method": m.name,
@@ -307,8 +310,6 @@ def row_for(m: Method, x: Tensor, full: Tensor, fraction: float, wall: float, fu
         "tag": m.policy.tag() if m.policy else "full",
         "target_fraction": m.target,
         "compute_fraction": fraction,
-        "wall_s": wall,
-        "wall_speedup": full_wall / wall,
         "rel_l2": rel_l2(x, full),
         "psnr": None if torch.equal(x, full) else psnr(x, full),
         "bit_identical": bool(torch.equal(x, full)),
@@ -327,10 +328,113 @@ def speed_config(quick: bool, flux: bool) -> tuple[DiTConfig, int, int]:
     return DiTConfig(image_size=64, patch=2, width=256, depth=12, heads=4), 1, 12
 
 
-SPEED_ROWS = 12  # the speed table's rows after full computation and engine-all
+SPEED_INTERVALS = (2, 3, 4, 6)  # compute fractions about 0.5, 0.33, 0.25 and 0.17
 
 
-def speed_section(quick: bool, flux: bool, device: str, repeats: int, progress: Progress | None = None) -> dict[str, Any]:
+def speed_policies(width: int) -> list[tuple[str, dict[str, Any], CachePolicy]]:
+    """The speed table's configurations: FORA and Taylor-2 at each interval, block by block and whole steps; the other
+    forecasters, TCC priors, GOC and ICC at interval 4 (ICC at 2 and 3, where it is meant to be used)."""
+    rows: list[tuple[str, dict[str, Any], CachePolicy]] = [("engine-all", {"interval": 1}, CachePolicy(interval=1))]
+    for n in SPEED_INTERVALS:
+        for name, extra in (("fora", {"forecaster": "reuse"}), ("taylor2", {"forecaster": "taylor", "order": 2})):
+            rows.append((name, {"interval": n, **extra}, CachePolicy(interval=n, warmup_steps=0, **extra)))
+            rows.append((f"{name}-step", {"interval": n, **extra, "granularity": "step"},
+                         CachePolicy(interval=n, warmup_steps=0, granularity="step", **extra)))
+    for name, forecaster in (("foca", "foca"), ("spectrum", "spectrum"), ("dmd", "dmd")):
+        rows.append((name, {"interval": 4, "forecaster": forecaster},
+                     CachePolicy(interval=4, warmup_steps=0, forecaster=forecaster)))
+    fora = CachePolicy(interval=4, warmup_steps=0)
+    rows.append(("fora+tcc", {"interval": 4, "variant": "drift"}, fora))
+    rows.append(("fora+goc", {"interval": 4, "goc": GocSettings().tag()}, replace(fora, goc=GocSettings())))
+    for n in (2, 3):  # plain SVD: the random stack has no calibration statistics
+        for icc in (IccSettings(width // 24, "plain"), IccSettings(width // 8, "plain")):
+            rows.append(("icc", {"interval": n, "icc": icc.tag()}, CachePolicy(interval=n, warmup_steps=0, icc=icc)))
+    return rows
+
+
+SPEED_ROWS = len(speed_policies(256)) * 2  # the testbed and the stack
+
+
+def paired_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of every configuration, `repeats` rounds, the configurations interleaved within each round (after
+    one warm-up each), so that a slow phase of the machine weighs on every configuration of a round alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float, device: str, repeats: int,
+               progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Full computation against each configuration: the median over rounds of full/config wall-time ratios (paired
+    within a round), their spread, and the share of the ideal speedup 1/compute fraction they reach."""
+    factor_cache = FactorCache()  # kept across runs, as a ComfyUI session keeps it: factorised on the warm-up run
+    priors: TccPriors | None = None
+
+    def run(policy: CachePolicy | None, calibrator: TccPriors | None = None) -> tuple[Tensor, Any]:
+        out = sample(model, labels, noise, steps, cfg, policy=policy, calibrator=calibrator, factors=factor_cache)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return out
+
+    configs = speed_policies(model.config.width)
+    fora = CachePolicy(interval=4, warmup_steps=0)
+
+    def calibration_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
+        return sample(model, labels, noise, steps, cfg, policy=fora if step.cached else None, calibrator=calibrator)[0]
+
+    priors, _ = fit_tcc(calibration_run, held_out=False)  # on the timed request itself: only its cost matters here
+    runs: dict[str, Callable[[], Any]] = {"full": lambda: run(None)}
+    first: dict[str, tuple[float, int]] = {}
+    states: dict[str, Any] = {}
+    for name, params, policy in configs:
+        key = f"{name} {params}"
+        calibrator = priors if name == "fora+tcc" else None
+        runs[key] = (lambda policy=policy, calibrator=calibrator, key=key:
+                     states.__setitem__(key, run(policy, calibrator)))
+        before = factor_cache.factorized
+        start = time.perf_counter()
+        runs[key]()  # the warm-up; a first ICC run at a new rank factorises every Linear
+        if factor_cache.factorized > before:
+            first[key] = (time.perf_counter() - start, factor_cache.factorized - before)
+    full_out = run(None)[0]
+    times = paired_times(runs, repeats)
+    rows = []
+    for name, params, policy in configs:
+        key = f"{name} {params}"
+        out, state = states[key]
+        ratios = [f / c for f, c in zip(times["full"], times[key])]
+        fraction = state.stats.compute_fraction
+        speedup = statistics.median(ratios)
+        row = {"method": name, "params": params, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
+               "wall_speedup": speedup, "spread": [min(ratios), max(ratios)], "share_of_ideal": speedup * fraction,
+               "peak_cache_bytes": state.stats.peak_cache_bytes}
+        if policy.computes_everything():
+            row["bit_identical"] = bool(torch.equal(out, full_out))
+        if key in first:
+            row["factorize_s"], row["factorized"] = first[key]
+        rows.append(row)
+        if progress is not None:
+            progress.advance(1, f"speed: {name} {','.join(f'{k}={v}' for k, v in params.items())}")
+    return rows
+
+
+def speed_section(quick: bool, flux: bool, device: str, repeats: int, samples: int,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Paired wall speedups on two models: the trained testbed at the quality section's batch, and a larger random
+    block stack where the blocks dominate (Flux-sized on a GPU)."""
+    sections = {}
+    if not flux:
+        model, meta = load_dit()
+        steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
+        labels, noise = bench_inputs(model, samples)
+        sections["testbed"] = {"config": {"samples": samples, "steps": steps, "cfg": cfg, "batch": samples,
+                                          "tokens": model.config.tokens, "width": model.config.width,
+                                          "depth": model.config.depth, "device": "cpu", "dtype": "torch.float32"},
+                               "rows": speed_rows(model, labels, noise, steps, cfg, "cpu", repeats, progress)}
     config, batch, steps = speed_config(quick, flux)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
@@ -340,72 +444,10 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int, progress: 
             p.normal_(0.0, 0.02)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     noise = torch.randn(batch, config.channels, config.image_size, config.image_size, device=device, dtype=dtype)
-
-    factor_cache = FactorCache()  # kept across runs, as a ComfyUI session keeps it: factorised on the warm-up run
-
-    def run(policy: CachePolicy | None, calibrator: TccPriors | None = None) -> tuple[Tensor, Any]:
-        out = sample(model, labels, noise, steps, 4.0, policy=policy, calibrator=calibrator, factors=factor_cache)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        return out
-
-    run(None)
-    (full, full_wall), (everything, engine_wall), overhead = overhead_pairs(run, max(repeats, 1) * 2 - 1)
-    rows = [{"method": "full", "params": {}, "compute_fraction": 1.0, "ideal_speedup": 1.0, "wall_s": full_wall,
-             "wall_speedup": 1.0, "efficiency": 1.0},
-            {"method": "engine-all", "params": {"interval": 1}, "compute_fraction": 1.0, "ideal_speedup": 1.0,
-             "wall_s": engine_wall, "wall_speedup": full_wall / engine_wall, "efficiency": full_wall / engine_wall,
-             "bit_identical": bool(torch.equal(everything, full))}]
-    policies = [("fora", {"interval": n}, CachePolicy(interval=n, warmup_steps=0)) for n in INTERVALS.values()]
-    policies += [
-        (name, {"interval": 4, "forecaster": f}, CachePolicy(interval=4, warmup_steps=0, forecaster=f, order=2))
-        for name, f in (("taylor2", "taylor"), ("foca", "foca"))
-    ]
-    fora = CachePolicy(interval=4, warmup_steps=0)
-
-    def calibration_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
-        return sample(model, labels, noise, steps, 4.0, policy=fora if step.cached else None, calibrator=calibrator)[0]
-
-    priors, _ = fit_tcc(calibration_run, held_out=False)  # on the timed request itself: only its cost matters here
-    policies.append(("fora+tcc", {"interval": 4, "variant": "drift"}, fora))
-    policies.append(("fora+goc", {"interval": 4, "goc": GocSettings().tag()}, replace(fora, goc=GocSettings())))
-    for n in (2, 3):  # plain SVD: the random stack has no calibration statistics
-        for icc in (IccSettings(config.width // 24, "plain"), IccSettings(config.width // 8, "plain")):
-            policies.append(("icc", {"interval": n, "icc": icc.tag()}, CachePolicy(interval=n, warmup_steps=0, icc=icc)))
-    for name, params, policy in policies:
-        if progress is not None:
-            progress.advance(1, f"speed: {name} {','.join(f'{k}={v}' for k, v in params.items())}")
-        calibrator = priors if name == "fora+tcc" else None
-        extra = {}
-        if policy.icc is not None:
-            before = factor_cache.factorized
-            _, first = timed(lambda: run(policy), 1)  # a first run at a new rank factorises every Linear
-            if factor_cache.factorized > before:
-                extra = {"factorize_s": first, "factorized": factor_cache.factorized - before}
-        (_, state), wall = timed(lambda: run(policy, calibrator), repeats)
-        fraction = state.stats.compute_fraction
-        rows.append({"method": name, "params": params, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
-                     "wall_s": wall, "wall_speedup": full_wall / wall, "efficiency": full_wall / wall * fraction,
-                     "peak_cache_bytes": state.stats.peak_cache_bytes, **extra})
-    return {"config": {**config.to_dict(), "batch": batch, "steps": steps, "cfg": 4.0, "dtype": str(dtype),
-                       "device": device, "tokens": config.tokens}, "engine_overhead": overhead, "rows": rows}
-
-
-def overhead_pairs(run: Callable[[CachePolicy | None], tuple[Tensor, Any]],
-                   pairs: int) -> tuple[tuple[Tensor, float], tuple[Tensor, float], float]:
-    """Full computation against the engine computing everything (interval 1), timed in alternating pairs.
-
-    Returns (full output, best time), (engine output, best time) and the median engine/full ratio − 1: the median of
-    pairs is robust to the machine's background load, which shifts single timings by several percent.
-    """
-    ratios, best_full, best_engine = [], float("inf"), float("inf")
-    for _ in range(pairs):
-        (full, _), full_wall = timed(lambda: run(None), 1)
-        (everything, _), engine_wall = timed(lambda: run(CachePolicy(interval=1)), 1)
-        ratios.append(engine_wall / full_wall)
-        best_full, best_engine = min(best_full, full_wall), min(best_engine, engine_wall)
-    ratios.sort()
-    return (full, best_full), (everything, best_engine), ratios[len(ratios) // 2] - 1.0
+    sections["stack"] = {"config": {**config.to_dict(), "batch": batch, "steps": steps, "cfg": 4.0, "dtype": str(dtype),
+                                    "device": device, "tokens": config.tokens},
+                         "rows": speed_rows(model, labels, noise, steps, 4.0, device, repeats, progress)}
+    return {"repeats": repeats, **sections}
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -424,10 +466,11 @@ def run_benchmark(quick: bool = False, samples: int | None = None, flux: bool = 
         raise SystemExit("--flux needs a GPU: a Flux-sized block stack takes hours on a CPU")
     report: dict[str, Any] = {"schema": SCHEMA, "version": __version__, "quick": quick, "machine": machine(device)}
     progress = Progress(planned_rows(quick, skip_quality), "bench")
+    samples = samples or (64 if quick else 256)
     try:
         if not skip_quality:
-            report["quality"] = quality_section(samples or (64 if quick else 256), quick, shift, progress)
-        report["speed"] = speed_section(quick, flux, device, 1 if quick else 3, progress)
+            report["quality"] = quality_section(samples, quick, shift, progress)
+        report["speed"] = speed_section(quick, flux, device, 2 if quick else 5, samples, progress)
     finally:
         progress.close()
     return report
@@ -443,6 +486,9 @@ def format_tables(report: dict[str, Any]) -> str:
         if report["quality"]["ablation"]:
             lines += ["", "ablation at FORA N=4's schedule (TCC prior forms at N=3; foca-anchored at every interval)"]
             lines += _quality_table(report["quality"]["ablation"])
+        if report["quality"].get("granularity"):
+            lines += ["", "block by block (G2) against whole steps (G1), at equal compute"]
+            lines += _quality_table(report["quality"]["granularity"])
         if report["quality"].get("schedule"):
             lines += ["", f"time unit on a non-uniform schedule (shift {report['quality']['schedule']['shift']:g})"]
             lines += _quality_table(report["quality"]["schedule"]["rows"])
@@ -454,34 +500,36 @@ def format_tables(report: dict[str, Any]) -> str:
             lines += [f"{r['steps']:>5} {r['method']:<14} {r['compute_fraction']:>7.3f} {r['rel_l2']:>7.4f} "
                       f"{r['fd']:>7.3f}" for r in t["rows"]]
     s = report["speed"]
-    c = s["config"]
-    lines += ["", f"speed: block stack width {c['width']}, depth {c['depth']}, {c['tokens']} tokens, batch {c['batch']}"
-              f" (+CFG), {c['steps']} steps, {c['dtype']} on {c['device']}",
-              f"engine overhead when computing everything: {s['engine_overhead'] * 100:+.1f}% "
-              "(median of alternating full/engine pairs)",
-              f"{'method':<11} {'params':<28} {'compute':>7} {'ideal':>7} {'wall_s':>7} {'speedup':>7} {'eff':>5} "
-              f"{'cache_MiB':>9}"]
-    for r in s["rows"]:
-        params = ",".join(f"{k}={v}" for k, v in r["params"].items())
-        cache = f"{r['peak_cache_bytes'] / 2**20:>9.0f}" if "peak_cache_bytes" in r else f"{'':>9}"
-        lines.append(f"{r['method']:<11} {params:<28.28} {r['compute_fraction']:>7.3f} {r['ideal_speedup']:>6.2f}x "
-                     f"{r['wall_s']:>7.2f} {r['wall_speedup']:>6.2f}x {r['efficiency']:>5.2f} {cache}")
-    factorised = [r for r in s["rows"] if "factorize_s" in r]
-    if factorised:
-        lines.append("icc first runs, factorising every Linear: " + ", ".join(
-            f"{r['params']['icc']} {r['factorized']} layers {r['factorize_s']:.2f} s" for r in factorised))
+    for name in ("testbed", "stack"):
+        if name not in s:
+            continue
+        c = s[name]["config"]
+        lines += ["", f"speed, {name}: width {c['width']}, depth {c['depth']}, {c['tokens']} tokens, batch "
+                      f"{c['batch']} (+CFG), {c['steps']} steps, {c['dtype']} on {c['device']}; median of "
+                      f"{s['repeats']} paired, interleaved ratios to full computation (min-max)",
+                  f"{'method':<14} {'params':<34} {'compute':>7} {'ideal':>7} {'wall speedup':>21} {'share':>5} "
+                  f"{'cache_MiB':>9}"]
+        for r in s[name]["rows"]:
+            params = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "forecaster")
+            low, high = r["spread"]
+            lines.append(f"{r['method']:<14} {params:<34.34} {r['compute_fraction']:>7.3f} {r['ideal_speedup']:>6.2f}x "
+                         f"{r['wall_speedup']:>6.2f}x ({low:.2f}-{high:.2f}x) {r['share_of_ideal']:>5.2f} "
+                         f"{r['peak_cache_bytes'] / 2**20:>9.1f}")
+        factorised = [r for r in s[name]["rows"] if "factorize_s" in r]
+        if factorised:
+            lines.append("icc first runs, factorising every Linear: " + ", ".join(
+                f"{r['params']['icc']} {r['factorized']} layers {r['factorize_s']:.2f} s" for r in factorised))
     return "\n".join(lines)
 
 
 def _quality_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'method':<21} {'params':<36} {'target':>6} {'compute':>7} {'wall_s':>7} {'speedup':>7} "
-             f"{'rel_l2':>7} {'psnr':>6} {'fd':>7} {'acc':>6}"]
+    lines = [f"{'method':<21} {'params':<40} {'target':>6} {'compute':>7} {'rel_l2':>7} {'psnr':>6} {'fd':>7} "
+             f"{'acc':>6}"]
     for r in rows:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "forecaster")
         target = "" if r["target_fraction"] is None else f"{r['target_fraction']:.2f}"
-        lines.append(f"{r['method']:<21} {params:<36.36} {target:>6} {r['compute_fraction']:>7.3f} "
-                     f"{r['wall_s']:>7.2f} {r['wall_speedup']:>6.2f}x {r['rel_l2']:>7.4f} {_num(r['psnr']):>6} "
-                     f"{r['fd']:>7.3f} {r['accuracy']:>6.3f}")
+        lines.append(f"{r['method']:<21} {params:<40.40} {target:>6} {r['compute_fraction']:>7.3f} "
+                     f"{r['rel_l2']:>7.4f} {_num(r['psnr']):>6} {r['fd']:>7.3f} {r['accuracy']:>6.3f}")
     return lines
 
 
