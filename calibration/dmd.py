@@ -6,7 +6,7 @@ As cache-dit: a window of the 6 newest snapshots, of which the longest uniformly
 least 4 (the horizon k counts that spacing); the exact DMD of that tail per row (one sample of one branch), rank
 truncated where a singular value is below 1e-4 of the largest, 1e-8 added to the singular values it divides by, b by
 least squares on the newest snapshot; TaylorSeer order 1 while fewer than 4 snapshots are uniformly spaced; the newest
-snapshot itself when the fit is degenerate or not finite. The decomposition is computed from the snapshots' Gram
+snapshot itself when the fit is degenerate or the forecast not finite. The decomposition is computed from the snapshots' Gram
 matrix (the method of snapshots, an exact reformulation of the SVD cache-dit takes), in float64 as cache-dit does, and
 the forecast is written as a real combination of the snapshots, Re(Φ(λ^k ⊙ b)) = X'·Re(M(λ^k ⊙ b)) with Φ = X'M,
 so memory stays that of the snapshots: no d×r mode matrix is kept.
@@ -59,7 +59,7 @@ class DmdForecaster(Forecaster):
         m, evals, b = modes
         coefficients = torch.einsum("rjm,rm->rj", m, evals ** ((t - self.times[-1]) / spacing) * b).real
         out = torch.einsum("rj,jrd->rd", coefficients.to(snapshots.dtype), snapshots[1:]).view_as(newest)
-        return out if bool(torch.isfinite(out).all()) else newest
+        return torch.where(torch.isfinite(out).all(), out, newest)  # no wait on the device: a select
 
     def flops(self, t: float) -> float:
         n, _ = self._tail()

@@ -120,16 +120,19 @@ class WeightedForecaster(Forecaster):
         return out
 
     def forecast_onto(self, t: float, fetch: Fetch, base: Tensor, gate: Tensor | None = None) -> Tensor:
+        """Without a gate the sum is written onto a copy of `base` by scalar multiply-adds. With one (an adaLN site's
+        (batch, 1, channels) gate) the forecast is summed first and gated once: a broadcast multiply-add per anchor
+        measured three times slower than a scalar one on the CPU."""
+        if gate is not None:
+            return torch.addcmul(base, gate, self.forecast(t, fetch))
         out = None
         for w, v in zip(self.weights_at(t), self.values):
             if w == 0.0:
                 continue
             if out is None:
-                out = torch.add(base, fetch(v), alpha=w) if gate is None else torch.addcmul(base, gate, fetch(v), value=w)
-            elif gate is None:
-                out.add_(fetch(v), alpha=w)
+                out = torch.add(base, fetch(v), alpha=w)
             else:
-                out.addcmul_(gate, fetch(v), value=w)
+                out.add_(fetch(v), alpha=w)
         return out
 
     def flops(self, t: float) -> float:

@@ -36,6 +36,9 @@ log = logging.getLogger("calibrated_cache")
 KEY = "calibrated_cache"
 STREAMS = ("img", "txt")
 HAS_PREDICT_NOISE = hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE")
+# Below about this many multiply-adds per call of a block's projections (rows × width²), ICC's increments, which read
+# and write each Linear's cached output, cost more than the Linears they replace (README, "ICC": the break-even)
+ICC_BREAK_EVEN = 2**27
 ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 
@@ -183,6 +186,8 @@ class CacheSession:
         """Run one block through the engine; its FLOPs are measured on its first computation for a shape (eagerly:
         FlopCounterMode sees no ops inside a compiled graph), later computations run compiled when the model is."""
         self.hooked += 1
+        if self.hooked == 1 and self.policy.icc is not None:
+            self._warn_small_icc(streams)
         key = (site.index, tuple((k, *v.shape[1:]) for k, v in streams.items()))
         cost = self._block_flops.get(key)
         if cost is not None:
@@ -197,6 +202,16 @@ class CacheSession:
             return out
 
         return self.call.block(site.index, streams, measured, lambda: self._block_flops.get(key, 1.0))
+
+    def _warn_small_icc(self, streams: dict[str, torch.Tensor]) -> None:
+        """ICC pays off only on blocks large enough: say so once per run where it likely runs slower than computing."""
+        widest = max(streams.values(), key=lambda v: v.numel())
+        rows, width = widest.numel() // widest.shape[-1], widest.shape[-1]
+        if rows * width * width < ICC_BREAK_EVEN:
+            log.warning("calibrated_cache: ICC is likely slower than full computation here: its increments read and "
+                        "write every Linear's cached output, which costs more than the Linear itself on blocks this "
+                        "small (%d token rows of width %d). Set icc_rank to 0 for speed; a reuse or forecast policy "
+                        "skips these blocks for less.", rows, width)
 
     def _report(self, stats: RunStats, wall: float) -> None:
         if self.hooked == 0:

@@ -68,6 +68,20 @@ def test_full_rank_icc_on_flux_is_full_computation_and_low_rank_beats_fora(pack,
     assert torch.equal(sample(model, flux), full)  # the input model is untouched
 
 
+def test_icc_on_blocks_too_small_to_pay_off_says_so_once_per_run(pack, flux, caplog):
+    import logging
+
+    low = apply(pack, flux[0], fora(pack), icc_rank=16, icc_svd="plain")
+    with caplog.at_level(logging.WARNING, logger="calibrated_cache"):
+        sample(low, flux)
+    warnings = [r.getMessage() for r in caplog.records if "ICC is likely slower than full computation" in r.getMessage()]
+    assert len(warnings) == 1 and "Set icc_rank to 0" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibrated_cache"):
+        sample(apply(pack, flux[0], fora(pack)), flux)
+    assert not any("ICC" in r.getMessage() for r in caplog.records)
+
+
 def test_icc_on_an_fp8_weight_flux_factorises_the_dequantised_weights(pack, flux_fp8):
     model = flux_fp8[0]
     qkv = model.get_model_object("diffusion_model").double_blocks[0].img_attn.qkv
