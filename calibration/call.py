@@ -55,7 +55,7 @@ class ModelCall:
         self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
         self._icc_only = state.icc is not None and state.calibrator is None
         self._step = state.policy.granularity == "step"
-        self._block_flops = 0.0  # per sample: what the blocks of this call would cost, computed or not
+        self.block_flops = 0.0  # per sample: what the blocks of this call would cost, computed or not
 
     # --- the entries ----------------------------------------------------------------------------------------------
 
@@ -74,14 +74,14 @@ class ModelCall:
             value, spent = self.recall(block, name, truth)
             self.account(None, False, cost(), spent, 1)
             return value, False
-        self._block_flops = 0.0
+        self.block_flops = 0.0
         value = compute()
         if self._step:
             self.remember(block, name, value)
             full = cost()
             self.account(None, True, full, full, 1)
         else:  # the blocks accounted for themselves; the rest of the model was computed
-            outside = max(cost() - self._block_flops, 0.0) * self.chunk * len(self.branches)
+            outside = max(cost() - self.block_flops, 0.0) * self.chunk * len(self.branches)
             self.state.stats.flops_full += outside
             self.state.stats.flops_computed += outside
         return value, True
@@ -366,7 +366,7 @@ class ModelCall:
         stats.flops_full += full_flops * n
         stats.flops_computed += spent_flops * n
         if block is not None:
-            self._block_flops += full_flops
+            self.block_flops += full_flops
         blocks = self.state.blocks if block is None else 1
         if computed:
             stats.blocks_computed += blocks * branches

@@ -49,16 +49,19 @@ class DmdForecaster(Forecaster):
         if n < MINIMUM:  # TaylorSeer order 1
             previous = fetch(self.values[-2])
             return torch.add(newest, newest - previous, alpha=(t - self.times[-1]) / (self.times[-1] - self.times[-2]))
-        snapshots = torch.stack([fetch(v) for v in self.values[-n:]]).flatten(2)  # (n, rows, d)
+        anchors = [fetch(v) for v in self.values[-n:]]
         key = (tuple(self.times[-n:]), id(self.values[-1]))
-        if self._fit is None or self._fit[0] != key:
-            self._fit = (key, fit(snapshots))
+        if self._fit is None or self._fit[0] != key:  # once per window: later skips reuse the decomposition
+            self._fit = (key, fit(torch.stack(anchors).flatten(2)))
         modes = self._fit[1]
         if modes is None:
             return newest
         m, evals, b = modes
         coefficients = torch.einsum("rjm,rm->rj", m, evals ** ((t - self.times[-1]) / spacing) * b).real
-        out = torch.einsum("rj,jrd->rd", coefficients.to(snapshots.dtype), snapshots[1:]).view_as(newest)
+        coefficients = coefficients.to(newest.dtype).view(-1, *([1] * (newest.dim() - 1)), n - 1)
+        out = coefficients[..., 0] * anchors[1]
+        for j, anchor in enumerate(anchors[2:], start=1):
+            out.addcmul_(coefficients[..., j], anchor)
         return torch.where(torch.isfinite(out).all(), out, newest)  # no wait on the device: a select
 
     def flops(self, t: float) -> float:

@@ -60,6 +60,7 @@ class CacheSession:
         self._evaluation_open = False
         self._block_flops: dict[tuple, float] = {}
         self._model_flops: dict[tuple, float] = {}  # per sample, by input shape: the whole diffusion model
+        self._inside: float | None = None  # while the model's cost is measured: FLOPs counted inside its blocks
         self.hooked = 0
         self.last_report: dict[str, Any] | None = None
         self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
@@ -169,13 +170,16 @@ class CacheSession:
                 self.call = None  # whole steps: the blocks run plainly, not through the engine
             try:
                 if measure:
+                    self._inside = 0.0
                     with FlopCounterMode(display=False) as counter:
                         denoised.append(run())
-                    self._model_flops[key] = max(counter.get_total_flops() / x.shape[0], 1.0)
+                    # the blocks count at their plain cost, not at what ran through the engine (ICC's projections)
+                    outside = (counter.get_total_flops() - self._inside) / x.shape[0]
+                    self._model_flops[key] = max(outside + call.block_flops, 1.0)
                 else:
                     denoised.append(run())
             finally:
-                self.call = call
+                self.call, self._inside = call, None
             return (x - denoised[-1]) / scale if step else denoised[-1]
 
         out, computed = call.model(value, lambda: self._model_flops.get(key, 1.0), x)
@@ -188,6 +192,14 @@ class CacheSession:
         self.hooked += 1
         if self.hooked == 1 and self.policy.icc is not None:
             self._warn_small_icc(streams)
+        if self._inside is not None:  # the model's cost is being measured: take out what runs through the engine
+            with FlopCounterMode(display=False) as counter:
+                out = self._cached_block(site, streams, run)
+            self._inside += counter.get_total_flops()
+            return out
+        return self._cached_block(site, streams, run)
+
+    def _cached_block(self, site: BlockSite, streams: dict[str, torch.Tensor], run: Callable[[], dict]) -> dict:
         key = (site.index, tuple((k, *v.shape[1:]) for k, v in streams.items()))
         cost = self._block_flops.get(key)
         if cost is not None:

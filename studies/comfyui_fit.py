@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"
 
 from tiny_models import FAMILIES, load_pack, run_sampler  # noqa: E402  (importing it boots ComfyUI in CPU mode)
 
+from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+
 POLICY = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
               last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
 FORA = {**POLICY, "forecaster": "reuse"}
@@ -105,7 +107,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = cost(args) if args.study == "cost" else seeds(args)
     if args.json:
-        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": " ".join(sys.argv),
+                                         "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
     return 0
 
 

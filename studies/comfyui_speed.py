@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"
 from tiny_models import FAMILIES, diffusion_model, load_pack, run_sampler  # noqa: E402  (boots ComfyUI, CPU mode)
 
 import torch  # noqa: E402
+from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 
 POLICY = dict(mode="fixed", forecaster="reuse", interval=4, warmup_steps=0, start=0.0, end=1.0, first_blocks=0,
               last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -212,7 +213,8 @@ def main() -> int:
     policy_node, apply_node = (nodes.NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply"))
     rows = profile(args, policy_node, apply_node) if args.study == "profile" else share(args, policy_node, apply_node)
     if args.json:
-        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": " ".join(sys.argv),
+                                         "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from calibrated_cache.calibration import CachePolicy
+from calibrated_cache.testbed.bench import machine, provenance
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.fit_priors import fit_testbed
 from calibrated_cache.testbed.metrics import rel_l2
@@ -50,8 +52,9 @@ def main() -> int:
             print(f"{name:<18} {n:>9} {held_out:>9.4f} {row['in_sample']:>9.4f} {plain:>9.4f} {fit_s:>6.1f}",
                   flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"steps": steps, "cfg": cfg, "held_out": args.held_out, "rows": rows},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({"steps": steps, "cfg": cfg, "held_out": args.held_out,
+                                         "command": " ".join(sys.argv), "machine": machine("cpu"), **provenance(),
+                                         "rows": rows}, indent=2) + "\n")
     return 0
 
 

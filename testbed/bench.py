@@ -8,8 +8,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -450,6 +452,19 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int, samples: i
     return {"repeats": repeats, **sections}
 
 
+def provenance() -> dict[str, Any]:
+    """When and from which code a report was measured, so a table in the docs can say so."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit, "dirty": dirty}
+
+
 def machine(device: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -464,7 +479,8 @@ def run_benchmark(quick: bool = False, samples: int | None = None, flux: bool = 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if flux and device == "cpu":
         raise SystemExit("--flux needs a GPU: a Flux-sized block stack takes hours on a CPU")
-    report: dict[str, Any] = {"schema": SCHEMA, "version": __version__, "quick": quick, "machine": machine(device)}
+    report: dict[str, Any] = {"schema": SCHEMA, "version": __version__, "quick": quick, "machine": machine(device),
+                              **provenance()}
     progress = Progress(planned_rows(quick, skip_quality), "bench")
     samples = samples or (64 if quick else 256)
     try:
@@ -478,7 +494,8 @@ def run_benchmark(quick: bool = False, samples: int | None = None, flux: bool = 
 
 def format_tables(report: dict[str, Any]) -> str:
     lines = [f"machine: {report['machine']['processor']}, {report['machine']['cpu_count']} cpus, "
-             f"torch {report['machine']['torch']}, device {report['machine']['device']}"]
+             f"torch {report['machine']['torch']}, device {report['machine']['device']}; measured "
+             f"{report.get('date', '?')} on commit {report.get('commit') or '?'}{'+changes' if report.get('dirty') else ''}"]
     if "quality" in report:
         c = report["quality"]["config"]
         lines += ["", f"quality: {c['samples']} samples, {c['steps']} Euler steps (shift {c['shift']}), cfg {c['cfg']}"]

@@ -68,6 +68,19 @@ def test_full_rank_icc_on_flux_is_full_computation_and_low_rank_beats_fora(pack,
     assert torch.equal(sample(model, flux), full)  # the input model is untouched
 
 
+def test_an_icc_run_reports_the_same_compute_fraction_whatever_the_node_ran_before(pack, flux):
+    """The model's plain cost is measured on a session's first call: ICC's factorisation and projections during that
+    call must not enter it (a queue reusing the node reported other fractions than the same prompt alone)."""
+    before = apply(pack, flux[0], fora(pack), icc_rank=16, icc_svd="plain")
+    sample(before, flux, steps=4)
+    sample(before, flux, steps=8)
+    fresh = apply(pack, flux[0], fora(pack), icc_rank=16, icc_svd="plain")
+    sample(fresh, flux, steps=8)
+    after, alone = session_of(before).last_report, session_of(fresh).last_report
+    assert after["compute_fraction"] == pytest.approx(alone["compute_fraction"], rel=1e-9)
+    assert after["compute_fraction"] < 1.0
+
+
 def test_icc_on_blocks_too_small_to_pay_off_says_so_once_per_run(pack, flux, caplog):
     import logging
 

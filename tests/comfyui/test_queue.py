@@ -245,7 +245,9 @@ def test_a_queue_of_100_varied_prompts_runs_cached_without_error_or_memory_growt
     assert all(r["blocks_skipped"] > 0 for (r,), job in zip(soak_reports, jobs) if job.policy["mode"] == "fixed")
     assert reused == [i for i in range(len(jobs)) if continues_streak(jobs, i)]
     assert different == [], f"{len(different)} of {len(jobs)} outputs differ from the prompt run alone: {different}"
-    assert reports_differ == []
+    assert reports_differ == [], [(i, job.policy, {k: (a.get(k), b.get(k)) for a, b in zip(soak, alone)
+                                                   for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+                                  for i, job, soak, alone in reports_differ]
     assert rss_all <= 1.05 * rss_warm, f"server RSS grew from {mib(rss_warm)} to {mib(rss_all)} MiB"
 
 

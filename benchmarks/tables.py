@@ -1,0 +1,154 @@
+"""Regenerate every figure table in the docs from the result files committed beside this script.
+
+    python benchmarks/tables.py            # rewrite the generated tables in docs/*.md
+    python benchmarks/tables.py --check    # exit 1 when a table in the docs differs from its result file
+
+A generated table sits between `<!-- table: NAME -->` and `<!-- /table -->`. Its first line names the command that
+measured the result file, when, on which commit and machine; the table itself is rendered from that file, so a figure
+in the docs cannot drift from the measurement behind it. Needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOCS = HERE.parent / "docs"
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+BENCH = "python -m calibrated_cache bench --json benchmarks/results/testbed.json"
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def number(key: str, digits: int) -> Callable[[dict[str, Any]], str]:
+    return lambda r: "" if r.get(key) is None else f"{r[key]:.{digits}f}"
+
+
+def params(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items() if k != "forecaster")
+
+
+def speedup(r: dict[str, Any]) -> str:
+    low, high = r["spread"]
+    return f"{r['wall_speedup']:.2f}× ({low:.2f}–{high:.2f})"
+
+
+QUALITY: list[Column] = [("method", lambda r: r["method"]), ("params", params),
+                         ("compute fraction", number("compute_fraction", 3)), ("rel_l2", number("rel_l2", 4)),
+                         ("psnr", lambda r: "exact" if r.get("psnr") is None else f"{r['psnr']:.1f}"),
+                         ("fd", number("fd", 2))]
+SPEED: list[Column] = [("method", lambda r: r["method"]), ("params", params),
+                       ("compute fraction", number("compute_fraction", 3)), ("ideal", number("ideal_speedup", 2)),
+                       ("wall speedup (min–max)", speedup), ("share of ideal", number("share_of_ideal", 2)),
+                       ("peak cache (MiB)", lambda r: f"{r.get('peak_cache_bytes', 0) / 2 ** 20:.0f}")]
+FAMILY_SPEED: list[Column] = [("family", lambda r: r["family"]), ("policy", lambda r: r["config"]),
+                              ("compute fraction", number("compute_fraction", 3)), ("ideal", number("ideal", 2)),
+                              ("wall speedup (min–max)", speedup), ("share of ideal", number("share_of_ideal", 2))]
+FIT_COST: list[Column] = [("family", lambda r: r["family"]), ("policy", lambda r: r["policy"]),
+                          ("full sampling (s)", number("full_s", 3)), ("fit (s)", number("fit_s", 2)),
+                          ("fit cost (samplings)", number("samplings", 1))]
+FIT_SAMPLES: list[Column] = [("policy", lambda r: r["policy"]), ("fitted on (samples)", lambda r: str(r["samples"])),
+                             ("held-out rel_l2", number("held_out", 4)), ("in-sample rel_l2", number("in_sample", 4)),
+                             ("without priors", number("no_priors", 4)), ("fit (s)", number("fit_s", 1))]
+
+
+def rows_of(methods: tuple[str, ...], section: str = "rows") -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    def select(report: dict[str, Any]) -> list[dict[str, Any]]:
+        found = report["quality"][section]
+        found = found["rows"] if isinstance(found, dict) else found
+        return [r for r in found if r["method"] in methods]
+    return select
+
+
+def speed_rows(stack: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    return lambda report: report["speed"][stack]["rows"]
+
+
+# name: (result file, command that measured it, rows, columns)
+TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
+    "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
+                                                            "spectrum", "dmd", "fbcache")), QUALITY),
+    "testbed-tcc": ("testbed.json", BENCH, rows_of(("fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot")),
+                    QUALITY),
+    "testbed-goc": ("testbed.json", BENCH, rows_of(("fora+goc", "fora+goc-noinflection", "fora+goc+tcc")), QUALITY),
+    "testbed-icc": ("testbed.json", BENCH, rows_of(("icc-r16", "icc-r32", "icc-plain-svd", "icc+tcc")), QUALITY),
+    "testbed-ablation": ("testbed.json", BENCH, lambda r: r["quality"]["ablation"], QUALITY),
+    "testbed-granularity": ("testbed.json", BENCH, lambda r: r["quality"]["granularity"], QUALITY),
+    "testbed-schedule": ("testbed.json", BENCH, lambda r: r["quality"]["schedule"]["rows"], QUALITY),
+    "testbed-transfer": ("testbed.json", BENCH, lambda r: r["quality"]["transfer"]["rows"],
+                         [("steps", lambda r: str(r["steps"])), ("method", lambda r: r["method"]),
+                          ("compute fraction", number("compute_fraction", 3)), ("rel_l2", number("rel_l2", 4)),
+                          ("fd", number("fd", 2)), ("interpolated", lambda r: "yes" if r["interpolated"] else "")]),
+    "speed-testbed": ("testbed.json", BENCH, speed_rows("testbed"), SPEED),
+    "speed-stack": ("testbed.json", BENCH, speed_rows("stack"), SPEED),
+    "comfyui-speed": ("comfyui_share.json", "", lambda r: r["rows"], FAMILY_SPEED),
+    "comfyui-fit-cost": ("comfyui_fit_cost.json", "", lambda r: r["rows"], FIT_COST),
+    "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),
+}
+
+
+def load(name: str) -> dict[str, Any]:
+    path = RESULTS / name
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the command that writes it (see {Path(__file__).name}'s TABLES)")
+    return json.loads(path.read_text())
+
+
+def caption(report: dict[str, Any], command: str) -> str:
+    m = report["machine"]
+    where = f"{m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']}, device {m['device']}"
+    if m.get("gpu"):
+        where += f" ({m['gpu']})"
+    commit = f"{report.get('commit') or 'unknown'}{' with uncommitted changes' if report.get('dirty') else ''}"
+    return (f"Command: `{command or report['command']}`. Measured {report.get('date', 'on an unknown date')}, "
+            f"commit {commit}, on {where}.")
+
+
+def render(name: str) -> str:
+    source, command, select, columns = TABLES[name]
+    report = load(source)
+    lines = [caption(report, command), "", "| " + " | ".join(h for h, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in select(report)]
+    return "\n".join(lines) + "\n"
+
+
+def regenerate(text: str) -> str:
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise SystemExit(f"unknown table {name!r}: the names are {', '.join(TABLES)}")
+        return match.group(1) + render(name) + match.group(4)
+    return BLOCK.sub(replace, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    args = parser.parse_args()
+    stale = []
+    for page in sorted(args.docs.glob("*.md")):
+        text = page.read_text()
+        new = regenerate(text)
+        if new != text:
+            stale.append(page.name)
+            if not args.check:
+                partial = page.with_suffix(".md.partial")
+                partial.write_text(new)
+                partial.replace(page)  # atomic: an interrupted run leaves the page as it was
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run python benchmarks/tables.py", file=sys.stderr)
+        return 1
+    print(("checked" if args.check else "regenerated") + f" the tables in {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
