@@ -3,7 +3,7 @@
 Importing this package never imports ComfyUI: ComfyUI calls `comfy_entrypoint`, which loads the nodes.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 WEB_DIRECTORY = "./web"
 
 

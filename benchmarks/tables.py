@@ -70,10 +70,50 @@ def speed_rows(stack: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
     return lambda report: report["speed"][stack]["rows"]
 
 
+def by_interval(methods: tuple[str, ...], metric: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per interval, one column per method: `metric` of that method's quality row."""
+    def select(report: dict[str, Any]) -> list[dict[str, Any]]:
+        table: dict[int, dict[str, Any]] = {}
+        for r in report["quality"]["rows"]:
+            interval = r["params"].get("interval")
+            if r["method"] in methods and interval and "threshold" not in r["params"]:
+                row = table.setdefault(interval, {"interval": interval, "fractions": []})
+                row[r["method"]] = r[metric]
+                row["fractions"].append(r["compute_fraction"])
+        return [table[k] for k in sorted(table)]
+    return select
+
+
+def pivot(methods: tuple[str, ...], digits: int) -> list[Column]:
+    first: Column = ("interval (compute fraction)",
+                     lambda r: f"{r['interval']} ({min(r['fractions']):.2f}–{max(r['fractions']):.2f})")
+    return [first] + [(m, number(m, digits)) for m in methods]
+
+
+SCENES: list[Column] = [("method", lambda r: r["method"]), ("params", params),
+                         ("compute fraction", number("compute_fraction", 3)), ("rel_l2", number("rel_l2", 4)),
+                         ("psnr", lambda r: "exact" if r.get("psnr") is None else f"{r['psnr']:.1f}"),
+                         ("adherence", number("adherence", 3)), ("fd", number("fd", 2)),
+                         ("wall speedup (min–max)", lambda r: speedup(r) if "spread" in r else ""),
+                         ("share of ideal", number("share_of_ideal", 2))]
+
+
+def scenes_rows(setting: str | None = None, target: float | None = None):
+    """The scenes benchmark's rows of one setting, or of every setting at one target (with full computation)."""
+    def select(report: dict[str, Any]) -> list[dict[str, Any]]:
+        return [r for r in report["rows"] if (setting is None or r["setting"] == setting)
+                and (target is None or r["target"] in (None, target))]
+    return select
+
+
+FORECASTERS = ("fora", "taylor1", "taylor2", "foca", "spectrum", "dmd")
+
 # name: (result file, command that measured it, rows, columns)
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
     "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
                                                             "spectrum", "dmd", "fbcache")), QUALITY),
+    "testbed-forecasters-rel_l2": ("testbed.json", BENCH, by_interval(FORECASTERS, "rel_l2"), pivot(FORECASTERS, 4)),
+    "testbed-forecasters-fd": ("testbed.json", BENCH, by_interval(FORECASTERS, "fd"), pivot(FORECASTERS, 2)),
     "testbed-tcc": ("testbed.json", BENCH, rows_of(("fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot")),
                     QUALITY),
     "testbed-goc": ("testbed.json", BENCH, rows_of(("fora+goc", "fora+goc-noinflection", "fora+goc+tcc")), QUALITY),
@@ -87,6 +127,9 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
                           ("fd", number("fd", 2)), ("interpolated", lambda r: "yes" if r["interpolated"] else "")]),
     "speed-testbed": ("testbed.json", BENCH, speed_rows("testbed"), SPEED),
     "speed-stack": ("testbed.json", BENCH, speed_rows("stack"), SPEED),
+    "scenes-euler-20": ("scenes.json", "", scenes_rows("euler 20"), SCENES),
+    "scenes-at-025": ("scenes.json", "", scenes_rows(target=0.25),
+                      [("setting", lambda r: r["setting"])] + SCENES[:-2]),
     "comfyui-speed": ("comfyui_share.json", "", lambda r: r["rows"], FAMILY_SPEED),
     "comfyui-fit-cost": ("comfyui_fit_cost.json", "", lambda r: r["rows"], FIT_COST),
     "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),

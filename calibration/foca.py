@@ -25,7 +25,7 @@ BDF2 is implicit; on the linear field it is solved exactly (the division), so it
 step after an anchor starts from the two newest anchors. λ (the policy's `foca_lambda`) scales the relaxation the
 field keeps; λ = 0 integrates the constant field of the BDF2 slope, which is the first-order forecast that earlier
 releases of this pack called FoCa (kept as the benchmark's `foca-anchored` ablation). The paper's own equations are
-not public; README, "FoCa: our design and why", gives the measurements behind this form.
+not public; docs/methods.md, "FoCa", gives the measurements behind this form.
 """
 
 from __future__ import annotations

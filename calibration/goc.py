@@ -6,7 +6,7 @@ gradient is "recomputed minus cached-as-used" and feeds the cache's own error ba
 reference §8.2). k = (σ_c − σ)/(σ_u − σ_c) scales it to the current gap, capped at 1, and m is how many steps u was
 stale (1 in alternating schedules, where the rule is the official one). The official queue instead pushes each
 cached step from the one before; from interval 3 on that feeds the error back with a growing gain and diverges, and
-without m the push overshoots at long intervals (README, "GOC": the measurements, `testbed/goc_study.py`).
+without m the push overshoots at long intervals (docs/methods.md, "GOC": the measurements, `studies/goc_study.py`).
 
 Inflections ("auto") are detected online, per sample, from values the run computes anyway: when a site gets a new
 computed value c₂, the turn of its trajectory is cos(c₂ − c₁, c₁ − c₀); below `threshold` the trajectory reversed and

@@ -120,7 +120,7 @@ class StatsRecorder:
     """A LinearTarget for full-computation calibration runs: computes every Linear and records channel statistics of
     its input and output. Source "delta_mag" (the default; CD-SVD in the official code) takes how they change from one
     model call to the next: the increments are what the factors multiply, and on the testbed these weights beat both
-    activation magnitudes ("mag", CA-SVD) and plain SVD (`python -m calibrated_cache.testbed.icc_study`). Only up to
+    activation magnitudes ("mag", CA-SVD) and plain SVD (`python studies/icc_study.py`). Only up to
     `TOKENS` evenly spaced tokens are kept from one call to the next, in the activations' dtype (for Flux about 0.9 GiB
     with batched cond and uncond).
 

@@ -15,7 +15,7 @@ scaled to the current staleness (zero while there is one). The variants differ i
 * "mm": moment matching to the full trajectory, the published design: a = clamp(sd_f / (sd_c + ε), 0.5, 2),
   b = μ_f − a·μ_c, g = 0, with μ, sd the moments over tokens and batch.
 
-The README gives the measurements behind the default. What makes a fit trajectory-consistent is `TccFit`'s order.
+docs/methods.md, "TCC", gives the measurements behind the default. What makes a fit trajectory-consistent is `TccFit`'s order.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ class TccFit(Calibrator):
     Every variant compares with the site recomputed on the cache-side input, offered by the engine, so one fitting run
     per request suffices. `full_trajectory` (an ablation of "mm") takes mm's target moments from a `reference` run
     (full computation) first instead: the published wording, which costs a second run per request and measured no
-    better (README, "TCC: the prior's form"). In the cache-side runs:
+    better (docs/methods.md, "TCC"). In the cache-side runs:
 
     * `sequential` (the trajectory-consistent fit): each site's prior is estimated from everything seen there so far
       and applied at once, so every later site is fitted on a trajectory that already carries it;

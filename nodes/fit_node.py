@@ -44,7 +44,7 @@ from .session import KEY, CacheSession, send_event
 BESIDE, IN_FOLDER = "beside checkpoint", "cache_priors folder"
 FIT_EVENT = "calibrated_cache.fit"
 PROGRESS_EVERY_S = 0.25  # the page redraws the node on each event; every step would flood it on fast models
-DEFAULT_SAMPLES = 3  # 2 fitting seeds and 1 held out: README, "How many calibration seeds"
+DEFAULT_SAMPLES = 3  # 2 fitting seeds and 1 held out: docs/methods.md, "How many calibration seeds"
 
 
 def check_fittable(model: ModelPatcher, policy: CachePolicy) -> None:

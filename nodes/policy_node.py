@@ -9,8 +9,8 @@ from ..calibration.policy import MODES, TIME_UNITS
 
 CachePolicyType = io.Custom("CACHE_POLICY")
 CATEGORY = "sampling/calibrated cache"
-# The engine also runs Spectrum and DMD; they are benchmark peers, offered here only where they beat these (README,
-# "Benchmark": the forecaster table).
+# The engine also runs Spectrum and DMD; they are benchmark peers, not offered here (docs/methods.md, "Which
+# forecaster": Spectrum trails FORA on short runs, DMD leads only at interval 2 and costs the most wall time).
 OFFERED = ("reuse", "taylor", "foca")
 
 

@@ -107,7 +107,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = cost(args) if args.study == "cost" else seeds(args)
     if args.json:
-        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": " ".join(sys.argv),
+        command = "COMFYUI_PATH=… python " + " ".join(sys.argv)
+        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": command,
                                          "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -213,7 +213,8 @@ def main() -> int:
     policy_node, apply_node = (nodes.NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply"))
     rows = profile(args, policy_node, apply_node) if args.study == "profile" else share(args, policy_node, apply_node)
     if args.json:
-        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": " ".join(sys.argv),
+        command = "COMFYUI_PATH=… python " + " ".join(sys.argv)
+        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": command,
                                          "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
     return 0
 

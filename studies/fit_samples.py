@@ -53,7 +53,7 @@ def main() -> int:
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps({"steps": steps, "cfg": cfg, "held_out": args.held_out,
-                                         "command": " ".join(sys.argv), "machine": machine("cpu"), **provenance(),
+                                         "command": "python " + " ".join(sys.argv), "machine": machine("cpu"), **provenance(),
                                          "rows": rows}, indent=2) + "\n")
     return 0
 

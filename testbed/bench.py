@@ -130,7 +130,7 @@ def tcc_ablation_methods() -> list[Method]:
 
 
 def ablation_methods() -> list[Method]:
-    """The design choices the README justifies, all at FORA N=4's schedule: FoCa's relaxation (λ = 0 is the anchored
+    """The design choices docs/methods.md justifies, all at FORA N=4's schedule: FoCa's relaxation (λ = 0 is the anchored
     first-order form of earlier releases) and time unit, Taylor's order and time unit, and module-level (pre-gate, G3)
     against block-level (residual, G2) sites."""
     variants: list[tuple[str, dict[str, Any]]] = [

@@ -171,3 +171,20 @@ def test_benchmark_reports_every_method_and_the_orderings_its_tables_claim(tmp_p
     first_runs = [r for r in loaded["speed"]["stack"]["rows"] if "factorize_s" in r]
     assert [r["params"]["icc"] for r in first_runs] == ["ICC10plain", "ICC32plain"]
     assert all(r["factorized"] == 8 * 4 for r in first_runs)  # the token-wise Linears of 8 blocks, at each new rank
+
+
+def test_the_version_of_pyproject_the_package_and_a_fitted_files_provenance_agree(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from calibrated_cache import __version__
+    from calibrated_cache.cli import main
+    from calibrated_cache.priors import read_metadata
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == __version__
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit-priors", "--interval", "2", "--samples", "2", "--held-out", "1", "--steps", "6",
+                 "--out", "p.tcc.safetensors"]) == 0
+    meta = read_metadata(tmp_path / "p.tcc.safetensors")
+    assert meta["pack_version"] == __version__

@@ -5,6 +5,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const APPLY = "CalibratedCache_Apply";
+const POLICY = "CalibratedCache_CachePolicy";
 const FIT = "CalibratedCache_FitTCCPriors";
 const PANEL = "calibrated_cache_panel";
 const MODEL_FILE_WIDGETS = ["unet_name", "ckpt_name", "model_name"];
@@ -211,6 +212,48 @@ function showStopped(node, message) {
   show(node, "fit", [line(`fit stopped: ${message}; no prior file was written`, "cc-error")], "stopped");
 }
 
+// Cache Policy inputs that act only for some modes or forecasters; the others always act. A hidden widget keeps its
+// value, which is saved and sent as before, so a workflow loads and runs unchanged.
+const ACTS = {
+  interval: (s) => s.mode === "fixed",
+  threshold: (s) => s.mode === "dynamic",
+  max_skips: (s) => s.mode === "dynamic",
+  order: (s) => s.forecaster === "taylor",
+  time_unit: (s) => s.forecaster !== "reuse",
+  foca_lambda: (s) => s.forecaster === "foca",
+};
+
+function quietPolicy(node) {
+  const value = (name) => node.widgets?.find((w) => w.name === name)?.value;
+  const settings = { mode: value("mode"), forecaster: value("forecaster") };
+  let changed = false;
+  for (const widget of node.widgets ?? []) {
+    const hidden = ACTS[widget.name] ? !ACTS[widget.name](settings) : false;
+    if (Boolean(widget.hidden) !== hidden) {
+      widget.hidden = hidden;
+      changed = true;
+    }
+  }
+  if (changed) {
+    node.setSize([node.size[0], node.computeSize()[1]]);
+    node.setDirtyCanvas?.(true, true);
+  }
+}
+
+function watchPolicy(node) {
+  for (const name of ["mode", "forecaster"]) {
+    const widget = node.widgets?.find((w) => w.name === name);
+    if (!widget) continue;
+    const callback = widget.callback;
+    widget.callback = function (...args) {
+      const result = callback?.apply(this, args);
+      quietPolicy(node);
+      return result;
+    };
+  }
+  quietPolicy(node);
+}
+
 app.registerExtension({
   name: "calibrated_cache.panels",
   setup() {
@@ -246,6 +289,10 @@ app.registerExtension({
         return result;
       };
     }
+    if (node.comfyClass === POLICY) {
+      watchPolicy(node);
+      return;
+    }
     if (node.comfyClass === FIT) {
       panel(node);
       const onExecuted = node.onExecuted;
@@ -278,6 +325,7 @@ app.registerExtension({
     };
   },
   loadedGraphNode(node) {
+    if (node.comfyClass === POLICY) quietPolicy(node);
     if (node.comfyClass === APPLY) showPrior(node);
   },
 });

@@ -227,3 +227,43 @@ def test_every_example_loads_in_the_graph_editor_and_saves_back_unchanged(page, 
     assert not [t for t in toasts if "invalid" in t.lower() or "error" in t.lower()], toasts
     page.page.screenshot(path=str(shots / f"{path.stem}.jpg"), type="jpeg", quality=80)
     assert page.ours() == []
+
+
+def test_cache_policy_shows_only_the_inputs_that_act_and_keeps_every_value(page, server, shots):
+    """fixed + reuse hides threshold, max_skips, order, time_unit and foca_lambda; each choice shows what acts for
+    it. Hidden widgets keep their values: the saved workflow and the queued prompt carry all of them."""
+    page.js(f"""async () => {{
+        {APP}.graph.clear();
+        const node = window.LiteGraph.createNode("CalibratedCache_CachePolicy");
+        node.pos = [40, 40];
+        {APP}.graph.add(node);
+        window.__policy = node;
+    }}""")
+    visible = """(choice) => {
+        const node = window.__policy;
+        for (const [name, value] of Object.entries(choice)) {
+            const widget = node.widgets.find((w) => w.name === name);
+            widget.value = value;
+            widget.callback?.(value);
+        }
+        return node.widgets.filter((w) => node.isWidgetVisible(w)).map((w) => w.name);
+    }"""
+    always = {"mode", "forecaster", "warmup_steps", "start", "end", "first_blocks", "last_blocks", "granularity"}
+    expected = {
+        ("fixed", "reuse"): always | {"interval"},
+        ("fixed", "taylor"): always | {"interval", "order", "time_unit"},
+        ("fixed", "foca"): always | {"interval", "time_unit", "foca_lambda"},
+        ("dynamic", "reuse"): always | {"threshold", "max_skips"},
+        ("dynamic", "taylor"): always | {"threshold", "max_skips", "order", "time_unit"},
+    }
+    for (mode, forecaster), names in expected.items():
+        assert set(page.js(visible, {"mode": mode, "forecaster": forecaster})) == names, (mode, forecaster)
+    page.js(visible, {"mode": "fixed", "forecaster": "reuse", "order": 3, "foca_lambda": 0.25, "threshold": 0.07})
+    saved = page.js(f"() => {APP}.graph.serialize().nodes[0].widgets_values")
+    names = page.js("() => window.__policy.widgets.map((w) => w.name)")
+    values = dict(zip(names, saved))
+    assert (values["order"], values["foca_lambda"], values["threshold"]) == (3, 0.25, 0.07)
+    queued = page.js(f"async () => Object.values((await {APP}.graphToPrompt()).output)[0].inputs")
+    assert (queued["order"], queued["foca_lambda"], queued["threshold"]) == (3, 0.25, 0.07)
+    page.page.screenshot(path=str(shots / "cache_policy_quiet.jpg"), type="jpeg", quality=80)
+    assert page.ours() == []

@@ -1,5 +1,5 @@
 """The measurements behind the GOC Corrector: its rule for intervals above 2, which inflection detection, which
-weight, and how GOC composes with TCC priors. Run: `python -m calibrated_cache.testbed.goc_study [--samples 128]`.
+weight, and how GOC composes with TCC priors. Run: `python studies/goc_study.py [--samples 128]`.
 
 1. The rule at weight 0.8, `auto`: the official queue (each cached step pushed from the value used at the round
    before, k uncapped), the anchored push with k capped at 1, and the pack's rule, which also divides by the steps
@@ -20,15 +20,15 @@ import json
 import torch
 
 from torch import Tensor
-from ..calibration import CachePolicy
-from ..calibration.calibrator import Calibrator, Reused, Site
-from ..calibration.goc import GocCorrector, GocSettings, Used, track_key
-from .error_share import site_values
-from .evaluate import bench_inputs, score
-from .fit_priors import fit_testbed
-from .metrics import rel_l2
-from .sampling import sample
-from .weights import load_classifier, load_dit
+from calibrated_cache.calibration import CachePolicy
+from calibrated_cache.calibration.calibrator import Calibrator, Reused, Site
+from calibrated_cache.calibration.goc import GocCorrector, GocSettings, Used, track_key
+from error_share import site_values
+from calibrated_cache.testbed.evaluate import bench_inputs, score
+from calibrated_cache.testbed.fit_priors import fit_testbed
+from calibrated_cache.testbed.metrics import rel_l2
+from calibrated_cache.testbed.sampling import sample
+from calibrated_cache.testbed.weights import load_classifier, load_dit
 
 STEPS, CFG = 24, 2.0
 WEIGHTS = (0.5, 0.8, 1.0, 1.2)

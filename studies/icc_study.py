@@ -1,6 +1,6 @@
 """ICC study: which channel statistics weigh the factors best, at which rank and refresh interval, on the testbed.
 
-`python -m calibrated_cache.testbed.icc_study` (about 6 minutes on 2 cores) prints rel_l2 against full computation
+`python studies/icc_study.py` (about 6 minutes on 2 cores) prints rel_l2 against full computation
 on 128 benchmark requests for plain SVD and the two statistic sources of the official code, each recorded on 64
 separate calibration requests, and FORA at the same schedule with the compute fractions.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from ..calibration import CachePolicy
-from ..calibration.icc import STAT_SOURCES, FactorCache, IccSettings
-from .evaluate import bench_inputs
-from .fit_priors import record_channels
-from .metrics import rel_l2
-from .sampling import sample
-from .weights import load_dit
+from calibrated_cache.calibration import CachePolicy
+from calibrated_cache.calibration.icc import STAT_SOURCES, FactorCache, IccSettings
+from calibrated_cache.testbed.evaluate import bench_inputs
+from calibrated_cache.testbed.fit_priors import record_channels
+from calibrated_cache.testbed.metrics import rel_l2
+from calibrated_cache.testbed.sampling import sample
+from calibrated_cache.testbed.weights import load_dit
 
 SAMPLES, CALIBRATION = 128, 64
 RANKS, INTERVALS = (8, 16, 32, 64), (2, 3)

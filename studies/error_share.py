@@ -2,7 +2,7 @@
 
 For every site FORA would reuse at interval N, the error is e = h*(t) − h*(t_anchor). Each predictor is fitted on 64
 samples and scored on 64 others as the share of e's squared norm it explains. This is the measurement behind the
-choice of TCC's default prior form (README, "TCC: the prior's form"). Run: `python -m calibrated_cache.testbed.error_share`.
+choice of TCC's default prior form (docs/methods.md, "TCC"). Run: `python studies/error_share.py`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .evaluate import bench_inputs
-from .sampling import flow_sigmas
-from .weights import load_dit
+from calibrated_cache.testbed.evaluate import bench_inputs
+from calibrated_cache.testbed.sampling import flow_sigmas
+from calibrated_cache.testbed.weights import load_dit
 
 PREDICTORS = ("per-channel mean", "per-token-and-channel mean", "per-channel affine in h̃", "anchors' increment",
               "increment with a per-channel gain")

@@ -1,0 +1,283 @@
+"""The ComfyUI benchmark: the trained scenes Flux inside a real ComfyUI, sampled by the stock KSampler node through the
+pack's nodes (Cache Policy → [GOC Corrector] → [Fit TCC Priors] → Apply Calibrated Cache) and ComfyUI's EasyCache and
+LazyCache, on held-out prompts and seeds.
+
+    COMFYUI_PATH=… python -m benchmarks.scenes.bench [--json benchmarks/results/scenes.json]   # ~30 minutes, 2 cores
+    COMFYUI_PATH=… python -m benchmarks.scenes.bench --quick                                    # ~2 minutes
+
+Per setting (sampler × steps) every method runs at compute fractions about 0.5, 0.33, 0.25 and 0.17 (fixed intervals
+2, 3, 4, 6 after one warm-up step; thresholds of the dynamic policy and of the peers are tuned on the calibration
+prompts to meet each fraction). TCC priors are fitted by the Fit TCC Priors node on calibration prompts and seeds
+disjoint from the evaluation ones. Quality against full computation from the same noise: rel_l2 and PSNR of the
+decoded images; prompt adherence and FD from the scene reader. Speed (euler, 20 steps): every config timed against full
+computation, interleaved, median of paired ratios. The peers' compute fraction is the share of model evaluations
+they run (they skip whole evaluations; their own bookkeeping is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import flux  # boots ComfyUI (CPU mode) before anything imports comfy
+
+import comfy.samplers  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
+from tiny_models import load_pack  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
+
+from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+
+from .codec import context, decode  # noqa: E402
+from .data import prompts, scenes  # noqa: E402
+from .evaluator import adherence, frechet, psnr, read  # noqa: E402
+from .train import load_reader  # noqa: E402
+
+EVAL_PROMPTS, CAL_PROMPTS = 1001, 1002  # prompt seeds: evaluation and calibration are disjoint
+EVAL_SEED, CAL_SEED = 5000, 7000  # sampling seeds, likewise
+TARGETS = {2: 0.5, 3: 0.33, 4: 0.25, 6: 0.17}
+POLICY = dict(mode="fixed", forecaster="reuse", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
+              last_blocks=0, threshold=0.1, max_skips=4, order=2, time_unit="step", foca_lambda=1.0,
+              granularity="block")
+
+
+@dataclass
+class Setting:
+    sampler: str
+    steps: int
+
+
+@dataclass
+class Config:
+    method: str
+    params: dict[str, Any]
+    target: float | None
+    model: Any
+    fraction: Callable[[], float] = field(default=lambda: 1.0)
+
+
+class Harness:
+    """The nodes, the prompts, and how one config samples and is scored."""
+
+    def __init__(self, n_eval: int, n_cal: int) -> None:
+        import folder_paths
+
+        load_pack()
+        # the fits' prior files go to a temporary folder, never into the ComfyUI checkout
+        self.priors_dir = tempfile.mkdtemp(prefix="scenes_priors_")
+        folder_paths.folder_names_and_paths["cache_priors"] = ([self.priors_dir], {".safetensors"})
+        mapping = comfy_nodes.NODE_CLASS_MAPPINGS
+        self.policy_node, self.apply_node = mapping["CalibratedCache_CachePolicy"], mapping["CalibratedCache_Apply"]
+        self.fit_node, self.goc_node = mapping["CalibratedCache_FitTCCPriors"], mapping["CalibratedCache_GOC"]
+        self.model = flux.load()
+        self.reader, self.real_mean, self.real_cov = load_reader()
+        self.eval_specs, self.cal_specs = prompts(n_eval, EVAL_PROMPTS), prompts(n_cal, CAL_PROMPTS)
+        self.eval = self.inputs(self.eval_specs)
+        self.cal = self.inputs(self.cal_specs)
+        self.first_block = self.model.model.diffusion_model.double_blocks[0]
+
+    @staticmethod
+    def inputs(specs) -> tuple[list, list, dict]:
+        ctx, pooled = context([s.prompt for s in specs])
+        empty, empty_pooled = context([""])
+        positive = [[ctx, {"pooled_output": pooled}]]
+        negative = [[empty, {"pooled_output": empty_pooled}]]
+        return positive, negative, {"samples": torch.zeros(len(specs), 16, 16, 16)}
+
+    def policy(self, **settings):
+        return self.policy_node.execute(**{**POLICY, **settings}).result[0]
+
+    def apply(self, policy, **inputs):
+        return self.apply_node.execute(self.model, policy, **inputs).result[0]
+
+    def sample(self, model, setting: Setting, inputs, seed: int, cfg: float = 2.0) -> torch.Tensor:
+        positive, negative, latent = inputs
+        out = comfy_nodes.KSampler().sample(model, seed, setting.steps, cfg, setting.sampler, "simple", positive,
+                                            negative, latent)[0]["samples"]
+        return decode(out).clamp(-1, 1)
+
+    def counted(self, model, setting: Setting, inputs, seed: int) -> tuple[torch.Tensor, int]:
+        """Samples and how many times the model's first block ran (a peer skips whole evaluations)."""
+        calls = [0]
+        handle = self.first_block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            return self.sample(model, setting, inputs, seed), calls[0]
+        finally:
+            handle.remove()
+
+    def report(self, model) -> dict:
+        return model.wrappers["outer_sample"]["calibrated_cache"][0].__self__.last_report
+
+
+def tune(run: Callable[[float], float], target: float, low: float, high: float, iters: int) -> float:
+    """A threshold meeting `target` (compute fraction falls as the threshold rises), by bisection on a log scale."""
+    best = high
+    for _ in range(iters):
+        mid = (low * high) ** 0.5
+        if run(mid) > target:
+            low = mid
+        else:
+            high = best = mid
+    return best
+
+
+def pack_configs(h: Harness, setting: Setting, quick: bool, log) -> list[Config]:
+    configs: list[Config] = []
+    intervals = [3] if quick else list(TARGETS)
+    for n in intervals:
+        target = TARGETS[n]
+        kinds = [("fora", {}), ("taylor1", {"forecaster": "taylor", "order": 1}),
+                 ("taylor2", {"forecaster": "taylor", "order": 2}), ("foca", {"forecaster": "foca"}),
+                 ("taylor2-step", {"forecaster": "taylor", "order": 2, "granularity": "step"})]
+        if quick:
+            kinds = [kinds[0], kinds[2]]
+        for name, extra in kinds:
+            model = h.apply(h.policy(interval=n, **extra))
+            configs.append(Config(name, {"interval": n, **extra}, target, model))
+        for name, extra in [("fora+tcc", {}), ("taylor2+tcc", {"forecaster": "taylor", "order": 2})][:1 if quick else 2]:
+            policy = h.policy(interval=n, **extra)
+            start = time.perf_counter()
+            positive, negative, latent = h.cal
+            priors, text = h.fit_node.execute(h.model, policy, positive, negative, latent, samples=3, seed=CAL_SEED,
+                                              steps=setting.steps, cfg=2.0, sampler_name=setting.sampler,
+                                              scheduler="simple", variant="auto", checkpoint="none",
+                                              save_to="cache_priors folder", overwrite=True).result[:2]
+            log(f"  fitted {name} N={n} in {time.perf_counter() - start:.1f} s: {text.splitlines()[0]}")
+            configs.append(Config(name, {"interval": n, **extra}, target, h.apply(policy, priors=priors)))
+        if not quick:
+            goc = h.goc_node.execute(h.policy(interval=n), weight=0.8, inflection="auto", threshold=0.0,
+                                     steps="").result[0]
+            configs.append(Config("fora+goc", {"interval": n, "goc": 0.8}, target, h.apply(goc)))
+    if not quick:
+        for n in (2, 3):
+            configs.append(Config("icc-r32-plain", {"interval": n, "icc_rank": 32}, TARGETS[n],
+                                  h.apply(h.policy(interval=n), icc_rank=32, icc_svd="plain")))
+    for config in configs:
+        config.fraction = (lambda m=config.model: h.report(m)["compute_fraction"])
+    return configs
+
+
+def tuned_configs(h: Harness, setting: Setting, quick: bool, log) -> list[Config]:
+    """The dynamic policy and ComfyUI's EasyCache and LazyCache, thresholds tuned on the calibration prompts."""
+    configs = []
+    tune_setting = Setting("euler", setting.steps)
+    full_calls = h.counted(h.model, tune_setting, h.cal, CAL_SEED)[1]
+    targets = [0.33] if quick else list(TARGETS.values())
+    peers = {"easycache": EasyCacheNode, "lazycache": LazyCacheNode}
+    for target in targets:
+        def dynamic(threshold: float):
+            return h.apply(h.policy(mode="dynamic", threshold=threshold, max_skips=8))
+
+        def dynamic_fraction(threshold: float) -> float:
+            model = dynamic(threshold)
+            h.sample(model, tune_setting, h.cal, CAL_SEED)
+            return h.report(model)["compute_fraction"]
+
+        threshold = tune(dynamic_fraction, target, 0.005, 2.0, 5 if quick else 7)
+        model = dynamic(threshold)
+        configs.append(Config("fbcache", {"threshold": round(threshold, 4), "max_skips": 8}, target, model,
+                              lambda m=model: h.report(m)["compute_fraction"]))
+        for name, node in peers.items():
+            def peer(threshold: float, node=node):
+                return node.execute(h.model, threshold, 0.15, 0.95, False).result[0]
+
+            def peer_fraction(threshold: float, peer=peer) -> float:
+                return h.counted(peer(threshold), tune_setting, h.cal, CAL_SEED)[1] / full_calls
+
+            threshold = tune(peer_fraction, target, 0.005, 3.0, 5 if quick else 7)
+            configs.append(Config(name, {"reuse_threshold": round(threshold, 4)}, target, peer(threshold)))
+        log(f"  tuned thresholds for {target}: " + ", ".join(f"{c.method} {c.params}" for c in configs[-3:]))
+    return configs
+
+
+def quality(h: Harness, setting: Setting, configs: list[Config], log) -> list[dict]:
+    full, full_calls = h.counted(h.model, setting, h.eval, EVAL_SEED)
+    _, _, features = read(h.reader, full)
+    rows = [{"setting": f"{setting.sampler} {setting.steps}", "method": "full", "params": {}, "target": None,
+             "compute_fraction": 1.0, "rel_l2": 0.0, "psnr": None,
+             "adherence": adherence(h.reader, full, h.eval_specs), "fd": frechet(features, h.real_mean, h.real_cov)}]
+    for c in configs:
+        x, calls = h.counted(c.model, setting, h.eval, EVAL_SEED)
+        fraction = c.fraction() if c.method not in ("easycache", "lazycache") else calls / full_calls
+        rel = float(((x - full).flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1)).mean())
+        rows.append({"setting": rows[0]["setting"], "method": c.method, "params": c.params, "target": c.target,
+                     "compute_fraction": fraction, "rel_l2": rel, "psnr": psnr(x, full),
+                     "adherence": adherence(h.reader, x, h.eval_specs),
+                     "fd": frechet(read(h.reader, x)[2], h.real_mean, h.real_cov)})
+        log(format_row(rows[-1]))
+    return rows
+
+
+def speed(h: Harness, setting: Setting, configs: list[Config], rows: list[dict], repeats: int, log) -> None:
+    """Paired, interleaved: each repeat times full computation and every config once."""
+    models = {"full": h.model, **{f"{c.method} {c.params}": c.model for c in configs}}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            h.sample(model, setting, h.eval, EVAL_SEED)
+            times[name].append(time.perf_counter() - start)
+    for c, row in zip(configs, rows[1:]):
+        ratios = [f / t for f, t in zip(times["full"], times[f"{c.method} {c.params}"])]
+        row["wall_speedup"] = statistics.median(ratios)
+        row["spread"] = [min(ratios), max(ratios)]
+        row["share_of_ideal"] = row["wall_speedup"] * row["compute_fraction"]
+    rows[0]["wall_s"] = statistics.median(times["full"])
+    log(f"  speed: full {rows[0]['wall_s']:.2f} s; " + ", ".join(
+        f"{r['method']} {r['wall_speedup']:.2f}x" for r in rows[1:]))
+
+
+def format_row(r: dict) -> str:
+    params = ",".join(f"{k}={v}" for k, v in r["params"].items() if k not in ("forecaster",))
+    target = "" if r["target"] is None else f"{r['target']:.2f}"
+    p = "exact" if r["psnr"] is None else f"{r['psnr']:.1f}"
+    return (f"{r['setting']:<12} {r['method']:<14} {params:<36.36} {target:>5} {r['compute_fraction']:>6.3f} "
+            f"{r['rel_l2']:>7.4f} {p:>6} {r['adherence']:>6.3f} {r['fd']:>8.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 prompts, euler 20 steps, interval 3, few methods")
+    parser.add_argument("--prompts", type=int, default=None, help="evaluation prompts (64; 8 with --quick)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    n_eval = args.prompts or (8 if args.quick else 64)
+    settings = [Setting("euler", 20)] if args.quick else [Setting("euler", 20), Setting("dpmpp_2m", 20),
+                                                          Setting("euler", 50), Setting("dpmpp_2m", 50)]
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    h = Harness(n_eval, 8 if args.quick else 16)
+    report: dict[str, Any] = {"schema": "calibrated_cache.scenes/1", "command": "COMFYUI_PATH=… python -m "
+                              "benchmarks.scenes.bench " + " ".join(sys.argv[1:]), "quick": args.quick,
+                              "machine": machine("cpu"), **provenance(), "prompts": n_eval, "rows": []}
+    real, real_specs = scenes(512, EVAL_PROMPTS + 10)
+    real_adherence = adherence(h.reader, real, real_specs)
+    report["real"] = {"adherence": real_adherence, "fd": frechet(read(h.reader, real)[2], h.real_mean, h.real_cov)}
+    log(f"real scenes: adherence {real_adherence:.3f}, FD {report['real']['fd']:.3f}")
+    for setting in settings:
+        log(f"{setting.sampler}, {setting.steps} steps")
+        configs = pack_configs(h, setting, args.quick, log) + tuned_configs(h, setting, args.quick, log)
+        rows = quality(h, setting, configs, log)
+        if setting.sampler == "euler" and setting.steps == 20:
+            speed(h, setting, configs, rows, args.repeats, log)
+        report["rows"] += rows
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
