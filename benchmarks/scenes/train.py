@@ -143,10 +143,11 @@ def train_flux(args: argparse.Namespace, log) -> None:
             noise = torch.randn(x0[idx].shape, generator=g)
             s = sigma[:, None, None, None]
             x = (1 - s) * x0[idx] + s * noise
-            out = net(x, sigma, c, y)
-            loss = (out - (noise - x0[idx])).square().mean()
             optimiser.zero_grad()
-            loss.backward()
+            with torch.autograd.graph.allow_mutation_on_saved_tensors():  # ComfyUI's Flux blocks add in place
+                out = net(x, sigma, c, y)
+                loss = (out - (noise - x0[idx])).square().mean()
+                loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimiser.step()
             schedule.step()

@@ -1,6 +1,7 @@
 """ComfyUI tier: the scenes benchmark, reduced (8 held-out prompts, euler, 20 steps, interval 3): the trained Flux
 loads in ComfyUI and samples through the pack's nodes and the built-in caches, and the orderings the benchmark's tables
-claim hold. Figures are not copied: only orderings and the compute fractions each config promises."""
+claim hold. Figures are not copied: only orderings and the compute fractions each config promises. (Taylor-2 is not
+asserted to beat FORA: on this model at 20 steps it does not; see docs/benchmarks.md.)"""
 
 import sys
 from pathlib import Path
@@ -17,21 +18,20 @@ def rows():
 
     h = bench.Harness(n_eval=8, n_cal=8)
     setting = bench.Setting("euler", 20)
-    configs = bench.pack_configs(h, setting, quick=True, log=print) + bench.tuned_configs(h, setting, quick=True,
-                                                                                           log=print)
+    configs = (bench.pack_configs(h, setting, quick=True, log=print, intervals=[3])
+               + bench.tuned_configs(h, setting, quick=True, log=print, intervals=[3]))
     return {r["method"]: r for r in bench.quality(h, setting, configs, log=print)}
 
 
 def test_the_trained_flux_follows_its_prompts_better_than_chance(rows):
     full = rows["full"]
     assert full["rel_l2"] == 0.0 and 0.0 <= full["adherence"] <= 1.0
-    assert full["adherence"] > 0.25  # an untrained model scores 0: it draws no shapes
+    assert full["adherence"] > 0.25  # a model that draws no shapes scores 0
 
 
-def test_forecasting_and_calibration_beat_reuse_at_equal_compute(rows):
-    assert rows["taylor2"]["rel_l2"] < rows["fora"]["rel_l2"]
+def test_tcc_priors_fitted_on_other_prompts_beat_plain_reuse_at_equal_compute(rows):
     assert rows["fora+tcc"]["rel_l2"] < rows["fora"]["rel_l2"]
-    assert abs(rows["taylor2"]["compute_fraction"] - rows["fora"]["compute_fraction"]) < 0.05
+    assert abs(rows["fora+tcc"]["compute_fraction"] - rows["fora"]["compute_fraction"]) < 0.02
 
 
 def test_every_config_runs_at_about_the_compute_it_promises(rows):
@@ -39,4 +39,4 @@ def test_every_config_runs_at_about_the_compute_it_promises(rows):
         if row["target"] is not None:
             assert row["compute_fraction"] <= row["target"] * 1.35, (method, row)
     for peer in ("easycache", "lazycache", "fbcache"):  # tuned on the calibration prompts, measured on others
-        assert abs(rows[peer]["compute_fraction"] - 0.33) < 0.15, rows[peer]
+        assert abs(rows[peer]["compute_fraction"] - rows["fora"]["compute_fraction"]) < 0.1, rows[peer]
