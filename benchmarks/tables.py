@@ -1,6 +1,6 @@
 """Regenerate every figure table in the docs from the result files committed beside this script.
 
-    python benchmarks/tables.py            # rewrite the generated tables in docs/*.md
+    python benchmarks/tables.py            # rewrite the generated tables in README.md and docs/*.md
     python benchmarks/tables.py --check    # exit 1 when a table in the docs differs from its result file
 
 A generated table sits between `<!-- table: NAME -->` and `<!-- /table -->`. Its first line names the command that
@@ -106,6 +106,27 @@ def scenes_rows(setting: str | None = None, target: float | None = None):
     return select
 
 
+HEADLINE_METHODS = ("fora", "taylor2", "foca", "fora+tcc", "fora+goc", "taylor2-step", "fbcache", "lazycache",
+                    "lazycache-default", "easycache", "easycache-default")
+
+
+def headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Euler 20 at interval 4 (and the peers tuned to it, and at their defaults), with the same configs' rel_l2 at 50
+    steps beside."""
+    at50 = {r["method"]: r for r in report["rows"] if r["setting"] == "euler 50" and r["target"] in (None, 0.25)}
+    rows = [dict(r, rel_l2_50=at50.get(r["method"], {}).get("rel_l2")) for r in report["rows"]
+            if r["setting"] == "euler 20" and (r["method"] == "full" or r["method"] in HEADLINE_METHODS
+                                               and r["target"] in (None, 0.25))]
+    return rows
+
+
+HEADLINE: list[Column] = [("config", lambda r: r["method"]),
+                          ("compute fraction", number("compute_fraction", 2)),
+                          ("wall speedup", lambda r: f"{r['wall_speedup']:.2f}×" if "wall_speedup" in r else "1"),
+                          ("share of ideal", number("share_of_ideal", 2)),
+                          ("rel_l2, 20 steps", number("rel_l2", 3)), ("rel_l2, 50 steps", number("rel_l2_50", 3)),
+                          ("adherence", number("adherence", 2))]
+
 FORECASTERS = ("fora", "taylor1", "taylor2", "foca", "spectrum", "dmd")
 
 # name: (result file, command that measured it, rows, columns)
@@ -127,6 +148,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
                           ("fd", number("fd", 2)), ("interpolated", lambda r: "yes" if r["interpolated"] else "")]),
     "speed-testbed": ("testbed.json", BENCH, speed_rows("testbed"), SPEED),
     "speed-stack": ("testbed.json", BENCH, speed_rows("stack"), SPEED),
+    "headline": ("scenes.json", "", headline_rows, HEADLINE),
     "scenes-euler-20": ("scenes.json", "", scenes_rows("euler 20"), SCENES),
     "scenes-at-025": ("scenes.json", "", scenes_rows(target=0.25),
                       [("setting", lambda r: r["setting"])] + SCENES[:-2]),
@@ -177,7 +199,7 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, default=DOCS)
     args = parser.parse_args()
     stale = []
-    for page in sorted(args.docs.glob("*.md")):
+    for page in [args.docs.parent / "README.md", *sorted(args.docs.glob("*.md"))]:
         text = page.read_text()
         new = regenerate(text)
         if new != text:

@@ -226,7 +226,7 @@ class CacheSession:
                         "skips these blocks for less.", rows, width)
 
     def _report(self, stats: RunStats, wall: float) -> None:
-        if self.hooked == 0:
+        if self.hooked == 0 and self.policy.granularity != "step":  # whole steps run their blocks plainly
             log.warning("calibrated_cache: no %s block ran through the cache in this run; nothing was skipped. "
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None

@@ -231,6 +231,14 @@ function quietPolicy(node) {
     const hidden = ACTS[widget.name] ? !ACTS[widget.name](settings) : false;
     if (Boolean(widget.hidden) !== hidden) {
       widget.hidden = hidden;
+      // the frontend skips drawing a hidden widget but may still lay out its row: give it no height while hidden
+      if (hidden) {
+        widget.ccComputeSize = widget.computeSize;
+        widget.computeSize = () => [0, -4];
+      } else {
+        widget.computeSize = widget.ccComputeSize;
+        delete widget.ccComputeSize;
+      }
       changed = true;
     }
   }

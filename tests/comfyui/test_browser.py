@@ -256,8 +256,12 @@ def test_cache_policy_shows_only_the_inputs_that_act_and_keeps_every_value(page,
         ("dynamic", "reuse"): always | {"threshold", "max_skips"},
         ("dynamic", "taylor"): always | {"threshold", "max_skips", "order", "time_unit"},
     }
+    heights = {}
     for (mode, forecaster), names in expected.items():
         assert set(page.js(visible, {"mode": mode, "forecaster": forecaster})) == names, (mode, forecaster)
+        heights[mode, forecaster] = page.js("() => window.__policy.size[1]")
+    # the node shrinks to what it shows: hidden inputs leave no empty rows
+    assert heights["fixed", "reuse"] < heights["fixed", "taylor"] < heights["dynamic", "taylor"]
     page.js(visible, {"mode": "fixed", "forecaster": "reuse", "order": 3, "foca_lambda": 0.25, "threshold": 0.07})
     saved = page.js(f"() => {APP}.graph.serialize().nodes[0].widgets_values")
     names = page.js("() => window.__policy.widgets.map((w) => w.name)")

@@ -110,7 +110,7 @@ def test_foca_integrates_the_skipped_blocks_of_every_family_and_is_not_taylor(pa
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_whole_step_forecasting_runs_nothing_of_the_model_on_a_skipped_step(pack, bundles, family):
+def test_whole_step_forecasting_runs_nothing_of_the_model_on_a_skipped_step(pack, bundles, family, caplog):
     from .tiny_models import diffusion_model
 
     model, positive, negative, latent = bundle(bundles, family)
@@ -131,6 +131,7 @@ def test_whole_step_forecasting_runs_nothing_of_the_model_on_a_skipped_step(pack
     assert report["compute_fraction"] == pytest.approx(4 / 12, abs=1e-9)  # reuse forecasts cost nothing
     assert torch.isfinite(out).all() and 0 < ((out - full).norm() / full.norm()).item() < 0.5
     assert torch.equal(run_sampler(step_model, positive, negative, latent, steps=12, cfg=2.0), out)
+    assert "ran through the cache" not in caplog.text  # its blocks run plainly: no warning that none was hooked
 
 
 def test_whole_step_forecasting_refuses_a_policy_that_computes_some_blocks_of_every_step(pack):

@@ -385,3 +385,13 @@ def test_an_interrupted_sampling_leaves_no_state_and_the_next_run_is_complete_an
     assert torch.equal(again, reference)
     assert {k: v for k, v in session.last_report.items() if k != "wall_s"} == \
         {k: v for k, v in complete.items() if k != "wall_s"}
+
+
+def test_the_report_says_plainly_when_priors_did_not_help_on_the_held_out_seeds(pack):
+    fit_node = importlib.import_module(pack[2].__module__)
+    helped = fit_node.report_text({"sites": 4, "held_out_before": 0.05, "held_out_after": 0.03}, "drift", "FORA_N3",
+                                  {fit_node.FIT: [0, 1], fit_node.HELD_OUT: [2]}, "p", None)
+    hurt = fit_node.report_text({"sites": 4, "held_out_before": 0.0226, "held_out_after": 0.0250}, "mm", "TAYLOR2_N3",
+                                {fit_node.FIT: [0, 1], fit_node.HELD_OUT: [2]}, "p", None)
+    assert "did not lower the error" not in helped and "(-40%)" in helped
+    assert "did not lower the error" in hurt and "(+11%)" in hurt and "sample without them" in hurt
