@@ -27,7 +27,8 @@ def _report_timings():
 
 
 def test_families_cover_brief():
-    assert set(FAMILY_NAMES) == {"SD3", "Wan", "HunyuanVideo", "Flux", "PixArt", "Lumina2", "QwenImage"}
+    assert set(FAMILY_NAMES) == {"SD3", "Wan", "HunyuanVideo", "Flux", "PixArt", "Lumina2", "QwenImage",
+                                 "Chroma", "AuraFlow", "LTXV"}
     assert set(tiny_models.SPECS) == set(FAMILY_NAMES)
 
 

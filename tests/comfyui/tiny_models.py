@@ -338,6 +338,49 @@ SPECS: dict[str, FamilySpec] = {
         cond_extras={},
         via_loader=False, detected_as="QwenImage", model_class="QwenImageTransformer2DModel",
     ),
+    # Chroma (Flux without pooled text or guidance inputs: its modulations come from the distilled guidance layer);
+    # ComfyUI's Flux base still reads a pooled vector, which Chroma ignores. in_channels is the patchified 16 x 2 x 2.
+    "Chroma": FamilySpec(
+        name="Chroma",
+        unet_config={
+            "image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2, "context_in_dim": 4096,
+            "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+            "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": 128,
+            "hidden_dim": 256, "n_layers": 2,
+        },
+        block_lists={"double_blocks": 2, "single_blocks": 2},
+        latent_shape=(1, 16, 32, 32),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={"pooled_output": 768},
+        via_loader=False, detected_as="Chroma", model_class="Chroma",
+    ),
+    # AuraFlow (MMDiT): detection reads only the layer counts and widths of the inputs, so dim, heads and the global
+    # conditioning width are set here; SDXL 4-channel latent, Pile-T5 context 2048.
+    "AuraFlow": FamilySpec(
+        name="AuraFlow",
+        unet_config={
+            "max_seq": 256, "cond_seq_dim": 2048, "n_double_layers": 2, "n_layers": 4, "dim": 128, "n_heads": 2,
+            "global_conddim": 128, "in_channels": 4, "out_channels": 4, "patch_size": 2,
+        },
+        block_lists={"double_layers": 2, "single_layers": 2},
+        latent_shape=(1, 4, 32, 32),
+        context_shape=(1, TOKENS, 2048),
+        cond_extras={},
+        via_loader=False, detected_as="AuraFlow", model_class="MMDiT",
+    ),
+    # LTXV: 128-channel video latent [B, 128, T, H, W] with patch size 1; T5-XXL context 4096 with its attention mask.
+    "LTXV": FamilySpec(
+        name="LTXV",
+        unet_config={
+            "image_model": "ltxv", "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+            "cross_attention_dim": 64, "in_channels": 128, "caption_channels": 4096,
+        },
+        block_lists={"transformer_blocks": 2},
+        latent_shape=(1, 128, 2, 8, 8),
+        context_shape=(1, TOKENS, 4096),
+        cond_extras={"attention_mask": torch.ones(1, TOKENS, dtype=torch.long)},
+        via_loader=False, detected_as="LTXV", model_class="LTXVModel",
+    ),
 }
 
 
@@ -391,6 +434,18 @@ def build_qwen_image(models_dir: str | None = None, seed: int = 0) -> TinyBundle
     return build_family("QwenImage", models_dir, seed)
 
 
+def build_chroma(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("Chroma", models_dir, seed)
+
+
+def build_auraflow(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("AuraFlow", models_dir, seed)
+
+
+def build_ltxv(models_dir: str | None = None, seed: int = 0) -> TinyBundle:
+    return build_family("LTXV", models_dir, seed)
+
+
 FAMILIES: dict[str, Callable[..., TinyBundle]] = {
     "SD3": build_sd3,
     "Wan": build_wan21,
@@ -399,6 +454,9 @@ FAMILIES: dict[str, Callable[..., TinyBundle]] = {
     "PixArt": build_pixart,
     "Lumina2": build_lumina2,
     "QwenImage": build_qwen_image,
+    "Chroma": build_chroma,
+    "AuraFlow": build_auraflow,
+    "LTXV": build_ltxv,
 }
 
 
