@@ -51,6 +51,10 @@ def patch_model(model: ModelPatcher, policy: CachePolicy, node_id: str | None = 
         family, blocks = detect(m.get_model_object("diffusion_model"))
     except UnsupportedModel as err:
         raise ValueError(str(err)) from None
+    if family.fallback:
+        log.warning("calibrated_cache: Apply Calibrated Cache does not know %s; the generic fallback caches its %d "
+                    "blocks in '%s' through object patches of their forward. Report the model so it can be supported "
+                    "by name.", family.classes[0], len(blocks), blocks[0].segment.attr)
     if policy.icc is not None and factors is None:
         factors = FactorCache()
     session = CacheSession(block_policy(policy), family, blocks, node_id, priors, factors, memory)

@@ -25,6 +25,7 @@ class Family:
     name: str
     classes: tuple[str, ...]
     segments: tuple[Segment, ...]
+    fallback: bool = False  # found by `_repeated_blocks`, not known by class
 
 
 DOUBLE_SINGLE = (Segment("double_blocks", "double_block"), Segment("single_blocks", "single_block"))
@@ -75,8 +76,29 @@ def detect(diffusion_model: nn.Module) -> tuple[Family, list[BlockSite]]:
             if name in family.classes:
                 return family, _blocks(family, diffusion_model)
     supported = ", ".join(f.name for f in FAMILIES)
-    raise UnsupportedModel(f"Apply Calibrated Cache does not know the diffusion model {names[0]}: it supports "
-                           f"{supported}. Remove the node for this model, or report the model so it can be added.")
+    attr = _repeated_blocks(diffusion_model)
+    if attr is None:
+        raise UnsupportedModel(f"Apply Calibrated Cache does not know the diffusion model {names[0]} (it supports "
+                               f"{supported}) and found no list of repeated transformer blocks in it to cache "
+                               "generically (a ModuleList of at least two blocks of one class, directly under the "
+                               "diffusion model). Remove the node for this model, or report the model so it can be "
+                               "added.")
+    blocks = getattr(diffusion_model, attr)
+    family = Family(f"{names[0]} (generic: {len(blocks)} {type(blocks[0]).__name__} in '{attr}')", (names[0],),
+                    (Segment(attr, None),), fallback=True)
+    return family, _blocks(family, diffusion_model)
+
+
+def _repeated_blocks(diffusion_model: nn.Module) -> str | None:
+    """The generic fallback's blocks: the diffusion model's child ModuleList of at least two modules of one class with
+    the most parameters (the transformer trunk, not a list of embedders). None where there is none."""
+    best, size = None, 0
+    for attr, child in diffusion_model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(block) for block in child}) == 1:
+            parameters = sum(p.numel() for p in child.parameters())
+            if parameters > size:
+                best, size = attr, parameters
+    return best
 
 
 def _blocks(family: Family, diffusion_model: nn.Module) -> list[BlockSite]:

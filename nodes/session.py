@@ -28,7 +28,7 @@ from ..calibration.calibrator import Calibrator
 from ..calibration.icc import FactorCache, LinearTarget
 from ..priors import PriorMismatch, check_schedule, run_warnings
 from .compiled import BlockRunner, block_compiler
-from .families import BlockSite, Family
+from .families import BlockSite, Family, UnsupportedModel
 from .fitted import FittedPriors
 from .schedules import sampler_name, scheduler_name
 
@@ -254,12 +254,25 @@ def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None)
 
 
 def forward_patch(session: CacheSession, site: BlockSite, original: Callable) -> Callable:
-    """An object patch of a block's `forward` for families without block replacement; the stream is `x`."""
+    """An object patch of a block's `forward` for families without block replacement; the stream is `x`. A block of
+    the generic fallback that does not return a tensor of its input's shape stops the run with a clear message rather
+    than cache it wrongly."""
 
     def forward(*args, **kwargs):
         if session.call is None:
             return original(*args, **kwargs)
-        return session.cached_block(site, {"x": args[0]}, lambda: {"x": original(*args, **kwargs)})["x"]
+        x = args[0]
+
+        def run() -> dict:
+            out = original(*args, **kwargs)
+            if session.family.fallback and not (isinstance(out, torch.Tensor) and out.shape == x.shape):
+                raise UnsupportedModel(
+                    f"the generic fallback hooked the blocks of {session.family.name}, but block {site.position} "
+                    f"returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for an input of shape "
+                    f"{tuple(x.shape)}, so it cannot be cached. Remove Apply Calibrated Cache for this model.")
+            return {"x": out}
+
+        return session.cached_block(site, {"x": x}, run)["x"]
 
     return forward
 

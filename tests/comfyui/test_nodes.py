@@ -192,12 +192,15 @@ def test_requeue_with_a_new_seed_still_caches(pack, bundles):
         assert session_of(cached_model).run is None
 
 
-@pytest.mark.parametrize("family", ["Flux", "PixArt"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_lora_applied_before_the_patch_still_applies(pack, bundles, family):
     """Weight patches (what a LoRA loader adds) must reach blocks the pack hooks, object-patched ones included."""
+    from .tiny_models import SPECS
+
     model, positive, negative, latent = bundle(bundles, family)
     lora = model.clone()
-    keys = [k for k in lora.model.state_dict() if ".0." in k and k.endswith(".weight") and "diffusion_model" in k]
+    blocks = tuple(f"diffusion_model.{name}.0." for name in SPECS[family].block_lists)  # inside a cached block
+    keys = [k for k in lora.model.state_dict() if k.startswith(blocks) and k.endswith(".weight")]
     key = next(k for k in keys if lora.model.state_dict()[k].ndim == 2)
     weight = lora.model.state_dict()[key]
     lora.add_patches({key: (torch.randn_like(weight) * 0.05,)}, 1.0)
