@@ -42,10 +42,10 @@ from .linears import record_linears
 from .policy_node import CATEGORY, CachePolicyType
 from .session import KEY, CacheSession, send_event
 
+log = logging.getLogger("calibrated_cache")
 BESIDE, IN_FOLDER = "beside checkpoint", "cache_priors folder"
 FIT_EVENT = "calibrated_cache.fit"
 PROGRESS_EVERY_S = 0.25  # the page redraws the node on each event; every step would flood it on fast models
-log = logging.getLogger("calibrated_cache")
 DEFAULT_SAMPLES = 3  # 2 fitting seeds and 1 held out: docs/methods.md, "How many calibration seeds"
 
 
@@ -161,7 +161,7 @@ def report_text(report: dict, variant: str, tag: str, seeds: dict[str, list[int]
              + change_text(report["held_out_before"], report["held_out_after"])]
     if "in_sample_before" in report:
         lines.append(f"fitting seeds (optimistic): {change_text(report['in_sample_before'], report['in_sample_after'])}")
-    if report["held_out_after"] >= report["held_out_before"]:
+    if not gained(report):
         lines.append(NO_GAIN)
     if cost is not None:
         lines.append(f"the fit cost {cost:.1f} full samplings of one seed")
@@ -170,6 +170,11 @@ def report_text(report: dict, variant: str, tag: str, seeds: dict[str, list[int]
 
 NO_GAIN = ("these priors did not lower the error on seeds they never saw: sample without them (leave Apply's priors "
            "empty); with a reuse (FORA) policy, drift priors usually gain most (docs/methods.md, TCC)")
+
+
+def gained(report: dict) -> bool:
+    """Whether the priors lowered the error on the held-out seeds."""
+    return report["held_out_after"] < report["held_out_before"]
 
 
 def change_text(before: float, after: float) -> str:
@@ -284,7 +289,7 @@ class FitTccPriorsNode(io.ComfyNode):
                 "icc_stats": {**recording.recorder.summary(), "samples": 1, "seeds": fitted[:1]}}
         save_priors(path, priors, meta, recording.recorder.table())
         text = report_text(report, variant, policy.tag(), seeds, path, cost)
-        if report["held_out_after"] >= report["held_out_before"]:
+        if not gained(report):
             log.warning("calibrated_cache: Fit TCC Priors for %s: %s", policy.tag(), NO_GAIN)
         send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
                                "error_before": report["held_out_before"], "error_after": report["held_out_after"],

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"))
 
-from tiny_models import FAMILIES, load_pack, run_sampler  # noqa: E402  (importing it boots ComfyUI in CPU mode)
+from tiny_models import FAMILIES, comfyui_nodes, load_pack, run_sampler  # noqa: E402  (importing it boots ComfyUI)
 
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 
@@ -37,11 +37,10 @@ EVALUATION_SEEDS = (100, 101, 102, 103)
 
 def nodes():
     import folder_paths
-    import nodes as comfy_nodes
 
     load_pack()
     folder_paths.folder_names_and_paths["cache_priors"] = ([tempfile.mkdtemp()], {".safetensors"})
-    return tuple(comfy_nodes.NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply",
+    return tuple(comfyui_nodes().NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply",
                                                                                      "FitTCCPriors"))
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"))
 
-from tiny_models import FAMILIES, diffusion_model, load_pack, run_sampler  # noqa: E402  (boots ComfyUI, CPU mode)
+from tiny_models import (FAMILIES, comfyui_nodes, diffusion_model, load_pack,  # noqa: E402  (boots ComfyUI, CPU mode)
+                         run_sampler, session_of)
 
 import torch  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
@@ -37,10 +38,6 @@ POLICY = dict(mode="fixed", forecaster="reuse", interval=4, warmup_steps=0, star
 PARTS = ("computed blocks", "pack, computed calls", "pack, skipped calls", "pack, per model call",
          "model outside blocks", "sampler, guidance, ComfyUI")
 HOOKED = ("SD3", "Wan", "HunyuanVideo", "Flux", "QwenImage")
-
-
-def session_of(model):
-    return model.wrappers["outer_sample"]["calibrated_cache"][0].__self__
 
 
 class Timing:
@@ -208,9 +205,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the ComfyUI tier: stable timings on a shared 2-core machine
     load_pack()
-    import nodes
-
-    policy_node, apply_node = (nodes.NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply"))
+    mapping = comfyui_nodes().NODE_CLASS_MAPPINGS
+    policy_node, apply_node = (mapping[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply"))
     rows = profile(args, policy_node, apply_node) if args.study == "profile" else share(args, policy_node, apply_node)
     if args.json:
         command = "COMFYUI_PATH=… python " + " ".join(sys.argv)

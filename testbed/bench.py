@@ -493,9 +493,10 @@ def run_benchmark(quick: bool = False, samples: int | None = None, flux: bool = 
 
 
 def format_tables(report: dict[str, Any]) -> str:
+    changes = "+changes" if report.get("dirty") else ""
     lines = [f"machine: {report['machine']['processor']}, {report['machine']['cpu_count']} cpus, "
              f"torch {report['machine']['torch']}, device {report['machine']['device']}; measured "
-             f"{report.get('date', '?')} on commit {report.get('commit') or '?'}{'+changes' if report.get('dirty') else ''}"]
+             f"{report.get('date', '?')} on commit {report.get('commit') or '?'}{changes}"]
     if "quality" in report:
         c = report["quality"]["config"]
         lines += ["", f"quality: {c['samples']} samples, {c['steps']} Euler steps (shift {c['shift']}), cfg {c['cfg']}"]

@@ -24,6 +24,7 @@ the whole batch. So the peers sample one prompt at a time, as users run them, wi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -39,9 +40,8 @@ from . import flux  # boots ComfyUI (CPU mode) before anything imports comfy
 
 import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
-import nodes as comfy_nodes  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
-from tiny_models import load_pack  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
+from tiny_models import comfyui_nodes, load_pack, session_of  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
 
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 
@@ -85,7 +85,8 @@ class Harness:
         # the fits' prior files go to a temporary folder, never into the ComfyUI checkout
         self.priors_dir = tempfile.mkdtemp(prefix="scenes_priors_")
         folder_paths.folder_names_and_paths["cache_priors"] = ([self.priors_dir], {".safetensors"})
-        mapping = comfy_nodes.NODE_CLASS_MAPPINGS
+        self.nodes = comfyui_nodes()  # ComfyUI's nodes.py: KSampler and the loaded node classes
+        mapping = self.nodes.NODE_CLASS_MAPPINGS
         self.policy_node, self.apply_node = mapping["CalibratedCache_CachePolicy"], mapping["CalibratedCache_Apply"]
         self.fit_node, self.goc_node = mapping["CalibratedCache_FitTCCPriors"], mapping["CalibratedCache_GOC"]
         self.model = flux.load()
@@ -120,7 +121,7 @@ class Harness:
                                                            negative, {"samples": latent["samples"][i:i + 1],
                                                                       "batch_index": [i]}), seed, cfg=cfg)
                               for i in range(len(latent["samples"]))])
-        out = comfy_nodes.KSampler().sample(model, seed, setting.steps, cfg, setting.sampler, "simple", positive,
+        out = self.nodes.KSampler().sample(model, seed, setting.steps, cfg, setting.sampler, "simple", positive,
                                             negative, latent)[0]["samples"]
         return decode(out).clamp(-1, 1)
 
@@ -134,7 +135,7 @@ class Harness:
             handle.remove()
 
     def report(self, model) -> dict:
-        return model.wrappers["outer_sample"]["calibrated_cache"][0].__self__.last_report
+        return session_of(model).last_report
 
 
 def tune(run: Callable[[float], float], target: float, low: float, high: float, iters: int) -> float:
@@ -189,11 +190,14 @@ def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: lis
     euler, once per step count) to the compute fraction the fixed FORA policy of each interval reaches there, so that
     every row of an interval spends about the same compute."""
     tune_setting = Setting("euler", setting.steps)
-    full_calls = h.counted(h.model, tune_setting, h.cal, CAL_SEED, per_prompt=True)[1]
     peers = {"easycache": EasyCacheNode, "lazycache": LazyCacheNode}
 
     def dynamic(threshold: float):
         return h.apply(h.policy(mode="dynamic", threshold=threshold, max_skips=8))
+
+    @functools.cache
+    def full_calls() -> int:  # model evaluations of full computation on the calibration prompts, one at a time
+        return h.counted(h.model, tune_setting, h.cal, CAL_SEED, per_prompt=True)[1]
 
     def pack_fraction(model) -> float:
         h.sample(model, tune_setting, h.cal, CAL_SEED)
@@ -210,7 +214,7 @@ def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: lis
             for name, node in peers.items():
                 def peer_fraction(threshold: float, node=node) -> float:
                     model = node.execute(h.model, threshold, 0.15, 0.95, False).result[0]
-                    return h.counted(model, tune_setting, h.cal, CAL_SEED, per_prompt=True)[1] / full_calls
+                    return h.counted(model, tune_setting, h.cal, CAL_SEED, per_prompt=True)[1] / full_calls()
 
                 found[name] = tune(peer_fraction, fraction, 0.005, 3.0, 5 if quick else 7)
             h.tuned[key] = found
@@ -227,7 +231,7 @@ def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: lis
 
 
 def quality(h: Harness, setting: Setting, configs: list[Config], log) -> list[dict]:
-    full, full_calls = h.counted(h.model, setting, h.eval, EVAL_SEED)
+    full = h.sample(h.model, setting, h.eval, EVAL_SEED)
     full_calls_alone = h.counted(h.model, setting, h.eval, EVAL_SEED, per_prompt=True)[1]
     _, _, features = read(h.reader, full)
     rows = [{"setting": f"{setting.sampler} {setting.steps}", "method": "full", "params": {}, "target": None,

@@ -84,10 +84,6 @@ def statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     return f.mean(0), torch.cov(f.T)
 
 
-def fd(reader: SceneReader, images: Tensor, mean: Tensor, cov: Tensor) -> float:
-    return frechet(read(reader, images)[2], mean, cov)
-
-
 def psnr(x: Tensor, ref: Tensor) -> float:
     """dB over images in [−1, 1] (peak-to-peak 2)."""
     mse = float((x.float() - ref.float()).square().mean())

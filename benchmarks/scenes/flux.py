@@ -25,7 +25,7 @@ import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 
-from .codec import CONTEXT_DIM, LATENT_CHANNELS, context  # noqa: E402
+from .codec import CONTEXT_DIM, LATENT_CHANNELS  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "scenes_flux.safetensors"
 UNET_CONFIG = {
@@ -60,9 +60,3 @@ def load(path: Path = WEIGHTS):
     mm = comfy.model_management
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
-
-
-def conditioning(prompt: str) -> list:
-    """ComfyUI CONDITIONING for a prompt: the context tokens and the pooled vector."""
-    ctx, pooled = context([prompt])
-    return [[ctx, {"pooled_output": pooled}]]

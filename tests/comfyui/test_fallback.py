@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from .tiny_models import SPECS, _model_config, _patcher, make_inputs, run_sampler
+from .tiny_models import SPECS, _model_config, _patcher, make_inputs, run_sampler, session_of
 
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=4, order=2, time_unit="step", foca_lambda=1.0,
@@ -87,7 +87,7 @@ def test_an_unknown_dit_is_cached_through_its_repeated_blocks_and_says_so(pack, 
     assert "generic fallback caches its 3 blocks in 'blocks'" in caplog.text
     cached = apply_node.execute(model, policy_node.execute(**SETTINGS).result[0]).result[0]
     out = run_sampler(cached, positive, negative, latent, steps=8, cfg=2.0)
-    report = cached.wrappers["outer_sample"]["calibrated_cache"][0].__self__.last_report
+    report = session_of(cached).last_report
     assert report["family"] == "UnknownDiT (generic: 3 UnknownBlock in 'blocks')"
     assert report["blocks_skipped"] == 4 * 3 * 2  # steps 0 (warm-up), 1, 4, 7 compute; 2, 3, 5, 6 skip, per branch
     assert torch.isfinite(out).all() and 0 < ((out - full).norm() / full.norm()).item() < 0.5

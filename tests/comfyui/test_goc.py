@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from .test_priors import FIT, SETTINGS, apply, modules, pack, rel_l2, session_of  # noqa: F401 (fixtures)
-from .tiny_models import build_family, run_sampler
+from .tiny_models import build_family, comfyui_nodes, run_sampler
 
 FORA = {**SETTINGS, "forecaster": "reuse", "interval": 2}
 # The tiny random model's residuals reverse direction at every computed step, so the default detector (threshold 0)
@@ -15,9 +15,7 @@ GOC = dict(weight=0.8, inflection="auto", threshold=-1.0, steps="")
 
 @pytest.fixture(scope="module")
 def goc_node(pack):
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS["CalibratedCache_GOC"]
+    return comfyui_nodes().NODE_CLASS_MAPPINGS["CalibratedCache_GOC"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ sampling through `comfy.sample` (skipped without COMFYUI_PATH)."""
 import pytest
 import torch
 
-from .tiny_models import force_split_cfg, FAMILIES, run_sampler
+from .tiny_models import force_split_cfg, FAMILIES, run_sampler, session_of
 
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -20,12 +20,6 @@ def patched(pack, model, **settings):
     policy_node, apply_node = pack
     policy = policy_node.execute(**{**SETTINGS, **settings}).result[0]
     return apply_node.execute(model, policy).result[0]
-
-
-def session_of(model):
-    """The pack's session behind a patched model (its OUTER_SAMPLE wrapper is the session's bound method)."""
-    wrappers = model.wrappers["outer_sample"]["calibrated_cache"]
-    return wrappers[0].__self__
 
 
 def test_pack_loads_with_v3_nodes_tooltips_and_category(pack):

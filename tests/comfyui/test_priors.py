@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from .tiny_models import force_split_cfg, SPECS, build_family, load_pack, run_sampler, save_tiny_unet
+from .tiny_models import (force_split_cfg, SPECS, build_family, comfyui_nodes, load_pack, run_sampler, save_tiny_unet,
+                          session_of)
 
 SETTINGS = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -20,10 +21,8 @@ FIT = dict(samples=2, seed=0, steps=9, cfg=2.0, sampler_name="euler", scheduler=
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    import nodes
-
     load_pack(str(tmp_path_factory.mktemp("custom_nodes")))
-    policy, apply, fit = (nodes.NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply",
+    policy, apply, fit = (comfyui_nodes().NODE_CLASS_MAPPINGS[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply",
                                                                                       "FitTCCPriors"))
     return policy, apply, fit
 
@@ -65,10 +64,6 @@ def fit(pack, bundle, policy=None, **options):
 
 def apply(pack, model, policy=None, **inputs):
     return pack[1].execute(model, policy or policy_of(pack), **inputs).result[0]
-
-
-def session_of(model):
-    return model.wrappers["outer_sample"]["calibrated_cache"][0].__self__
 
 
 def rel_l2(x, ref):

@@ -25,6 +25,7 @@ contributes (no zero-initialised gates or output layers), so block skipping and 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import atexit
 import math
 import os
@@ -32,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, NamedTuple
 
 try:  # this folder is on sys.path when conftest.py enabled the tier; standalone scripts: load by file path
@@ -500,11 +502,24 @@ def count_params(model_patcher) -> int:
     return sum(p.numel() for p in diffusion_model(model_patcher).parameters())
 
 
+def comfyui_nodes() -> ModuleType:
+    """ComfyUI's own top-level `nodes` module (its nodes.py: KSampler, NODE_CLASS_MAPPINGS, the custom-node loader).
+    Named `nodes` like the pack's package, so it is fetched here only, and checked to be the booted checkout's."""
+    module = importlib.import_module("nodes")
+    if os.path.dirname(os.path.abspath(module.__file__)) != COMFYUI_DIR:
+        raise RuntimeError(f"`nodes` resolved to {module.__file__}, not ComfyUI's nodes.py in {COMFYUI_DIR}")
+    return module
+
+
+def session_of(model_patcher) -> Any:
+    """The pack's session behind a patched model (its OUTER_SAMPLE wrapper is the session's bound method)."""
+    return model_patcher.wrappers["outer_sample"]["calibrated_cache"][0].__self__
+
+
 def load_pack(parent: str | None = None) -> tuple[type, type]:
     """Load the repo as ComfyUI loads a cloned pack (custom_nodes/<any folder name>/__init__.py) and return its Cache
     Policy and Apply Calibrated Cache node classes."""
-    import nodes
-
+    nodes = comfyui_nodes()
     folder = Path(parent or tempfile.mkdtemp()) / "some_folder_name"
     folder.symlink_to(Path(__file__).resolve().parents[2], target_is_directory=True)
     if not asyncio.run(nodes.load_custom_node(str(folder))):
