@@ -38,8 +38,10 @@ def _profile(args: argparse.Namespace) -> int:
     policies = {"full": None}
     for name in args.forecasters:
         forecaster, order = ("taylor", int(name[-1])) if name.startswith("taylor") else (name, 1)
-        policies[f"{name} N={args.interval}"] = CachePolicy(interval=args.interval, warmup_steps=0,
-                                                            forecaster=forecaster, order=order)
+        for granularity in args.granularity:
+            label = f"{name} N={args.interval}" + ("" if granularity == "module" else f" {granularity}")
+            policies[label] = CachePolicy(interval=args.interval, warmup_steps=0, forecaster=forecaster, order=order,
+                                          granularity=granularity)
     print(f"testbed DiT, {args.samples} samples, cfg 2 (batched), medians of {args.repeats} interleaved runs")
     print(format_breakdown(profile(policies, args.samples, args.repeats, args.steps)))
     return 0
@@ -138,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--forecasters", nargs="+", default=["reuse", "taylor2", "foca"],
                       choices=("reuse", "taylor1", "taylor2", "taylor3", "foca", "spectrum", "dmd"),
                       help="configurations besides full computation")
+    prof.add_argument("--granularity", nargs="+", default=["module"], choices=GRANULARITIES,
+                      help="what a skipped evaluation fills in, one configuration each (default module; block is "
+                           "ComfyUI's, cached in spans)")
     prof.set_defaults(run=_profile)
 
     fit = sub.add_parser("fit-priors", help="fit TCC calibration priors for a cache policy on the testbed")

@@ -23,6 +23,7 @@ from torch import Tensor
 from .calibrator import Reused, Site
 from .icc import Scope
 from .registry import make_forecaster
+from .spans import SpannedBlocks
 
 if TYPE_CHECKING:
     from .state import GroupCache, Round, RunState
@@ -55,6 +56,7 @@ class ModelCall:
         self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
         self._icc_only = state.icc is not None and state.calibrator is None
         self._step = state.policy.granularity == "step"
+        self._spans = SpannedBlocks(self) if state.spans else None
         self.block_flops = 0.0  # per sample: what the blocks of this call would cost, computed or not
 
     # --- the entries ----------------------------------------------------------------------------------------------
@@ -76,6 +78,8 @@ class ModelCall:
             return value, False
         self.block_flops = 0.0
         value = compute()
+        if self._spans is not None:
+            self._spans.finish()
         if self._step:
             self.remember(block, name, value)
             full = cost()
@@ -105,11 +109,14 @@ class ModelCall:
         Output streams that are None (e.g. SD3's last joint block drops its text stream) stay None on skipped steps. A
         block whose output has a stream that is not input + residual cannot be skipped and is always computed.
         `flops` may be a callable, read after the block ran (so a cost can be measured on the first computation).
+        A run that caches spans of blocks (`spans.py`) serves the block there.
         """
+        cost = flops if callable(flops) else (lambda: flops)
+        if self._spans is not None:
+            return self._spans.block(index, inputs, run, cost)
         self.enter(index, inputs)
         layout = self.state.layouts.get(index)
         cached = [k for k, has in layout if has] if layout is not None else list(inputs)
-        cost = flops if callable(flops) else (lambda: flops)
         if self.computes(index) or not all(k in inputs and self.fits(index, f"residual.{k}", inputs[k])
                                            for k in cached):
             outputs = self._computed(index, inputs, run, cached, cost)

@@ -21,13 +21,14 @@ from .calibrator import Calibrator
 from .call import ModelCall
 from .chain import chained
 from .clock import StepClock
-from .forecast import Forecaster
+from .forecast import Forecaster, WeightedForecaster
 from .goc import GocCorrector
 from .icc import FactorCache, IccRun
 from .memory import CacheMemory
 from .policy import CachePolicy, PolicyError
-from .registry import history
+from .registry import history, make_forecaster
 from .schedule import StepPlan
+from .spans import Span
 from .stats import RunStats
 
 SiteKey = tuple[int, str]
@@ -51,6 +52,7 @@ class GroupCache:
     sites: dict[SiteKey, Forecaster] = field(default_factory=dict)
     ready: set[int] = field(default_factory=set)  # blocks whose sites hold values a skip can use
     anchors: dict[int, tuple[float, int]] = field(default_factory=dict)  # block -> (σ, step) of its newest store
+    spans: dict[int, Span] = field(default_factory=dict)  # first block -> the span of blocks cached as one
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +99,10 @@ class RunState:
         self.site_costs: dict[tuple[int, int], dict[str, float]] = {}  # (block, tokens) -> FLOPs per site
         self.uncacheable: set[int] = set()
         self.layouts: dict[int, tuple[tuple[str, bool], ...]] = {}  # block outputs: (stream, has a residual)
+        # Blocks are cached in spans when nothing needs a block's own value: see spans.py.
+        self.spans = policy.granularity == "block" and self.calibrator is None and self.icc is None and \
+            isinstance(make_forecaster(policy), WeightedForecaster)
+        self.span_breaks: set[int] = set()  # blocks before which the model changes a stream in place
 
     def call(self, sigma: float, branches: Sequence[Hashable], x: Tensor, roles: Sequence[str] | None = None
              ) -> ModelCall:
@@ -130,6 +136,23 @@ class RunState:
         if len(roles) != len(branches):
             raise ValueError(f"{len(branches)} branches need {len(branches)} roles (got {len(roles)})")
         return ModelCall(self, r, list(branches), cache, chunk, roles, x.device)
+
+    def end_spans(self) -> None:
+        """Cache block by block from here on: the host said it changes streams between blocks in place (a
+        ControlNet's residuals), which a span's summed residual would take in. The spans' values are dropped."""
+        if not self.spans:
+            return
+        self.spans = False
+        for cache in self.groups.values():
+            for span in cache.spans.values():
+                for k in span.streams:
+                    key = (span.first, span.site(k))
+                    self.reserved.pop(key, None)
+                    forecaster = cache.sites.pop(key, None)
+                    if forecaster is not None:
+                        self.stats.add_cache_bytes(-forecaster.nbytes)
+                cache.ready.difference_update(range(span.first, span.last + 1))
+            cache.spans.clear()
 
     def _new_round(self, sigma: float) -> Round:
         step = self.clock.step(sigma)

@@ -42,6 +42,13 @@ ICC_BREAK_EVEN = 2**27
 ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 
+def _has_control(guider) -> bool:
+    """Whether a ControlNet is attached to the conditioning: it adds to the hidden state in place between blocks,
+    so blocks are cached one by one (a span's summed residual would take the addition in)."""
+    conds = getattr(guider, "conds", None) or {}
+    return any(isinstance(c, dict) and c.get("control") is not None for entries in conds.values() for c in entries)
+
+
 class CacheSession:
     def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None,
                  priors: FittedPriors | None = None, factors: FactorCache | None = None,
@@ -84,6 +91,8 @@ class CacheSession:
         except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
             log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
             return executor(*args, **kwargs)
+        if run.spans and _has_control(guider):
+            run.end_spans()
         self.prior_notes = []
         if self.priors is not None:
             cfg = getattr(guider, "cfg", None)  # CFGGuider's; other guiders have none to compare
@@ -147,6 +156,11 @@ class CacheSession:
         kinds = options.get("cond_or_uncond") or [0]
         branches = list(options.get("uuids") or enumerate(kinds))
         roles = [ROLES.get(k, str(k)) for k in kinds] if len(kinds) == len(branches) else [str(b) for b in branches]
+        control = kwargs.get("control", args[4] if len(args) > 4 else None)
+        if control is not None and self.run.spans:  # a control the conditioning did not show (another pack's)
+            log.info("calibrated_cache: a ControlNet adds to the blocks' outputs in place; blocks are cached one by "
+                     "one from here on in this run instead of as spans")
+            self.run.end_spans()
         call = self.call = self.run.call(float(sigma.flatten()[0]), branches, x, roles)
         try:
             return self._model(call, x, sigma, lambda: executor(*args, **kwargs))

@@ -334,12 +334,15 @@ SPEED_INTERVALS = (2, 3, 4, 6)  # compute fractions about 0.5, 0.33, 0.25 and 0.
 
 
 def speed_policies(width: int) -> list[tuple[str, dict[str, Any], CachePolicy]]:
-    """The speed table's configurations: FORA and Taylor-2 at each interval, block by block and whole steps; the other
+    """The speed table's configurations: FORA and Taylor-2 at each interval, module by module (adaLN sites), block by
+    block (whole-block residuals, cached in spans: ComfyUI's granularity) and whole steps; the other
     forecasters, TCC priors, GOC and ICC at interval 4 (ICC at 2 and 3, where it is meant to be used)."""
     rows: list[tuple[str, dict[str, Any], CachePolicy]] = [("engine-all", {"interval": 1}, CachePolicy(interval=1))]
     for n in SPEED_INTERVALS:
         for name, extra in (("fora", {"forecaster": "reuse"}), ("taylor2", {"forecaster": "taylor", "order": 2})):
             rows.append((name, {"interval": n, **extra}, CachePolicy(interval=n, warmup_steps=0, **extra)))
+            rows.append((f"{name}-block", {"interval": n, **extra, "granularity": "block"},
+                         CachePolicy(interval=n, warmup_steps=0, granularity="block", **extra)))
             rows.append((f"{name}-step", {"interval": n, **extra, "granularity": "step"},
                          CachePolicy(interval=n, warmup_steps=0, granularity="step", **extra)))
     for name, forecaster in (("foca", "foca"), ("spectrum", "spectrum"), ("dmd", "dmd")):

@@ -124,6 +124,15 @@ def run_prompt(url: str, prompt: dict) -> dict:
     raise TimeoutError(f"prompt {prompt_id} did not finish")
 
 
+def failure(result: dict) -> str:
+    """Why a prompt failed, as the server reported it: the node, the exception and its traceback's last lines."""
+    for kind, data in result["status"].get("messages", []):
+        if kind == "execution_error":
+            trace = "".join(data.get("traceback", [])[-3:])
+            return f"{data.get('node_type')} #{data.get('node_id')}: {data.get('exception_message')}\n{trace}"
+    return str(result["status"])
+
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote")  # the graph editor's own; never sent to the server
 

@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from harness import REPO, VIRTUAL_NODES, WIDGET_TYPES, api_prompt, get, run_prompt, schema_inputs, widget_slots
+from harness import REPO, VIRTUAL_NODES, WIDGET_TYPES, api_prompt, failure, get, run_prompt, schema_inputs, widget_slots
 
 EXAMPLES = sorted((REPO / "example_workflows").glob("*.json"))
 # inputs that name the user's files: checked for form, since the server lists only the files it has
@@ -145,7 +145,7 @@ def test_the_wan_example_runs_end_to_end_through_the_http_api_on_tiny_models(ser
 
     start = len(server.log.read_text())
     result = run_prompt(server.url, prompt)
-    assert result["status"]["status_str"] == "success", result["status"]
+    assert result["status"]["status_str"] == "success", failure(result)
     (saved,) = result["outputs"][by_type["SaveAnimatedWEBP"]]["images"]
     assert (server.log.parent / "output" / saved["subfolder"] / saved["filename"]).stat().st_size > 0
     log = server.log.read_text()[start:]

@@ -53,6 +53,11 @@ def test_goc_on_a_forecasting_policy_is_refused_with_the_fix(pack, goc_node):
         goc_node.execute(taylor, **GOC)
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding: plain FORA sums the residuals of blocks skipped together (spans), GOC corrects each."""
+    return torch.allclose(a, b, rtol=0.0, atol=1e-5 * b.abs().max().item())
+
+
 def test_goc_changes_what_is_reused_and_each_run_starts_afresh(pack, goc_node, wan):
     model, positive, negative, latent = wan
     fora, goc = policies(pack, goc_node)
@@ -61,17 +66,17 @@ def test_goc_changes_what_is_reused_and_each_run_starts_afresh(pack, goc_node, w
     patched = apply(pack, model, goc)
     first = run_sampler(patched, positive, negative, latent, steps=9, cfg=2.0)
     second = run_sampler(patched, positive, negative, latent, steps=9, cfg=2.0)
-    assert not torch.equal(first, plain) and torch.equal(first, second)
+    assert not same(first, plain) and torch.equal(first, second)
     assert session_of(patched).last_report["policy"] == "FORA_N2_W1_G2_GOC0.8t-1"
     # Dropping the push at every step is plain FORA; pushing at every step is not what "auto" does.
     everywhere = policies(pack, goc_node, inflection="manual", steps=", ".join(map(str, range(9))))[1]
-    assert torch.equal(run_sampler(apply(pack, model, everywhere), positive, negative, latent, steps=9, cfg=2.0), plain)
+    assert same(run_sampler(apply(pack, model, everywhere), positive, negative, latent, steps=9, cfg=2.0), plain)
     off = run_sampler(apply(pack, model, policies(pack, goc_node, inflection="off")[1]), positive, negative, latent,
                       steps=9, cfg=2.0)
-    assert not torch.equal(off, first) and not torch.equal(off, plain)
+    assert not torch.equal(off, first) and not same(off, plain)
     detected = run_sampler(apply(pack, model, policies(pack, goc_node, threshold=0.0)[1]), positive, negative, latent,
                            steps=9, cfg=2.0)
-    assert torch.equal(detected, plain)  # every turn here is a reversal (see GOC above)
+    assert same(detected, plain)  # every turn here is a reversal (see GOC above)
 
 
 def test_policy_goc_fit_and_apply_chained_lower_the_error_of_goc_alone(pack, goc_node, wan, cache_priors):

@@ -31,7 +31,7 @@ import torch
 
 from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.priors import load_priors
-from harness import POLICY, Listener, fit_workflow, rss_bytes, saved_latent, send, server_pid
+from harness import POLICY, Listener, failure, fit_workflow, rss_bytes, saved_latent, send, server_pid
 from tiny_models import SPECS, save_tiny_unet, unet_file_name
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "lms")
@@ -220,7 +220,7 @@ def test_a_queue_of_100_varied_prompts_runs_cached_without_error_or_memory_growt
     began, different, reports_differ = time.monotonic(), [], []
     for i, job in enumerate(jobs):
         result, alone_id = run_alone(listener, sampling_prompt(job, f"cc_alone_{i:03d}"))
-        assert result["status"]["status_str"] == "success", (job, result["status"])
+        assert result["status"]["status_str"] == "success", (job, failure(result))
         soak, alone = (saved_latent(server.log.parent, f"cc_{run}_{i:03d}") for run in ("soak", "alone"))
         if not torch.equal(soak, alone):
             different.append((i, job, (soak - alone).abs().max().item()))
@@ -312,7 +312,7 @@ def test_an_interrupt_during_fit_tcc_priors_writes_no_file_and_the_next_fit_equa
     assert listing(folder) == before
 
     fitted = listener.run(prompt)
-    assert fitted["status"]["status_str"] == "success", fitted["status"]
+    assert fitted["status"]["status_str"] == "success", failure(fitted)
     (name,) = set(listing(folder)) - set(before)
     assert name.startswith(f"{Path(OTHER_WAN).stem}.") and name.endswith(".tcc.safetensors")
     priors = load_priors(folder / name)
@@ -321,7 +321,7 @@ def test_an_interrupt_during_fit_tcc_priors_writes_no_file_and_the_next_fit_equa
 
     prompt["9"]["inputs"]["overwrite"] = True
     clean, _ = run_alone(listener, prompt)
-    assert clean["status"]["status_str"] == "success", clean["status"]
+    assert clean["status"]["status_str"] == "success", failure(clean)
     assert set(listing(folder)) - set(before) == {name}
     refitted = safetensors.torch.load_file(str(folder / name))
     assert after_interrupt.keys() == refitted.keys()
@@ -359,7 +359,7 @@ def test_two_experts_in_one_workflow_keep_separate_cache_states_and_repeat_bit_f
     low = None if shared else OTHER_WAN
     prefix = f"cc_experts_{'shared' if shared else 'two'}"
     result, prompt_id = run_alone(listener, expert_prompt(WAN, low, f"{prefix}_first"))
-    assert result["status"]["status_str"] == "success", result["status"]
+    assert result["status"]["status_str"] == "success", failure(result)
     reports = run_reports(listener, prompt_id)
     assert sorted(r["node"] for r in reports) == ["13", "3"], reports
     for r in reports:
@@ -368,7 +368,7 @@ def test_two_experts_in_one_workflow_keep_separate_cache_states_and_repeat_bit_f
         assert r["steps"] == 5 and r["blocks_skipped"] > 0, r
 
     again, again_id = run_alone(listener, expert_prompt(WAN, low, f"{prefix}_again"))
-    assert again["status"]["status_str"] == "success", again["status"]
+    assert again["status"]["status_str"] == "success", failure(again)
     assert run_reports(listener, again_id) == reports
     assert torch.equal(saved_latent(server.log.parent, f"{prefix}_first"),
                        saved_latent(server.log.parent, f"{prefix}_again"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from harness import POLICY, fit_workflow, get, run_prompt, saved_latent, workflow
+from harness import POLICY, failure, fit_workflow, get, run_prompt, saved_latent, workflow
 
 
 def test_server_lists_the_pack_nodes_with_their_types(server):
@@ -21,7 +21,7 @@ def test_workflow_with_both_nodes_runs_cached_and_requeues_with_a_new_seed(serve
     start = len(log_path.read_text())
     for seed in (1, 2):
         result = run_prompt(url, workflow(model_name, seed))
-        assert result["status"]["status_str"] == "success", result["status"]
+        assert result["status"]["status_str"] == "success", failure(result)
     log = log_path.read_text()[start:]
     lines = [line for line in log.splitlines() if "calibrated_cache [TAYLOR2_N3_W1_G2] Wan" in line]
     assert len(lines) == 2, log[-3000:]
@@ -36,7 +36,7 @@ def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
                                                                          "cache_offload", "cache_limit_mb"}
     assert model_name in info["CalibratedCache_FitTCCPriors"]["input"]["required"]["checkpoint"][1]["options"]
     fitted = run_prompt(url, fit_workflow(model_name))
-    assert fitted["status"]["status_str"] == "success", fitted["status"]
+    assert fitted["status"]["status_str"] == "success", failure(fitted)
     (report,) = fitted["outputs"]["9"]["text"]
     name = f"{Path(model_name).stem}.TAYLOR2_N3_W1_G2.tcc.safetensors"
     base = log_path.parent
@@ -47,7 +47,7 @@ def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
 
     for prefix, inputs in (("cc_plain", {}), ("cc_priors", {"prior_file": name})):
         result = run_prompt(url, workflow(model_name, 1, prefix, **inputs))
-        assert result["status"]["status_str"] == "success", result["status"]
+        assert result["status"]["status_str"] == "success", failure(result)
     lines = [line for line in log_path.read_text().splitlines() if line.endswith(f", priors {name}")]
     assert len(lines) == 1 and "calibrated_cache [TAYLOR2_N3_W1_G2] Wan: computed 16 of 36" in lines[0], lines
     plain, calibrated = saved_latent(base, "cc_plain"), saved_latent(base, "cc_priors")
@@ -67,7 +67,7 @@ def test_one_workflow_chains_cache_policy_goc_corrector_fit_and_apply(server):
     prompt["3"]["inputs"]["policy"] = ["10", 0]
     start = len(log_path.read_text())
     result = run_prompt(url, prompt)
-    assert result["status"]["status_str"] == "success", result["status"]
+    assert result["status"]["status_str"] == "success", failure(result)
     (report,) = result["outputs"]["9"]["text"]
     assert "FORA_N2_W1_G2_GOC0.8t-1.tcc.safetensors" in report
     lines = [line for line in log_path.read_text()[start:].splitlines()
@@ -84,7 +84,7 @@ def test_one_workflow_fits_priors_with_icc_and_samples_with_icc_and_them(server)
     prompt["9"]["inputs"].update(checkpoint="none", overwrite=True, icc_rank=8, icc_svd="channel-aware")
     start = len(log_path.read_text())
     result = run_prompt(url, prompt)
-    assert result["status"]["status_str"] == "success", result["status"]
+    assert result["status"]["status_str"] == "success", failure(result)
     (report,) = result["outputs"]["9"]["text"]
     assert "FORA_N2_W1_G2_ICC8.tcc.safetensors" in report
     lines = [line for line in log_path.read_text()[start:].splitlines()

@@ -1,0 +1,131 @@
+"""Blocks skipped together are cached as one summed residual (calibration/spans.py): the result is the block-by-block
+one up to rounding, for less work and memory, and the span ends wherever the model's streams do not simply chain."""
+
+from typing import Callable
+
+import pytest
+import torch
+
+from calibrated_cache.calibration import CachePolicy, RunState
+from calibrated_cache.testbed import sampling
+from calibrated_cache.testbed.sampling import flow_sigmas, sample
+
+Streams = dict[str, torch.Tensor]
+STEPS = 12
+
+
+class BlockByBlock(RunState):
+    """The same run with spans turned off: every block caches its own residual."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spans = False
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=0.0, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("forecaster,order", [("reuse", 1), ("taylor", 2), ("spectrum", 1)])
+def test_blocks_skipped_together_give_the_block_by_block_result_from_one_cached_sum(random_dit, forecaster, order,
+                                                                                     monkeypatch):
+    policy = CachePolicy(interval=3, warmup_steps=1, forecaster=forecaster, order=order, granularity="block")
+    labels, noise = torch.tensor([3, 1, 4]), torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    spanned, run = sample(random_dit, labels, noise, STEPS, 3.0, policy=policy)
+    monkeypatch.setattr(sampling, "RunState", BlockByBlock)
+    alone, run_alone = sample(random_dit, labels, noise, STEPS, 3.0, policy=policy)
+    assert run.spans and not run_alone.spans
+    assert close(spanned, alone) and not torch.equal(spanned, sample(random_dit, labels, noise, STEPS, 3.0)[0])
+    assert run.stats.blocks_skipped == run_alone.stats.blocks_skipped > 0
+    assert run.stats.compute_fraction <= run_alone.stats.compute_fraction
+    assert run.stats.peak_cache_bytes * len(random_dit.blocks) == run_alone.stats.peak_cache_bytes  # one sum, not 8
+
+
+@pytest.mark.parametrize("policy", [CachePolicy(interval=3, granularity="block", forecaster="foca"),
+                                    CachePolicy(interval=3, granularity="block", goc=None, icc=None, mode="dynamic"),
+                                    CachePolicy(interval=3)])
+def test_spans_serve_block_granularity_with_weighted_forecasters_only(policy):
+    run = RunState(policy, flow_sigmas(4).tolist(), 4)
+    assert run.spans == (policy.granularity == "block" and policy.forecaster != "foca")
+
+
+def _block(i: int) -> Callable[[Streams, float], Streams]:
+    """A block that moves each stream it returns by an amount that depends on the stream, the block and σ."""
+    def run(s: Streams, sigma: float) -> Streams:
+        return {k: v * (1 + 0.01 * (i + 1)) + sigma * (i + 1) * 0.1 for k, v in s.items() if k != "ctx"}
+    return run
+
+
+def drive(state_type: type[RunState], loop: Callable[..., Streams], blocks: int, policy: CachePolicy
+          ) -> tuple[list[Streams], RunState]:
+    """Sample-like rounds through a hand-written model loop; returns every round's output streams."""
+    sigmas = flow_sigmas(STEPS).tolist()
+    run = state_type(policy, sigmas, blocks)
+    outs = []
+    for sigma in sigmas[:-1]:
+        call = run.call(sigma, ["cond"], torch.zeros(2, 4))
+        streams = {"img": torch.ones(2, 6, 8), "txt": torch.ones(2, 3, 8), "ctx": torch.zeros(2, 2, 8)}
+        out = {}
+        call.model(lambda: out.update(loop(call, streams, sigma)) or torch.zeros(2, 4), 1.0, torch.zeros(2, 4))
+        outs.append(out)
+    return outs, run
+
+
+POLICY = CachePolicy(interval=3, warmup_steps=1, forecaster="taylor", order=1, granularity="block")
+
+
+def _same_outputs(loop: Callable[..., Streams], blocks: int) -> RunState:
+    spanned, run = drive(RunState, loop, blocks, POLICY)
+    alone, run_alone = drive(BlockByBlock, loop, blocks, POLICY)
+    for a, b in zip(spanned, alone):
+        assert a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    assert run.stats.blocks_skipped == run_alone.stats.blocks_skipped > 0
+    return run
+
+
+def test_a_stream_changed_in_place_between_blocks_ends_the_span_there():
+    """A ControlNet adds its residual to the hidden state in place between blocks: that step's addition must not be
+    cached as part of a span, so the span learns to end before the block that follows it."""
+    def loop(call, s: Streams, sigma: float) -> Streams:
+        for i in range(4):
+            s = {**s, **call.block(i, s, lambda i=i, s=s: _block(i)(s, sigma))}
+            if i == 1:
+                s["img"].add_(sigma * 3.0)  # the control residual: new at every step, computed or skipped
+        return s
+
+    run = _same_outputs(loop, 4)
+    assert run.span_breaks == {2}
+    assert sorted((s.first, s.last) for s in next(iter(run.groups.values())).spans.values()) == [(0, 1), (2, 3)]
+
+
+def test_a_stream_a_block_drops_ends_its_span_and_is_dropped_when_skipped_too():
+    """SD3's last joint block returns None for the text stream; later blocks carry the image stream alone, and every
+    block reads a context stream it does not return."""
+    def loop(call, s: Streams, sigma: float) -> Streams:
+        for i in range(4):
+            run = (lambda i=i, s=s: {**_block(i)(s, sigma), "txt": None}) if i == 1 else (
+                lambda i=i, s=s: _block(i)(s, sigma))
+            out = call.block(i, s, run)
+            s = {**s, **out}
+            if out.get("txt", 0) is None:
+                s = {"img": s["img"], "ctx": s["ctx"]}
+        return s
+
+    run = _same_outputs(loop, 4)
+    spans = next(iter(run.groups.values())).spans
+    assert sorted((s.first, s.last, s.streams) for s in spans.values()) == [(0, 1, ("img",)), (2, 3, ("img",))]
+
+
+def test_a_new_stream_between_segments_starts_a_new_span():
+    """Flux: single blocks take cat(txt, img) as one longer stream, a new tensor, so the double blocks' span ends."""
+    def loop(call, s: Streams, sigma: float) -> Streams:
+        for i in range(2):
+            s = {**s, **call.block(i, s, lambda i=i, s=s: _block(i)(s, sigma))}
+        s = {"img": torch.cat([s["txt"], s["img"]], dim=1), "ctx": s["ctx"]}
+        for i in range(2, 5):
+            s = {**s, **call.block(i, s, lambda i=i, s=s: _block(i)(s, sigma))}
+        return s
+
+    run = _same_outputs(loop, 5)
+    assert not run.span_breaks
+    assert sorted((s.first, s.last) for s in next(iter(run.groups.values())).spans.values()) == [(0, 1), (2, 4)]
