@@ -22,6 +22,7 @@ RESULTS = HERE / "results"
 DOCS = HERE.parent / "docs"
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 BENCH = "python -m calibrated_cache bench --json benchmarks/results/testbed.json"
+SPEED_BENCH = "python -m calibrated_cache bench --skip-quality --json benchmarks/results/testbed_speed.json"
 
 Column = tuple[str, Callable[[dict[str, Any]], str]]
 
@@ -43,7 +44,7 @@ QUALITY: list[Column] = [("method", lambda r: r["method"]), ("params", params),
                          ("compute fraction", number("compute_fraction", 3)), ("rel_l2", number("rel_l2", 4)),
                          ("psnr", lambda r: "exact" if r.get("psnr") is None else f"{r['psnr']:.1f}"),
                          ("fd", number("fd", 2))]
-SPEED: list[Column] = [("method", lambda r: r["method"]), ("params", params),
+SPEED: list[Column] = [("method", lambda r: r["method"] + (" (node refuses)" if r.get("node_refuses") else "")), ("params", params),
                        ("compute fraction", number("compute_fraction", 3)), ("ideal", number("ideal_speedup", 2)),
                        ("wall speedup (min–max)", speedup), ("share of ideal", number("share_of_ideal", 2)),
                        ("peak cache (MiB)", lambda r: f"{r.get('peak_cache_bytes', 0) / 2 ** 20:.0f}")]
@@ -129,6 +130,55 @@ HEADLINE: list[Column] = [("config", lambda r: r["method"]),
 
 FORECASTERS = ("fora", "taylor1", "taylor2", "foca", "spectrum", "dmd")
 
+SPANS: list[Column] = [("config", lambda r: r["config"]), ("compute fraction", number("compute_fraction", 3)),
+                       ("ideal", number("ideal", 2)), ("wall speedup (min–max)", speedup),
+                       ("share of ideal", number("share_of_ideal", 2)),
+                       ("peak cache (MiB)", lambda r: f"{r['peak_cache_bytes'] / 2 ** 20:.1f}"),
+                       ("rel_l2 vs block by block",
+                        lambda r: "" if r["rel_l2_vs_block_by_block"] is None else f"{r['rel_l2_vs_block_by_block']:.1e}")]
+PROFILE_PARTS = ("computed blocks", "pack, computed calls", "pack, skipped calls", "outside the blocks", "sampler")
+
+
+def profile_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"config": name, **p} for name, p in report["profile"].items()]
+
+
+def seconds(part: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r['seconds'][part]:.3f} ({r['seconds'][part] / r['total_s']:.0%})"
+
+
+def per_call(part: str, calls: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{1e6 * r['seconds'][part] / r[calls]:.0f}" if r[calls] else ""
+
+
+PROFILE: list[Column] = ([("config", lambda r: r["config"]), ("total (s)", number("total_s", 3))]
+                         + [(f"{p} (s)", seconds(p)) for p in PROFILE_PARTS]
+                         + [("pack per skipped call (µs)", per_call("pack, skipped calls", "skipped_calls")),
+                            ("block compute per call (µs)", per_call("computed blocks", "computed_calls"))])
+COMFYUI_PARTS = ("computed blocks", "pack, computed calls", "pack, skipped calls", "pack, per model call",
+                 "model outside blocks", "sampler, guidance, ComfyUI")
+
+
+def comfyui_seconds(part: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{1e3 * r['seconds'][part]:.0f} ({r['seconds'][part] / r['total_s']:.0%})"
+
+
+COMFYUI_PROFILE: list[Column] = ([("family", lambda r: r["family"]), ("config", lambda r: r["config"]),
+                                  ("total (s)", number("total_s", 3))]
+                                 + [(f"{p} (ms)", comfyui_seconds(p)) for p in COMFYUI_PARTS]
+                                 + [("pack per skipped call (µs)", number("pack_us_per_skipped_call", 0))])
+FAMILY_TABLE: list[Column] = [("tiny model", lambda r: r["family"]), ("cached as", lambda r: r["pack_family"]),
+                              ("exact at interval 1", lambda r: "yes" if r["exact_at_interval_1"] else "NO"),
+                              ("compute fraction", number("compute_fraction", 3)),
+                              ("skipped blocks", lambda r: str(r["blocks_skipped"])),
+                              ("FORA rel_l2", number("fora_rel_l2", 4)), ("Taylor-2 rel_l2", number("taylor2_rel_l2", 4)),
+                              ("FORA wall speedup (min–max)", speedup)]
+MODULE_SITES: list[Column] = [("forecaster", lambda r: r["forecaster"]), ("interval", lambda r: str(r["interval"])),
+                              ("sites", lambda r: r["level"]), ("compute fraction", number("compute_fraction", 3)),
+                              ("rel_l2", number("rel_l2", 4)),
+                              ("psnr", lambda r: "exact" if r.get("psnr") is None else f"{r['psnr']:.1f}"),
+                              ("adherence", number("adherence", 3))]
+
 # name: (result file, command that measured it, rows, columns)
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
     "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
@@ -146,13 +196,20 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
                          [("steps", lambda r: str(r["steps"])), ("method", lambda r: r["method"]),
                           ("compute fraction", number("compute_fraction", 3)), ("rel_l2", number("rel_l2", 4)),
                           ("fd", number("fd", 2)), ("interpolated", lambda r: "yes" if r["interpolated"] else "")]),
-    "speed-testbed": ("testbed.json", BENCH, speed_rows("testbed"), SPEED),
-    "speed-stack": ("testbed.json", BENCH, speed_rows("stack"), SPEED),
+    "speed-testbed": ("testbed_speed.json", SPEED_BENCH, speed_rows("testbed"), SPEED),
+    "speed-stack": ("testbed_speed.json", SPEED_BENCH, speed_rows("stack"), SPEED),
     "headline": ("scenes.json", "", headline_rows, HEADLINE),
     "scenes-euler-20": ("scenes.json", "", scenes_rows("euler 20"), SCENES),
     "scenes-at-025": ("scenes.json", "", scenes_rows(target=0.25),
                       [("setting", lambda r: r["setting"])] + SCENES[:-2]),
     "comfyui-speed": ("comfyui_share.json", "", lambda r: r["rows"], FAMILY_SPEED),
+    "comfyui-speed-before-spans": ("comfyui_share_before_spans.json", "", lambda r: r["rows"], FAMILY_SPEED),
+    "comfyui-profile": ("comfyui_profile.json", "", lambda r: r["rows"], COMFYUI_PROFILE),
+    "comfyui-profile-before-spans": ("comfyui_profile_before_spans.json", "", lambda r: r["rows"], COMFYUI_PROFILE),
+    "spans-testbed": ("spans.json", "", lambda r: r["rows"], SPANS),
+    "spans-profile": ("spans.json", "", profile_rows, PROFILE),
+    "families": ("families.json", "", lambda r: r["rows"], FAMILY_TABLE),
+    "flux-module-sites": ("flux_module_sites.json", "", lambda r: r["rows"], MODULE_SITES),
     "comfyui-fit-cost": ("comfyui_fit_cost.json", "", lambda r: r["rows"], FIT_COST),
     "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),
 }

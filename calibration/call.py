@@ -396,8 +396,10 @@ class ModelCall:
         keys = [k for k, v in outputs.items() if v is not None and k in probe and v.shape == probe[k].shape]
         if not keys:
             return
-        residual = torch.cat([(outputs[k] - probe[k]).flatten(1) for k in keys], dim=1)
-        parts = residual.split(self.chunk)
+        # Each stream on its own (image and text, video and audio): a small stream's change must not drown in a
+        # large one's, so the round skips only if every stream is steady.
+        residuals = [(outputs[k] - probe[k]).split(self.chunk) for k in keys]
+        parts = [tuple(r[i] for r in residuals) for i in range(len(self.branches))]
         if self.round.skip is None:
             self.round.skip = state.decide(parts[0], self.branches[0])
         if not self.round.skip:

@@ -31,6 +31,28 @@ ChannelTable = dict[str, tuple[Tensor, Tensor]]  # Linear key -> per-channel sta
 log = logging.getLogger("calibrated_cache")
 
 
+# Where ICC was measured no faster than computing the block (docs/methods.md, "The break-even"): its increments read and
+# write every Linear's cached output, so small blocks cost more than the Linears they replace. Per device kind: the
+# smallest block width and token rows × width at which it was measured faster. On the CPU, width 128 (the testbed)
+# ran at 0.97–1.07× and width 256 with 64 token rows at 0.86–0.91×, width 256 with 256 rows or more at 1.01–1.16×;
+# on a GPU the width-256 stack ran at 0.41–0.50× (launch-bound) and the Flux-width one (3072 × 4096) at 1.13–1.26×.
+ICC_MIN_BLOCK = {"cpu": (256, 2**16), "cuda": (1024, 2**23)}
+ICC_ANY_SIZE = "CALIBRATED_CACHE_ICC_ANY_SIZE"  # environment: "1" runs ICC on blocks of any size (for studies)
+
+
+def icc_too_small(rows: int, width: int, device: str) -> str | None:
+    """Why ICC would run slower than full computation on blocks of `rows` token rows (batch × tokens) of `width`
+    channels, or None where it was measured faster. Devices other than the CPU follow the GPU's figures."""
+    min_width, min_work = ICC_MIN_BLOCK["cpu" if device == "cpu" else "cuda"]
+    if width >= min_width and rows * width >= min_work:
+        return None
+    return (f"ICC would run slower than full computation here: its increments read and write every Linear's cached "
+            f"output, which costs more than the Linear itself on blocks this small ({rows} token rows of width "
+            f"{width} on {device}; it was measured faster from width {min_width} and {min_work} token rows × width "
+            f"on). Set icc_rank to 0: a reuse or forecast policy skips these blocks for less (set {ICC_ANY_SIZE}=1 "
+            f"to run ICC anyway, e.g. to study it)")
+
+
 @dataclass(frozen=True)
 class IccSettings:
     """`rank`: the rank of every factor (capped at a layer's full rank, where the increment is exact). `svd`:

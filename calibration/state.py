@@ -93,7 +93,7 @@ class RunState:
         self.history = max(history(policy), self.calibrator.anchors if self.calibrator else 0)
         self.reserved: dict[tuple[int, str], int] = {}  # bytes each cached site may reach, under a limit
         self.groups: dict[Group, GroupCache] = {}
-        self.probe_refs: dict[Hashable, Tensor] = {}  # dynamic policy: each branch's probe residual at its last compute
+        self.probe_refs: dict[Hashable, tuple[Tensor, ...]] = {}  # dynamic: each branch's probe residuals, by stream
         self.round: Round | None = None
         self._skips_in_row = 0
         self.site_costs: dict[tuple[int, int], dict[str, float]] = {}  # (block, tokens) -> FLOPs per site
@@ -167,13 +167,15 @@ class RunState:
         self.stats.steps.add(step)
         return Round(self.stats.rounds - 1, sigma, step, time, skip)
 
-    def decide(self, residual: Tensor, branch: Hashable) -> bool:
-        """Dynamic policy: skip the round if the probe residual moved little since the last computed round."""
-        ref = self.probe_refs.get(branch)
+    def decide(self, residuals: tuple[Tensor, ...], branch: Hashable) -> bool:
+        """Dynamic policy: skip the round if the probe residual of every stream moved little since the last computed
+        round (mean relative L1, stream by stream)."""
+        refs = self.probe_refs.get(branch)
         skip = False
-        if ref is not None and self._skips_in_row < self.policy.max_skips:
-            change = (residual - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
-            skip = bool(change < self.policy.threshold)
+        if refs is not None and len(refs) == len(residuals) and self._skips_in_row < self.policy.max_skips:
+            change = max(((r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
+                         for r, ref in zip(residuals, refs))
+            skip = change < self.policy.threshold
         self._skips_in_row = self._skips_in_row + 1 if skip else 0
         return skip
 

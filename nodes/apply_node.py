@@ -116,7 +116,8 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
                              tooltip="ICC: skipped blocks are recomputed from their Linears' cached outputs plus a "
                                      "rank-r map of their inputs' change (attention, activations and norms exact). "
                                      "0: off. Higher is closer to full computation and costs more; needs a reuse "
-                                     "policy without GOC."),
+                                     "policy without GOC. Refused on blocks too small for it to run faster than "
+                                     "computing them (tiny models, small latents)."),
                 io.Combo.Input("icc_svd", options=list(SVD_MODES), default=SVD_MODES[0], optional=True,
                                tooltip="channel-aware: factors weighted by the channel statistics in the priors / "
                                        "prior file (Fit TCC Priors records them). plain: an SVD of the weights alone."),

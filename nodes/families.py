@@ -14,10 +14,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Segment:
-    """One block list: `attr` under diffusion_model; `replace` is its dit-replace name, or None for object patches."""
+    """One block list: `attr` under diffusion_model; `replace` is its dit-replace name, or None for object patches.
+    An object-patched block's stream is its first tensor argument, unless `kwargs` names the keyword arguments that
+    are its streams, in the order it returns them (HiDream's blocks take keywords and return a tuple)."""
 
     attr: str
     replace: str | None
+    kwargs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Family:
     classes: tuple[str, ...]
     segments: tuple[Segment, ...]
     fallback: bool = False  # found by `_repeated_blocks`, not known by class
+    # Whether each block's output feeds only the next block, so blocks skipped together may be cached as one span
+    # (calibration/spans.py). Not where outputs also feed a skip stack (Hunyuan3D 2.1), nor in unknown models.
+    chained: bool = True
 
 
 DOUBLE_SINGLE = (Segment("double_blocks", "double_block"), Segment("single_blocks", "single_block"))
@@ -40,11 +46,24 @@ FAMILIES: tuple[Family, ...] = (
     Family("LTXV", ("LTXVModel",), (Segment("transformer_blocks", "double_block"),)),
     Family("PixArt", ("PixArtMS",), (Segment("blocks", None),)),
     Family("Lumina2", ("NextDiT",), (Segment("layers", None),)),
+    # Its dit-replace loop returns "img" only ("txt" is read-only context); outputs of the first half also feed the
+    # second half's long skips, so blocks are not cached in spans.
+    Family("HunyuanDiT", ("HunYuanDiT",), (Segment("blocks", "double_block"),), chained=False),
+    Family("Mochi", ("AsymmDiTJoint",), (Segment("blocks", "double_block"),)),
+    Family("HiDream", ("HiDreamImageTransformer2DModel",),
+           (Segment("double_stream_blocks", None, ("image_tokens", "text_tokens")),
+            Segment("single_stream_blocks", None, ("image_tokens",)))),
+    Family("Cosmos Predict2", ("MiniTrainDIT",), (Segment("blocks", None),)),
+    Family("Stable Audio", ("AudioDiffusionTransformer",), (Segment("transformer.layers", "double_block"),)),
+    Family("Hunyuan3D 2.0", ("Hunyuan3Dv2",), DOUBLE_SINGLE),
+    Family("Hunyuan3D 2.1", ("HunYuanDiTPlain",), (Segment("blocks", None),), chained=False),
+    Family("OmniGen2", ("OmniGen2Transformer2DModel",), (Segment("layers", None),)),
+    Family("ACE-Step", ("ACEStepTransformer2DModel",), (Segment("transformer_blocks", None),)),
 )
 
 UNSUPPORTED = {
-    "HiDreamImageTransformer2DModel": "its double-stream blocks return a text stream of another shape than they take",
-    "WanModel_S2V": "its block loop passes no transformer options, so cond and uncond cannot be told apart",
+    "GeneralDIT": "Cosmos 1.0's blocks take time-first (T, H, W, B, D) tensors held in a ModuleDict, and its loop adds a "
+                  "positional embedding to the hidden state in place between blocks",
 }
 
 
@@ -85,7 +104,7 @@ def detect(diffusion_model: nn.Module) -> tuple[Family, list[BlockSite]]:
                                "added.")
     blocks = getattr(diffusion_model, attr)
     family = Family(f"{names[0]} (generic: {len(blocks)} {type(blocks[0]).__name__} in '{attr}')", (names[0],),
-                    (Segment(attr, None),), fallback=True)
+                    (Segment(attr, None),), fallback=True, chained=False)
     return family, _blocks(family, diffusion_model)
 
 
@@ -104,7 +123,10 @@ def _repeated_blocks(diffusion_model: nn.Module) -> str | None:
 def _blocks(family: Family, diffusion_model: nn.Module) -> list[BlockSite]:
     sites: list[BlockSite] = []
     for segment in family.segments:
-        blocks = getattr(diffusion_model, segment.attr, None)
+        try:
+            blocks = diffusion_model.get_submodule(segment.attr)
+        except AttributeError:
+            blocks = None
         if blocks is None:
             raise UnsupportedModel(f"{family.name} model {type(diffusion_model).__name__} has no '{segment.attr}' "
                                    "block list; this ComfyUI version changed it. Please report it.")

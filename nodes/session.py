@@ -15,20 +15,21 @@ the fit that Fit TCC Priors sets for each of its runs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Callable
 
 import comfy.patcher_extension
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..calibration import CacheMemory, CachePolicy, ModelCall, RunState, RunStats
 from ..calibration.calibrator import Calibrator
-from ..calibration.icc import FactorCache, LinearTarget
+from ..calibration.icc import ICC_ANY_SIZE, FactorCache, LinearTarget, icc_too_small
 from ..priors import PriorMismatch, check_schedule, run_warnings
 from .compiled import BlockRunner, block_compiler
 from .families import BlockSite, Family, UnsupportedModel
+from .flops import FlopCounter
 from .fitted import FittedPriors
 from .schedules import sampler_name, scheduler_name
 
@@ -38,7 +39,6 @@ STREAMS = ("img", "txt")
 HAS_PREDICT_NOISE = hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE")
 # Below about this many multiply-adds per call of a block's projections (rows × width²), ICC's increments, which read
 # and write each Linear's cached output, cost more than the Linears they replace (docs/methods.md, "ICC": the break-even)
-ICC_BREAK_EVEN = 2**27
 ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 
@@ -91,7 +91,7 @@ class CacheSession:
         except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
             log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
             return executor(*args, **kwargs)
-        if run.spans and _has_control(guider):
+        if run.spans and (not self.family.chained or _has_control(guider)):
             run.end_spans()
         self.prior_notes = []
         if self.priors is not None:
@@ -185,7 +185,7 @@ class CacheSession:
             try:
                 if measure:
                     self._inside = 0.0
-                    with FlopCounterMode(display=False) as counter:
+                    with FlopCounter() as counter:
                         denoised.append(run())
                     # the blocks count at their plain cost, not at what ran through the engine (ICC's projections)
                     outside = (counter.get_total_flops() - self._inside) / x.shape[0]
@@ -202,12 +202,12 @@ class CacheSession:
     @torch.compiler.disable
     def cached_block(self, site: BlockSite, streams: dict[str, torch.Tensor], run: Callable[[], dict]) -> dict:
         """Run one block through the engine; its FLOPs are measured on its first computation for a shape (eagerly:
-        FlopCounterMode sees no ops inside a compiled graph), later computations run compiled when the model is."""
+        the counter sees no ops inside a compiled graph), later computations run compiled when the model is."""
         self.hooked += 1
         if self.hooked == 1 and self.policy.icc is not None:
-            self._warn_small_icc(streams)
+            self._refuse_small_icc(streams)
         if self._inside is not None:  # the model's cost is being measured: take out what runs through the engine
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounter() as counter:
                 out = self._cached_block(site, streams, run)
             self._inside += counter.get_total_flops()
             return out
@@ -222,22 +222,20 @@ class CacheSession:
         batch = next(iter(streams.values())).shape[0]
 
         def measured() -> dict:
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounter() as counter:
                 out = run()
             self._block_flops[key] = max(counter.get_total_flops() / batch, 1.0)
             return out
 
         return self.call.block(site.index, streams, measured, lambda: self._block_flops.get(key, 1.0))
 
-    def _warn_small_icc(self, streams: dict[str, torch.Tensor]) -> None:
-        """ICC pays off only on blocks large enough: say so once per run where it likely runs slower than computing."""
+    def _refuse_small_icc(self, streams: dict[str, torch.Tensor]) -> None:
+        """ICC pays off only on blocks large enough: refuse it, with the fix, where it was measured slower."""
         widest = max(streams.values(), key=lambda v: v.numel())
         rows, width = widest.numel() // widest.shape[-1], widest.shape[-1]
-        if rows * width * width < ICC_BREAK_EVEN:
-            log.warning("calibrated_cache: ICC is likely slower than full computation here: its increments read and "
-                        "write every Linear's cached output, which costs more than the Linear itself on blocks this "
-                        "small (%d token rows of width %d). Set icc_rank to 0 for speed; a reuse or forecast policy "
-                        "skips these blocks for less.", rows, width)
+        reason = icc_too_small(rows, width, widest.device.type)
+        if reason is not None and os.environ.get(ICC_ANY_SIZE) != "1":
+            raise ValueError(f"calibrated_cache: {reason}")
 
     def _report(self, stats: RunStats, wall: float) -> None:
         if self.hooked == 0 and self.policy.granularity != "step":  # whole steps run their blocks plainly
@@ -268,17 +266,29 @@ def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None)
 
 
 def forward_patch(session: CacheSession, site: BlockSite, original: Callable) -> Callable:
-    """An object patch of a block's `forward` for families without block replacement; the stream is `x`. A block of
-    the generic fallback that does not return a tensor of its input's shape stops the run with a clear message rather
-    than cache it wrongly."""
+    """An object patch of a block's `forward` for families without block replacement. The streams are the keyword
+    arguments the segment names (returned as a tuple in that order, HiDream), else the block's first tensor argument,
+    positional or (ACE-Step) keyword. A block of the generic fallback that does not return a tensor of its input's
+    shape stops the run with a clear message rather than cache it wrongly."""
+    names = site.segment.kwargs
 
     def forward(*args, **kwargs):
         if session.call is None:
             return original(*args, **kwargs)
-        x = args[0]
+        if names:
+            streams = {k: kwargs[k] for k in names}
+        else:
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if not isinstance(x, torch.Tensor):
+                raise UnsupportedModel(
+                    f"block {site.position} of {session.family.name} takes no tensor to cache (its arguments: "
+                    f"{', '.join(kwargs) or 'none'}). Remove Apply Calibrated Cache for this model.")
+            streams = {"x": x}
 
         def run() -> dict:
             out = original(*args, **kwargs)
+            if names:
+                return dict(zip(names, out if isinstance(out, tuple) else (out,)))
             if session.family.fallback and not (isinstance(out, torch.Tensor) and out.shape == x.shape):
                 raise UnsupportedModel(
                     f"the generic fallback hooked the blocks of {session.family.name}, but block {site.position} "
@@ -286,7 +296,8 @@ def forward_patch(session: CacheSession, site: BlockSite, original: Callable) ->
                     f"{tuple(x.shape)}, so it cannot be cached. Remove Apply Calibrated Cache for this model.")
             return {"x": out}
 
-        return session.cached_block(site, {"x": x}, run)["x"]
+        out = session.cached_block(site, streams, run)
+        return tuple(out[k] for k in names) if len(names) > 1 else out[names[0] if names else "x"]
 
     return forward
 

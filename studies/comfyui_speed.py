@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"))
 
-from tiny_models import (FAMILIES, comfyui_nodes, diffusion_model, load_pack,  # noqa: E402  (boots ComfyUI, CPU mode)
+from tiny_models import (FAMILIES, diffusion_model, load_pack,  # noqa: E402  (boots ComfyUI, CPU mode)
                          run_sampler, session_of)
 
 import torch  # noqa: E402
@@ -204,9 +204,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the ComfyUI tier: stable timings on a shared 2-core machine
-    load_pack()
-    mapping = comfyui_nodes().NODE_CLASS_MAPPINGS
-    policy_node, apply_node = (mapping[f"CalibratedCache_{n}"] for n in ("CachePolicy", "Apply"))
+    policy_node, apply_node = load_pack()
     rows = profile(args, policy_node, apply_node) if args.study == "profile" else share(args, policy_node, apply_node)
     if args.json:
         command = "COMFYUI_PATH=… python " + " ".join(sys.argv)

@@ -22,7 +22,7 @@ from .. import __version__
 from ..calibration import CachePolicy
 from ..calibration.calibrator import Calibrator
 from ..calibration.goc import GocSettings
-from ..calibration.icc import FactorCache, IccSettings
+from ..calibration.icc import FactorCache, IccSettings, icc_too_small
 from ..calibration.fitting import FitRun, fit_tcc
 from ..calibration.tcc import TccPriors
 from ..priors import check_schedule
@@ -421,6 +421,9 @@ def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float
             row["bit_identical"] = bool(torch.equal(out, full_out))
         if key in first:
             row["factorize_s"], row["factorized"] = first[key]
+        if policy.icc is not None:  # CFG doubles the batch: the rows a block call sees
+            rows_per_call = 2 * labels.shape[0] * model.config.tokens
+            row["node_refuses"] = icc_too_small(rows_per_call, model.config.width, device) is not None
         rows.append(row)
         if progress is not None:
             progress.advance(1, f"speed: {name} {','.join(f'{k}={v}' for k, v in params.items())}")
@@ -533,9 +536,12 @@ def format_tables(report: dict[str, Any]) -> str:
         for r in s[name]["rows"]:
             params = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "forecaster")
             low, high = r["spread"]
-            lines.append(f"{r['method']:<14} {params:<34.34} {r['compute_fraction']:>7.3f} {r['ideal_speedup']:>6.2f}x "
+            method = r["method"] + ("*" if r.get("node_refuses") else "")
+            lines.append(f"{method:<14} {params:<34.34} {r['compute_fraction']:>7.3f} {r['ideal_speedup']:>6.2f}x "
                          f"{r['wall_speedup']:>6.2f}x ({low:.2f}-{high:.2f}x) {r['share_of_ideal']:>5.2f} "
                          f"{r['peak_cache_bytes'] / 2**20:>9.1f}")
+        if any(r.get("node_refuses") for r in s[name]["rows"]):
+            lines.append("* ICC on blocks this small: Apply Calibrated Cache refuses it (slower than computing)")
         factorised = [r for r in s[name]["rows"] if "factorize_s" in r]
         if factorised:
             lines.append("icc first runs, factorising every Linear: " + ", ".join(

@@ -169,3 +169,21 @@ def test_a_text_stream_that_changes_length_mid_run_is_computed_not_forecast():
     again = run.call(0.5, ["cond"], torch.zeros(1, 4))
     assert again.block(0, shorter, lambda: _double(shorter))["txt"].shape == (1, 3, 8)
     assert run.stats.blocks_skipped == 1  # the recomputed value became the new anchor
+
+
+def test_dynamic_skips_only_while_every_stream_is_steady_not_the_mean_of_a_large_and_a_small_one():
+    """A large video stream that barely moves beside a small audio stream that moves a lot: a decision over both
+    streams concatenated would see the video's calm and skip, leaving the audio stale (as peers do); it must not."""
+    steps = 8
+    run = RunState(CachePolicy(mode="dynamic", threshold=0.1, max_skips=4), flow_sigmas(steps).tolist(), 2)
+    video = torch.ones(1, 256, 8)
+    for step, sigma in enumerate(flow_sigmas(steps)[:-1].tolist()):
+        audio = torch.ones(1, 2, 8) * (1.0 + step)
+        streams = {"img": video, "txt": audio}
+
+        def block(s=streams, step=step):
+            return {"img": s["img"] * 1.001, "txt": s["txt"] * (1.5 + 0.5 * step)}
+
+        call = run.call(sigma, ["cond"], torch.zeros(1, 4))
+        call.block(1, call.block(0, streams, block), block)
+    assert run.stats.blocks_skipped == 0

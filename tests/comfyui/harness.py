@@ -56,7 +56,7 @@ def running_server(base: Path, comfyui_dir: str) -> Iterator[Server]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(base / "server.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CALIBRATED_CACHE_ICC_ANY_SIZE": "1"}  # tiny blocks: see test_icc
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--base-directory", str(base)], cwd=comfyui_dir, stdout=log, stderr=subprocess.STDOUT,
                             env=env)

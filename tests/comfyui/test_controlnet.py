@@ -3,14 +3,12 @@ steps alike. Blocks skipped together are cached as one summed residual (spans), 
 add it twice on skipped steps; the pack sees the control and caches block by block instead (skipped without
 COMFYUI_PATH)."""
 
-import sys
-
 import comfy.controlnet
 import pytest
 import torch
 
 from .test_nodes import SETTINGS, bundle, patched
-from .tiny_models import run_sampler, session_of
+from .tiny_models import cache_block_by_block, run_sampler, session_of
 
 
 class FixedControl(comfy.controlnet.ControlBase):
@@ -40,18 +38,10 @@ def controlled(positive, negative, control):
 def sample(pack, model, positive, negative, latent, monkeypatch=None):
     """Taylor-2 at interval 3, cached as the pack chooses or (with `monkeypatch`) block by block."""
     cached = patched(pack, model, **dict(SETTINGS, forecaster="taylor", interval=3))
-    session = session_of(cached)
     if monkeypatch is not None:
-        module = sys.modules[type(session).__module__]
-
-        class BlockByBlock(module.RunState):
-            def __init__(self, *args, **kwargs) -> None:
-                super().__init__(*args, **kwargs)
-                self.spans = False
-
-        monkeypatch.setattr(module, "RunState", BlockByBlock)
+        cache_block_by_block(monkeypatch, cached)
     out = run_sampler(cached, positive, negative, latent, steps=8, cfg=2.0)
-    assert session.last_report["blocks_skipped"] > 0
+    assert session_of(cached).last_report["blocks_skipped"] > 0
     return out
 
 

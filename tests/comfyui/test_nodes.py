@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from .tiny_models import force_split_cfg, FAMILIES, run_sampler, session_of
+from .tiny_models import DRIFT_SCALE, force_split_cfg, FAMILIES, run_sampler, session_of
 
 SETTINGS = dict(mode="fixed", forecaster="reuse", interval=2, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
                 last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -54,7 +54,7 @@ def test_cached_run_reaches_the_compute_fraction_stays_close_and_leaves_the_mode
     assert 0 < outside < model_flops
     assert report["compute_fraction"] == pytest.approx((5 / 8 * blocks + outside) / model_flops, rel=1e-6)
     drift = ((cached - full).norm() / full.norm()).item()
-    assert 0 < drift < 0.25, drift
+    assert 0 < drift < 0.25 * DRIFT_SCALE.get(family, 1.0), drift
     assert torch.equal(run_sampler(cached_model, positive, negative, latent, steps=8, cfg=2.0), cached)
     assert torch.equal(run_sampler(model, positive, negative, latent, steps=8, cfg=2.0), full)
 
@@ -101,7 +101,7 @@ def test_foca_integrates_the_skipped_blocks_of_every_family_and_is_not_taylor(pa
     assert not torch.equal(foca, taylor)  # another method, on the same schedule
     assert session_of(taylor_model).last_report["blocks_skipped"] == report["blocks_skipped"]
     assert report["compute_fraction"] > session_of(taylor_model).last_report["compute_fraction"]  # its work counts
-    assert ((foca - full).norm() / full.norm()).item() < 0.5
+    assert ((foca - full).norm() / full.norm()).item() < 0.5 * DRIFT_SCALE.get(family, 1.0)
     assert torch.equal(run_sampler(foca_model, positive, negative, latent, steps=12, cfg=2.0), foca)
 
 
@@ -125,7 +125,7 @@ def test_whole_step_forecasting_runs_nothing_of_the_model_on_a_skipped_step(pack
     blocks = report["blocks_computed"] // 8  # 4 computed model calls, cond and uncond
     assert report["policy"] == "FORA_N4_W1_G1" and report["blocks_skipped"] == 8 * 2 * blocks
     assert report["compute_fraction"] == pytest.approx(4 / 12, abs=1e-9)  # reuse forecasts cost nothing
-    assert torch.isfinite(out).all() and 0 < ((out - full).norm() / full.norm()).item() < 0.5
+    assert torch.isfinite(out).all() and 0 < ((out - full).norm() / full.norm()).item() < 0.5 * DRIFT_SCALE.get(family, 1.0)
     assert torch.equal(run_sampler(step_model, positive, negative, latent, steps=12, cfg=2.0), out)
     assert "ran through the cache" not in caplog.text  # its blocks run plainly: no warning that none was hooked
 
@@ -206,19 +206,25 @@ def test_lora_applied_before_the_patch_still_applies(pack, bundles, family):
     assert torch.equal(run_sampler(exact, positive, negative, latent, steps=4, cfg=2.0), with_lora)
 
 
-def test_unsupported_models_get_a_clear_message_at_patch_time(pack):
-    import comfy.model_patcher
+COSMOS_VIDEO = {"image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+                "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 128, "num_blocks": 2,
+                "num_heads": 2, "block_config": "FA-CA-MLP", "concat_padding_mask": True, "pos_emb_cls": "rope3d",
+                "pos_emb_learnable": False, "pos_emb_interpolation": "crop", "block_x_format": "THWBD",
+                "affline_emb_norm": True, "use_adaln_lora": True, "adaln_lora_dim": 32,
+                "crossattn_emb_channels": 1024, "extra_per_block_abs_pos_emb": True,
+                "extra_per_block_abs_pos_emb_type": "learnable", "rope_h_extrapolation_ratio": 1.0,
+                "rope_w_extrapolation_ratio": 1.0, "rope_t_extrapolation_ratio": 2.0}
 
-    class HiDreamImageTransformer2DModel(torch.nn.Module):
-        pass
 
-    class BaseModel(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.diffusion_model = HiDreamImageTransformer2DModel()
+def test_an_unsupported_family_gets_a_clear_message_at_patch_time(pack):
+    """A tiny Cosmos 1.0 video model of ComfyUI's own classes."""
+    from .tiny_models import _model_config, _patcher
 
-    model = comfy.model_patcher.ModelPatcher(BaseModel(), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="cannot cache HiDreamImageTransformer2DModel yet"):
+    config = _model_config(COSMOS_VIDEO, "CosmosT2V")
+    config.set_inference_dtype(torch.float32, None)
+    model = _patcher(config.get_model({}))
+    assert type(model.model.diffusion_model).__name__ == "GeneralDIT"
+    with pytest.raises(ValueError, match="cannot cache GeneralDIT yet: Cosmos 1.0's blocks take time-first"):
         patched(pack, model)
 
 
