@@ -94,7 +94,8 @@ WEIGHT_GAIN = 1.0  # fan-in scaled matrices: attention is not uniform, blocks an
 
 def init_tiny_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02,
                       gain: float | None = WEIGHT_GAIN) -> torch.nn.Module:
-    """Deterministic random weights for every parameter of `module` (plus SD3's fixed pos_embed table).
+    """Deterministic random weights for every parameter of `module` (plus the fixed tables checkpoints fill in: SD3's
+    pos_embed, Stable Audio's rotary frequencies).
 
     Norm scales are 1 (plus N(0, std) noise); matrices of linear and conv layers (any parameter named ``weight`` with
     2+ dims) are N(0, gain / sqrt(fan_in)) when `gain` is set, else N(0, std); everything else (biases, modulation
@@ -123,6 +124,10 @@ def init_tiny_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02,
                         b.copy_(torch.from_numpy(table).reshape(b.shape).to(b.dtype))
                     else:
                         b.copy_((torch.randn(b.shape, generator=gen) * std).to(b.dtype))
+                # Stable Audio's rotary embedding keeps its frequencies in an uninitialised buffer too.
+                if b_name == "inv_freq" and type(mod).__module__ == "comfy.ldm.audio.dit":
+                    n = b.shape[0]
+                    b.copy_((1.0 / 10000 ** (torch.arange(0, 2 * n, 2, dtype=torch.float32) / (2 * n))).to(b.dtype))
     return module
 
 
