@@ -54,20 +54,20 @@ class OpenSpan:
     layout: tuple[tuple[str, bool], ...] = ()
     copy: dict[str, Tensor] | None = None
 
-    def extend(self, block: int, outputs: Mapping[str, Tensor | None], first_sight: bool) -> None:
-        """`first_sight`: the block has not run before in this run, so whether the model changes its outputs in
-        place before the next block is not known yet; a copy keeps the span's residual if it does."""
+    def extend(self, block: int, outputs: Mapping[str, Tensor | None], copy: bool) -> None:
+        """`copy`: keep a copy of the outputs, which tells whether the model changes them in place before the next
+        block where version counters cannot (inference tensors), and keeps the span's residual if it does."""
         self.last = block
         self.out = {k: v for k, v in outputs.items() if v is not None}
         self.versions = {k: _version(v) for k, v in self.out.items()}
         self.layout = tuple((k, v is not None) for k, v in outputs.items())
-        self.copy = {k: v.clone() for k, v in self.out.items()} if first_sight else None
+        self.copy = {k: v.clone() for k, v in self.out.items()} if copy else None
 
     def intact(self) -> bool:
         """Whether the outputs are still what the last block returned (nothing modified them in place since).
-        Inference tensors (ComfyUI samples in inference mode) have no version counter: they are compared with the
-        copy where there is one, and otherwise taken as intact, so a host that changes streams in place between
-        blocks says so (`RunState.end_spans`)."""
+        Inference tensors (ComfyUI samples in inference mode) have no version counter: they are copied on every
+        computed call and compared with the copy, so a change that starts mid-run or touches one branch group only
+        is seen too."""
         if self.copy is not None and any(v.is_inference() for v in self.out.values()):
             return all(torch.equal(v, self.copy[k]) for k, v in self.out.items())
         return all(_version(v) == self.versions[k] for k, v in self.out.items())
@@ -153,7 +153,9 @@ class SpannedBlocks:
             so_far = open_.residuals()
         eligible = self._eligible(index)
         known = state.layouts.get(index)
-        first_sight = known is None
+        # A block not seen yet may be followed by an in-place change: copy its outputs (as always for inference
+        # tensors, whose changes nothing else reveals).
+        copy = known is None or any(v.is_inference() for v in inputs.values())
         carried = [k for k in inputs if known is None or any(k == s for s, _ in known)]
         kept = {k: inputs[k].clone() for k in carried} if eligible and not joins else {}
         outputs = dict(run())
@@ -167,13 +169,13 @@ class SpannedBlocks:
         ends = any(v is None for v in outputs.values())
         if open_ is not None:
             if clean and set(outputs) == set(open_.out):
-                open_.extend(index, outputs, first_sight)
+                open_.extend(index, outputs, copy)
             else:
                 self._commit(open_, so_far)
                 self.open = open_ = None
         elif eligible and clean:
             open_ = self.open = OpenSpan(index, index, kept, {}, {})
-            open_.extend(index, outputs, first_sight)
+            open_.extend(index, outputs, copy)
         full = cost()
         call.account(index, True, full, full, max(len(streams), 1))
         if open_ is not None and (ends or index == state.blocks - 1 or index + 1 in state.span_breaks):
@@ -228,6 +230,7 @@ class SpannedBlocks:
             if span.first <= last and first <= span.last:
                 del cache.spans[start]
                 for k in span.streams:
+                    call.state.reserved.pop((span.first, span.site(k)), None)
                     forecaster = cache.sites.pop((span.first, span.site(k)), None)
                     if forecaster is not None:
                         stats.add_cache_bytes(-forecaster.nbytes)

@@ -3,11 +3,13 @@ convolutions, attention).
 
 torch's FlopCounterMode also tracks modules for its report, through autograd hooks on each module's inputs; under
 inference mode (how ComfyUI's server samples) those hooks fail on a parameter passed to a submodule (Wan S2V's audio
-encoder does), so the pack counts with this mode, which tracks nothing but the total.
+encoder does), so the pack counts with this mode, which tracks nothing but the total. Like torch's, it decomposes an op it has no
+formula for: under inference mode composite ops (linear, matmul, attention) arrive undecomposed.
 """
 
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -19,8 +21,13 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
+        if formula is None and func is not torch.ops.prim.device.default:
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out

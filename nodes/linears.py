@@ -68,7 +68,7 @@ def route_linears(model: ModelPatcher, blocks: list[BlockSite], target: Callable
     diffusion_model = model.get_model_object("diffusion_model")
     count = 0
     for site in blocks:
-        block = getattr(diffusion_model, site.segment.attr)[site.position]
+        block = diffusion_model.get_submodule(site.segment.attr)[site.position]
         for name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
                 continue

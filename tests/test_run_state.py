@@ -187,3 +187,16 @@ def test_dynamic_skips_only_while_every_stream_is_steady_not_the_mean_of_a_large
         call = run.call(sigma, ["cond"], torch.zeros(1, 4))
         call.block(1, call.block(0, streams, block), block)
     assert run.stats.blocks_skipped == 0
+
+
+def test_dynamic_policy_computes_a_round_whose_streams_changed_shape_since_the_reference():
+    """ComfyUI pads a branch's text to a common length when it batches cond and uncond, not when it runs it alone."""
+    run = RunState(CachePolicy(mode="dynamic", threshold=10.0, max_skips=4), flow_sigmas(6).tolist(), 2)
+    sigmas = flow_sigmas(6)[:-1].tolist()
+    for i, sigma in enumerate(sigmas):
+        txt = 8 if i < 2 else 4
+        streams = _streams(1, 4, txt)
+        call = run.call(sigma, ["cond"], torch.zeros(1, 4))
+        call.block(1, call.block(0, streams, lambda s=streams: _double(s)), lambda s=streams: _double(s))
+    # probe block 0 runs in all 6 rounds; block 1 in round 0 (no reference) and 2 (new shapes), skipped in 1, 3, 4, 5
+    assert (run.stats.blocks_computed, run.stats.blocks_skipped) == (8, 4)

@@ -164,10 +164,10 @@ def test_icc_leaves_the_measured_block_cost_alone_so_its_compute_fraction_is_hon
     assert session_of(reuse).last_report["compute_fraction"] < fraction < 1.0
 
 
-@pytest.mark.parametrize("family", ["SD3", "Wan", "HunyuanVideo", "PixArt", "Lumina2", "QwenImage"])
+@pytest.mark.parametrize("family", ["SD3", "Wan", "HunyuanVideo", "PixArt", "Lumina2", "QwenImage", "StableAudio"])
 def test_every_family_routes_its_block_linears_and_full_rank_icc_is_full_computation(pack, family):
     """Each family's Linears are routed (modulation ones left exact) and its fused projections factored per part
-    (qkv in three, HunyuanVideo's single-block linear1 in four); at a rank above every layer's the increments are
+    (qkv and Stable Audio's to_qkv in three, HunyuanVideo's single-block linear1 in four); at a rank above every layer's the increments are
     exact, and at rank 4 they are not, so the routing is live."""
     bundle = build_family(family)
     model = bundle[0]
@@ -179,7 +179,7 @@ def test_every_family_routes_its_block_linears_and_full_rank_icc_is_full_computa
     factors = {key: f for (key, *_), (_, f) in session_of(exact).factors._entries.items()}
     assert factors and not any(key.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) for key in factors)
     for key, f in factors.items():
-        assert len(f.a) == {"qkv": 3, "linear1": 4}.get(key.rsplit(".", 1)[-1].rsplit("/", 1)[-1], 1), key
+        assert len(f.a) == {"qkv": 3, "to_qkv": 3, "linear1": 4}.get(key.rsplit(".", 1)[-1].rsplit("/", 1)[-1], 1), key
         if family == "Lumina2" and key.endswith("qkv"):  # 2 query heads, 1 key/value head: q is twice k and v
             q, k, v = (a.shape[0] for a in f.a)
             assert q == 2 * k == 2 * v, key

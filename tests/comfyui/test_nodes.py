@@ -292,3 +292,18 @@ def test_a_cache_limit_computes_the_blocks_that_do_not_fit_and_the_report_shows_
     assert session_of(offloaded).last_report["cache_offloaded"] is True and torch.equal(out, reference)
     with pytest.raises(ValueError, match="whole number of bytes >= 0"):
         apply_node.execute(model, policy, cache_limit_mb=-1)
+
+
+def test_the_compute_fraction_is_measured_alike_under_inference_mode_as_the_server_samples(pack, bundles):
+    """Under inference mode composite ops (linear, attention) reach the FLOP counter undecomposed; counted as they
+    are without it, the report's compute fraction is the same."""
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    fractions = []
+    for inference in (False, True):
+        cached = patched(pack, model, interval=3)
+        with torch.inference_mode(inference):
+            run_sampler(cached, positive, negative, latent, steps=8, cfg=2.0)
+        session = session_of(cached)
+        assert min(session._block_flops.values()) > 1e6  # measured, not the floor of 1 FLOP
+        fractions.append(session.last_report["compute_fraction"])
+    assert fractions[0] == pytest.approx(fractions[1], rel=1e-9) and fractions[0] < 0.7
