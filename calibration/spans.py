@@ -72,8 +72,9 @@ class OpenSpan:
             return all(torch.equal(v, self.copy[k]) for k, v in self.out.items())
         return all(_version(v) == self.versions[k] for k, v in self.out.items())
 
-    def residuals(self) -> dict[str, Tensor]:
-        out = self.out if self.copy is None or self.intact() else self.copy
+    def residuals(self, intact: bool) -> dict[str, Tensor]:
+        """`intact`: what `intact()` said just now (the comparison is not repeated)."""
+        out = self.out if intact or self.copy is None else self.copy
         return {k: out[k] - self.kept[k] for k in out}
 
 
@@ -144,13 +145,14 @@ class SpannedBlocks:
                   cost: Callable[[], float]) -> dict[str, Tensor | None]:
         call, state = self.call, self.call.state
         open_ = self.open
-        joins = open_ is not None and self._continues(open_, index, inputs)
+        intact = open_ is not None and open_.intact()
+        joins = intact and self._continues(open_, index, inputs)
         so_far: dict[str, Tensor] | None = None
         if open_ is not None and not joins:
-            self._commit(open_)
+            self._commit(open_, intact=intact)
             self.open = open_ = None
         elif open_ is not None and state.layouts.get(index) is None:  # a block not seen yet may not join after all
-            so_far = open_.residuals()
+            so_far = open_.residuals(intact=True)
         eligible = self._eligible(index)
         known = state.layouts.get(index)
         # A block not seen yet may be followed by an in-place change: copy its outputs (as always for inference
@@ -171,7 +173,7 @@ class SpannedBlocks:
             if clean and set(outputs) == set(open_.out):
                 open_.extend(index, outputs, copy)
             else:
-                self._commit(open_, so_far)
+                self._commit(open_, so_far, intact=True)
                 self.open = open_ = None
         elif eligible and clean:
             open_ = self.open = OpenSpan(index, index, kept, {}, {})
@@ -179,7 +181,7 @@ class SpannedBlocks:
         full = cost()
         call.account(index, True, full, full, max(len(streams), 1))
         if open_ is not None and (ends or index == state.blocks - 1 or index + 1 in state.span_breaks):
-            self._commit(open_)
+            self._commit(open_, intact=True)  # just returned by the block: nothing ran since
             self.open = None
         return outputs
 
@@ -188,24 +190,27 @@ class SpannedBlocks:
         return self.call.stores(index) and index not in state.uncacheable
 
     def _continues(self, open_: OpenSpan, index: int, inputs: Mapping[str, Tensor]) -> bool:
-        """The block takes exactly what the span's last block returned, untouched, and is known to return the same
-        streams (or is not known yet)."""
+        """The block takes exactly what the span's last block returned (the caller checked it is untouched), and is
+        known to return the same streams (or is not known yet)."""
         layout = self.call.state.layouts.get(index)
         return (index == open_.last + 1 and index not in self.call.state.span_breaks and self._eligible(index)
-                and all(k in inputs and inputs[k] is v for k, v in open_.out.items()) and open_.intact()
+                and all(k in inputs and inputs[k] is v for k, v in open_.out.items())
                 and (layout is None or {k for k, _ in layout} == set(open_.out)))
 
-    def _commit(self, open_: OpenSpan, residuals: dict[str, Tensor] | None = None) -> None:
+    def _commit(self, open_: OpenSpan, residuals: dict[str, Tensor] | None = None, intact: bool | None = None
+                ) -> None:
         """Store the span's summed residual. If its outputs were modified in place since, the span ends before the
-        block that follows from then on; its residual is kept if the outputs were copied, else lost for this call."""
+        block that follows from then on; its residual is kept if the outputs were copied, else lost for this call.
+        `intact`: whether they are untouched, where the caller knows (each comparison of copies is a device sync)."""
         call = self.call
         if residuals is None:
-            if not open_.intact():
+            intact = open_.intact() if intact is None else intact
+            if not intact:
                 call.state.span_breaks.add(open_.last + 1)
                 if open_.copy is None:
                     self._forget(open_.first, open_.last)
                     return
-            residuals = open_.residuals()
+            residuals = open_.residuals(intact)
         span = Span(open_.first, open_.last, open_.layout)
         cache = call.cache
         if cache.spans.get(span.first) != span:
@@ -224,14 +229,8 @@ class SpannedBlocks:
 
     def _forget(self, first: int, last: int) -> None:
         """Drop every span that overlaps blocks first..last, with its cached values."""
-        call = self.call
-        cache, stats = call.cache, call.state.stats
+        cache = self.call.cache
         for start, span in list(cache.spans.items()):
             if span.first <= last and first <= span.last:
                 del cache.spans[start]
-                for k in span.streams:
-                    call.state.reserved.pop((span.first, span.site(k)), None)
-                    forecaster = cache.sites.pop((span.first, span.site(k)), None)
-                    if forecaster is not None:
-                        stats.add_cache_bytes(-forecaster.nbytes)
-                cache.ready.difference_update(range(span.first, span.last + 1))
+                self.call.state.drop_span(cache, span)

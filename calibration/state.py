@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
+import torch
 from torch import Tensor
 
 from .calibrator import Calibrator
@@ -145,14 +146,18 @@ class RunState:
         self.spans = False
         for cache in self.groups.values():
             for span in cache.spans.values():
-                for k in span.streams:
-                    key = (span.first, span.site(k))
-                    self.reserved.pop(key, None)
-                    forecaster = cache.sites.pop(key, None)
-                    if forecaster is not None:
-                        self.stats.add_cache_bytes(-forecaster.nbytes)
-                cache.ready.difference_update(range(span.first, span.last + 1))
+                self.drop_span(cache, span)
             cache.spans.clear()
+
+    def drop_span(self, cache: GroupCache, span: Span) -> None:
+        """Release a span's cached values and reservations; its blocks are no longer ready to skip."""
+        for k in span.streams:
+            key = (span.first, span.site(k))
+            self.reserved.pop(key, None)
+            forecaster = cache.sites.pop(key, None)
+            if forecaster is not None:
+                self.stats.add_cache_bytes(-forecaster.nbytes)
+        cache.ready.difference_update(range(span.first, span.last + 1))
 
     def _new_round(self, sigma: float) -> Round:
         step = self.clock.step(sigma)
@@ -176,9 +181,9 @@ class RunState:
         # then there is no reference to compare with, and the round computes.
         comparable = refs is not None and [r.shape for r in refs] == [r.shape for r in residuals]
         if comparable and self._skips_in_row < self.policy.max_skips:
-            change = max(((r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
-                         for r, ref in zip(residuals, refs))
-            skip = change < self.policy.threshold
+            change = torch.stack([(r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
+                                  for r, ref in zip(residuals, refs)]).max()
+            skip = bool(change < self.policy.threshold)  # one device sync for every stream
         self._skips_in_row = self._skips_in_row + 1 if skip else 0
         return skip
 

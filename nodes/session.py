@@ -37,8 +37,6 @@ log = logging.getLogger("calibrated_cache")
 KEY = "calibrated_cache"
 STREAMS = ("img", "txt")
 HAS_PREDICT_NOISE = hasattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE")
-# Below about this many multiply-adds per call of a block's projections (rows × width²), ICC's increments, which read
-# and write each Linear's cached output, cost more than the Linears they replace (docs/methods.md, "ICC": the break-even)
 ROLES = {0: "cond", 1: "uncond"}  # ComfyUI's cond_or_uncond entries
 
 
