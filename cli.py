@@ -65,14 +65,14 @@ def _fit_priors(args: argparse.Namespace) -> int:
                              order=args.order, granularity=args.granularity, goc=goc, icc=icc)
     except PolicyError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.target_speedup is not None:
+        return _fit_speed(args, policy)
     if policy.computes_everything():
         raise SystemExit("error: interval 1 computes every step: there is nothing to calibrate; use 2 or more")
     model, meta = load_dit()
     steps = args.steps or int(meta["bench_steps"])
     cfg = float(meta["bench_cfg"]) if args.cfg is None else args.cfg
-    out = args.out or f"dit.{policy.tag()}.tcc.safetensors"
-    if os.path.exists(out) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it or --out to choose another name")
+    out = _out(args, policy.tag())
     progress = Progress(fit_requests(policy, args.variant, args.samples, args.held_out, args.verify, args.rounds),
                         "fit-priors")
     recorder = StatsRecorder()
@@ -91,6 +91,55 @@ def _fit_priors(args: argparse.Namespace) -> int:
     if args.verify:
         print(f"on the {args.samples} fitted requests (optimistic): {r['in_sample_before']:.4f} without priors, "
               f"{r['in_sample_after']:.4f} with them")
+    print(f"written {path}")
+    return 0
+
+
+def _out(args: argparse.Namespace, tag: str) -> str:
+    out = args.out or f"dit.{tag}.tcc.safetensors"
+    if os.path.exists(out) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it or --out to choose another name")
+    return out
+
+
+def _fit_speed(args: argparse.Namespace, base) -> int:
+    """`fit-priors --target-speedup S`: search the plan, forecaster and priors for S (calibration/speed_fit.py)."""
+    from .calibration import PolicyError
+    from .calibration.speed_fit import fit_runs
+    from .priors import save_priors
+    from .testbed.fit_priors import fit_testbed_speed
+    from .testbed.progress import Progress
+    from .testbed.weights import load_dit
+
+    if base.goc is not None or base.icc is not None or args.forecaster != "reuse" or args.interval != 3:
+        raise SystemExit("error: --target-speedup chooses the schedule and the forecaster itself; drop --interval, "
+                         "--forecaster, --goc-weight and --icc-rank")
+    model, meta = load_dit()
+    steps = args.steps or int(meta["bench_steps"])
+    cfg = float(meta["bench_cfg"]) if args.cfg is None else args.cfg
+    runs = fit_runs(held_out=args.held_out > 0)
+    progress = Progress(sum(args.samples if part == "fit" else args.held_out for part, _ in runs), "fit-priors")
+    try:
+        fitted, prior_meta = fit_testbed_speed(model, base, args.target_speedup, args.samples, steps, cfg,
+                                               args.sampler, args.shift, args.variant, held_out=args.held_out,
+                                               progress=lambda n, part: progress.advance(n, part))
+    except PolicyError as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        progress.close()
+    out = _out(args, fitted.policy.tag())
+    path = save_priors(out, fitted.priors, prior_meta)
+    r = prior_meta["report"]
+    print(f"plan for {args.target_speedup:g}x: {fitted.policy.tag()}, compute fraction {r['plan_predicted_fraction']:.3f} "
+          f"predicted, {r['plan_calibration_fraction']:.3f} measured (target {1 / args.target_speedup:.3f})")
+    print(fitted.policy.plan.picture())
+    for c in fitted.candidates:
+        print(f"  candidate {c.policy.tag()} ({c.aggregate}): predicted rel_l2 {c.predicted ** 0.5:.4f}, measured "
+              f"{c.error:.4f} on the calibration requests")
+    print(f"search {r['plan_search_s']:.2f} s; the fit took {r['fit_s']:.1f} s and {int(r['plan_runs'])} runs over "
+          f"{args.samples} calibration requests ({args.held_out} held out)")
+    print(f"rel_l2 against full computation on {args.held_out} held-out requests: {r['held_out_before']:.4f} with the "
+          f"plan alone, {r['held_out_after']:.4f} with its TCC priors")
     print(f"written {path}")
     return 0
 
@@ -170,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--cfg", type=float, help="guidance scale (default: the benchmark's 2.0)")
     fit.add_argument("--sampler", default="euler", choices=("euler", "heun"), help="sampler (default euler)")
     fit.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift (default 1)")
+    fit.add_argument("--target-speedup", type=float, metavar="S",
+                     help="search the plan (which steps compute), the forecaster and the priors for S times fewer "
+                          "FLOPs, instead of fitting priors for the policy given by --interval/--forecaster")
     fit.add_argument("--out", help="prior file (default dit.<policy tag>.tcc.safetensors)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing file")
     fit.set_defaults(run=_fit_priors)

@@ -62,7 +62,7 @@ class Reused:
 class Calibrator(ABC):
     """`reference = True` makes the run compute every block and call `observe` where the policy would skip.
 
-    `anchors` is how many computed values per site the calibrator needs kept (the policy's forecaster may keep
+    `records_anchors` asks for `anchor` calls; `anchors` is how many computed values per site the calibrator needs kept (the policy's forecaster may keep
     fewer); `needs_truth` asks the engine to offer the site's true value (fitting only: it costs a computation);
     `flops` is the elementwise work per value element of the last correction that changed a value, for honest
     compute accounting; `nbytes` the tensors a corrector holds for the run beyond the policy's own cache, for the
@@ -70,6 +70,7 @@ class Calibrator(ABC):
     """
 
     reference: bool = False
+    records_anchors: bool = False
     anchors: int = 1
     needs_truth: bool = False
     flops: float = 0.0
@@ -80,6 +81,10 @@ class Calibrator(ABC):
 
     def observe(self, site: Site, value: Tensor) -> None:
         """The full-computation value at a site the policy reuses (reference runs only)."""
+
+    def anchor(self, sites: list[Site], values: list[Tensor]) -> None:
+        """A computed value stored as an anchor, per site (calibrators with `records_anchors`: trajectory recording,
+        whose reference runs observe every later value)."""
 
     def settle(self, sites: list[Site], value: Tensor) -> None:
         """The value finally used at `sites` (after every calibrator of a chain): for correctors with a memory."""

@@ -85,7 +85,8 @@ class ModelCall:
             full = cost()
             self.account(None, True, full, full, 1)
         else:  # the blocks accounted for themselves; the rest of the model was computed
-            outside = max(cost() - self.block_flops, 0.0) * self.chunk * len(self.branches)
+            self.state.stats.outside_flops = max(cost() - self.block_flops, 0.0)
+            outside = self.state.stats.outside_flops * self.chunk * len(self.branches)
             self.state.stats.flops_full += outside
             self.state.stats.flops_computed += outside
         return value, True
@@ -186,7 +187,7 @@ class ModelCall:
         if self._step:
             return True
         state = self.state
-        reuses = bool(self.round.skip) and block not in state.always and block not in state.uncacheable and \
+        reuses = state.skips(self.round, block) and block not in state.always and block not in state.uncacheable and \
             block in self.cache.ready
         calibrator = state.calibrator
         if calibrator is not None and calibrator.reference:
@@ -217,6 +218,10 @@ class ModelCall:
         if not self.stores(block):
             return
         state, cache = self.state, self.cache
+        if state.calibrator is not None and state.calibrator.records_anchors:
+            r = self.round
+            state.calibrator.anchor([Site(role, r.index, r.sigma, r.sigma, 0, max(block, 0), name, r.step)
+                                     for role in self.roles], list(value.split(self.chunk)))
         if not self._icc_only:  # ICC keeps its own caches: a stored residual would never be read
             if not state.admit(block, name, state.history * value.nbytes):
                 return
@@ -372,8 +377,11 @@ class ModelCall:
         stats, n, branches = self.state.stats, self.chunk * len(self.branches), len(self.branches)
         stats.flops_full += full_flops * n
         stats.flops_computed += spent_flops * n
-        if block is not None:
+        if block is not None:  # a plan search reads what a block costs computed, and filled in
             self.block_flops += full_flops
+            stats.block_flops[block] = full_flops
+            if not computed:
+                stats.skipped_flops[block] = spent_flops
         blocks = self.state.blocks if block is None else 1
         if computed:
             stats.blocks_computed += blocks * branches

@@ -23,6 +23,15 @@ class Chain(Calibrator):
         return any(link.reference for link in self.links)
 
     @property
+    def records_anchors(self) -> bool:
+        return any(link.records_anchors for link in self.links)
+
+    def anchor(self, sites: list[Site], values: list[Tensor]) -> None:
+        for link in self.links:
+            if link.records_anchors:
+                link.anchor(sites, values)
+
+    @property
     def anchors(self) -> int:
         return max(link.anchors for link in self.links)
 

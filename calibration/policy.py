@@ -8,8 +8,10 @@ from typing import Any
 from .errors import PolicyError
 from .goc import GocSettings
 from .icc import IccSettings
+from .plan import BlockPlan
 
-MODES = ("fixed", "dynamic")
+SET_MODES = ("fixed", "dynamic")  # what a user sets; "plan" comes from a fit with a target speedup
+MODES = (*SET_MODES, "plan")
 FORECASTERS = ("reuse", "taylor", "foca", "spectrum", "dmd")
 TIME_UNITS = ("step", "sigma")
 GRANULARITIES = ("module", "block", "step")
@@ -23,7 +25,9 @@ class CachePolicy:
     (the first `max(1, first_blocks)`) every step and skips the rest while the probe's residual changes by less than
     `threshold` relative to the last computed step, at most `max_skips` steps in a row (First-Block-Cache/DBCache).
     Steps before `warmup_steps` and outside the window [start, end) (fractions of the run's steps) are computed.
-    The first `first_blocks` and last `last_blocks` blocks are always computed.
+    The first `first_blocks` and last `last_blocks` blocks are always computed. Mode "plan" computes what its
+    searched `plan` says, step by step and block by block (`calibration/plan.py`); the schedule settings above do not
+    apply to it.
 
     `granularity` is what a skipped evaluation fills in: each adaLN block's pre-gate sites ("module", engine models
     that expose them), each block's residual ("block"), or on a step that skips every block the model's output
@@ -46,6 +50,7 @@ class CachePolicy:
     granularity: str = "module"
     goc: GocSettings | None = None
     icc: IccSettings | None = None
+    plan: BlockPlan | None = None
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -80,6 +85,13 @@ class CachePolicy:
                               "follows the trend: set the Cache Policy forecaster to reuse, or drop the GOC Corrector")
         if self.icc is not None and not isinstance(self.icc, IccSettings):
             raise PolicyError(f"icc must be ICC settings or None (got {self.icc!r})")
+        if (self.mode == "plan") != (self.plan is not None):
+            raise PolicyError("mode plan needs a searched plan (Fit TCC Priors with a target speedup writes one), and "
+                              "a plan needs mode plan")
+        if self.plan is not None and not isinstance(self.plan, BlockPlan):
+            raise PolicyError(f"plan must be a searched BlockPlan or None (got {self.plan!r})")
+        if self.plan is not None and self.time_unit != "step":
+            raise PolicyError("a searched plan forecasts in steps, as it was searched: set time_unit to step")
         if self.granularity == "step" and (self.mode != "fixed" or self.first_blocks or self.last_blocks):
             raise PolicyError("whole-step forecasting skips every block of a step, so it needs a fixed interval and no "
                               "first_blocks or last_blocks (the dynamic mode decides from its first block): set those "
@@ -99,18 +111,23 @@ class CachePolicy:
         return max(1, self.first_blocks) if self.mode == "dynamic" else self.first_blocks
 
     def computes_everything(self) -> bool:
+        if self.plan is not None:
+            return "0" not in "".join(self.plan.rows)
         return self.mode == "fixed" and self.interval == 1
 
     def tag(self) -> str:
         """A compact identity for logs, file names and prior metadata, e.g. `FORA_N3_W1` or `TAYLOR2_N4_W1_sigma`."""
-        if self.mode == "fixed":
+        if self.plan is not None:
+            parts = [f"PLAN{round(100 * self.plan.fraction())}-{self.plan.digest()}"]
+        elif self.mode == "fixed":
             parts = [f"N{self.interval}"]
         else:
             parts = [f"DYN{self.threshold:g}", f"K{self.max_skips}"]
-        parts.append(f"W{self.warmup_steps}")
-        if (self.start, self.end) != (0.0, 1.0):
+        if self.plan is None:
+            parts.append(f"W{self.warmup_steps}")
+        if self.plan is None and (self.start, self.end) != (0.0, 1.0):
             parts.append(f"S{self.start:g}-{self.end:g}")
-        if self.first_blocks or self.last_blocks:
+        if self.plan is None and (self.first_blocks or self.last_blocks):
             parts.append(f"F{self.first_blocks}B{self.last_blocks}")
         if self.granularity != "module":
             parts.append({"block": "G2", "step": "G1"}[self.granularity])
@@ -133,7 +150,9 @@ class CachePolicy:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PolicyError(f"unknown policy settings {unknown}; known settings are {sorted(known)}")
-        goc, icc = data.get("goc"), data.get("icc")
+        goc, icc, plan = data.get("goc"), data.get("icc"), data.get("plan")
+        if plan is not None and not isinstance(plan, BlockPlan):
+            data = {**data, "plan": BlockPlan.from_dict(plan)}
         if isinstance(goc, dict):
             data = {**data, "goc": _settings(GocSettings, "GOC", {**goc, "steps": tuple(goc.get("steps") or ())})}
         if isinstance(icc, dict):

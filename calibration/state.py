@@ -86,10 +86,15 @@ class RunState:
         if self.calibrator is not None:
             self.calibrator.start()
         self.clock = StepClock(sigmas)
-        self.plan = StepPlan(policy, self.clock.steps)
+        self.plan = StepPlan(policy, self.clock.steps, self.clock.sigmas)
+        if policy.plan is not None and policy.plan.blocks != blocks:
+            raise PolicyError(f"the policy's plan was searched for a model with {policy.plan.blocks} blocks; this model "
+                              f"has {blocks}: fit a plan for this model (Fit TCC Priors with a target speedup)")
         self.span = (0.0, float(self.clock.steps)) if policy.time_unit == "step" else (
             float(self.clock.sigmas[-1]), float(self.clock.sigmas[0]))
         self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
+        if self.plan.blocks is not None:  # blocks the plan computes at every step of this run
+            self.always |= {b for b in range(blocks) if all(step[b] for step in self.plan.blocks)}
         self.stats = RunStats(cache_offloaded=self.memory.offload, cache_limit_bytes=self.memory.limit)
         self.history = max(history(policy), self.calibrator.anchors if self.calibrator else 0)
         self.reserved: dict[tuple[int, str], int] = {}  # bytes each cached site may reach, under a limit
@@ -103,7 +108,11 @@ class RunState:
         # Blocks are cached in spans when nothing needs a block's own value: see spans.py.
         self.spans = policy.granularity == "block" and self.calibrator is None and self.icc is None and \
             isinstance(make_forecaster(policy), WeightedForecaster)
-        self.span_breaks: set[int] = set()  # blocks before which the model changes a stream in place
+        # blocks before which the model changes a stream in place, or (plan mode) whose computed steps differ from the
+        # previous block's: a span's blocks are skipped together
+        self.span_breaks: set[int] = set()
+        if self.plan.blocks is not None:
+            self.span_breaks = {b for b in range(1, blocks) if any(step[b] != step[b - 1] for step in self.plan.blocks)}
 
     def call(self, sigma: float, branches: Sequence[Hashable], x: Tensor, roles: Sequence[str] | None = None
              ) -> ModelCall:
@@ -162,7 +171,7 @@ class RunState:
     def _new_round(self, sigma: float) -> Round:
         step = self.clock.step(sigma)
         time = self.clock.position(sigma) if self.policy.time_unit == "step" else sigma
-        if self.policy.mode == "fixed":
+        if self.policy.mode != "dynamic":  # fixed or plan: the round skips some block (plan: `skips` says which)
             skip: bool | None = not self.plan.full[step]
         else:
             skip = None if self.plan.cacheable[step] else False
@@ -171,6 +180,11 @@ class RunState:
         self.stats.rounds += 1
         self.stats.steps.add(step)
         return Round(self.stats.rounds - 1, sigma, step, time, skip)
+
+    def skips(self, round_: Round, block: int) -> bool:
+        """Whether the round fills `block` in (ready anchors aside): every skipping block of a fixed or dynamic round,
+        the plan's blocks of this step in plan mode."""
+        return bool(round_.skip) and (self.plan.blocks is None or self.plan.skips(round_.step, block))
 
     def decide(self, residuals: tuple[Tensor, ...], branch: Hashable) -> bool:
         """Dynamic policy: skip the round if the probe residual of every stream moved little since the last computed

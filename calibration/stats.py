@@ -24,6 +24,9 @@ class RunStats:
     cache_offloaded: bool = False  # the caches lived in CPU memory
     cache_limit_bytes: int | None = None
     blocks_over_limit: int = 0  # blocks computed every step because caching them would pass the limit
+    block_flops: dict[int, float] = field(default_factory=dict)  # per sample: each block computed in full
+    skipped_flops: dict[int, float] = field(default_factory=dict)  # per sample: each block filled in (last seen)
+    outside_flops: float = 0.0  # per sample and model call, the work outside the blocks (embedders, final layer)
 
     @property
     def compute_fraction(self) -> float:

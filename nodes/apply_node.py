@@ -104,7 +104,9 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A DiT model: Flux, Chroma, SD3, AuraFlow, Wan, HunyuanVideo, "
                                                 "Qwen-Image, LTXV, PixArt or Lumina2."),
-                CachePolicyType.Input("policy", tooltip="From a Cache Policy node."),
+                CachePolicyType.Input("policy", optional=True,
+                                      tooltip="From a Cache Policy node. Not needed with priors whose fit searched "
+                                              "a plan for a target speedup: their plan is the policy."),
                 TccPriorsType.Input("priors", optional=True,
                                     tooltip="TCC priors from Fit TCC Priors; they correct each reused value. "
                                             "Wins over prior_file."),
@@ -145,11 +147,12 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
         return stat.st_mtime_ns, stat.st_size
 
     @classmethod
-    def execute(cls, model: ModelPatcher, policy: CachePolicy, priors: FittedPriors | None = None,
+    def execute(cls, model: ModelPatcher, policy: CachePolicy | None = None, priors: FittedPriors | None = None,
                 prior_file: str = folders.NONE, icc_rank: int = 0, icc_svd: str = SVD_MODES[0],
                 cache_offload: bool = False, cache_limit_mb: int = 0) -> io.NodeOutput:
         memory = cache_memory(cache_offload, cache_limit_mb)
         fitted = chosen_priors(priors, prior_file)
+        policy = run_policy(policy, fitted)
         policy = with_icc(policy, icc_rank, icc_svd)
         node_id = getattr(cls.hidden, "unique_id", None)  # None when called from a script rather than a prompt
         tcc = icc_priors(fitted, block_policy(policy))
@@ -163,6 +166,22 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
         if tcc is not None:
             check_policy(tcc.meta, session.policy, tcc.name)
         return io.NodeOutput(m)
+
+
+def run_policy(policy: CachePolicy | None, fitted: FittedPriors | None) -> CachePolicy:
+    """The connected policy, or the plan a prior file was searched with (Fit TCC Priors with a target speedup), which
+    wins: its priors belong to it."""
+    planned = fitted is not None and fitted.meta["policy"].get("plan") is not None
+    if planned:
+        searched = CachePolicy.from_dict(fitted.meta["policy"])
+        if policy is not None and policy.tag() != searched.tag():
+            log.info("calibrated_cache: %s holds a searched plan (%s); it is used instead of the connected Cache "
+                     "Policy", fitted.name, searched.tag())
+        return searched
+    if policy is None:
+        raise ValueError("Apply Calibrated Cache needs a Cache Policy, or a prior file fitted with a target speedup "
+                         "(whose plan is the policy): connect one, or choose such a file")
+    return policy
 
 
 def icc_priors(fitted: FittedPriors | None, policy: CachePolicy) -> FittedPriors | None:

@@ -29,10 +29,11 @@ from comfy_api.latest import io, ui
 from torch import Tensor
 
 from .. import __version__
-from ..calibration import CachePolicy
+from ..calibration import CachePolicy, PolicyError, RunStats
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import SVD_MODES, FactorCache, StatsRecorder
 from ..calibration.fitting import FIT, HELD_OUT, FitRun, fit_plan, fit_tcc
+from ..calibration.speed_fit import fit_for_speed, fit_runs
 from ..calibration.tcc import VARIANTS, resolve_variant
 from ..priors import save_priors
 from . import folders
@@ -243,6 +244,11 @@ class FitTccPriorsNode(io.ComfyNode):
                 io.Boolean.Input("verify", default=False, optional=True,
                                  tooltip="Also measure the error on the fitting seeds (optimistic: the priors were "
                                          "fitted there); three more samplings per fitting seed."),
+                io.Float.Input("target_speedup", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
+                               tooltip="0: fit priors for the connected policy. Above 1: search which steps compute, "
+                                       "the forecaster and the priors for this many times fewer FLOPs (the policy "
+                                       "input only gives the granularity); Apply Calibrated Cache then needs only "
+                                       "the file. Costs about 20 samplings of the fitting seeds."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
@@ -253,8 +259,12 @@ class FitTccPriorsNode(io.ComfyNode):
     def execute(cls, model: ModelPatcher, policy: CachePolicy, positive: list, negative: list, latent: dict,
                 samples: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, variant: str,
                 checkpoint: str, save_to: str, overwrite: bool, icc_rank: int = 0, icc_svd: str = SVD_MODES[0],
-                held_out: int = 1, verify: bool = False) -> io.NodeOutput:
+                held_out: int = 1, verify: bool = False, target_speedup: float = 0.0) -> io.NodeOutput:
         policy = block_policy(with_icc(policy, icc_rank, icc_svd))
+        if target_speedup:
+            return fit_for_target(cls, model, policy, positive, negative, latent, samples, seed, steps, cfg,
+                                  sampler_name, scheduler, variant, checkpoint, save_to, overwrite, held_out,
+                                  target_speedup)
         check_fittable(model, policy)
         seeds = split_seeds(seed, samples, held_out)
         variant = resolve_variant(variant, policy.forecaster)
@@ -299,3 +309,72 @@ class FitTccPriorsNode(io.ComfyNode):
                                "elapsed_s": elapsed, "cost_samplings": cost})
         return io.NodeOutput(FittedPriors(priors, meta, path, recording.recorder.table()), text,
                              ui=ui.PreviewText(text))
+
+
+def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, negative: list, latent: dict,
+                   samples: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, variant: str,
+                   checkpoint: str, save_to: str, overwrite: bool, held_out: int, speedup: float) -> io.NodeOutput:
+    """Fit TCC Priors with a target speedup: the plan search (calibration/speed_fit.py) on the fitting seeds, the
+    priors for the plan it chooses, its error on the held-out seeds; one file whose policy is the plan."""
+    if speedup <= 1:
+        raise ValueError(f"target_speedup must be above 1 (got {speedup:g}); 0 fits priors for the connected policy")
+    if base.icc is not None or base.goc is not None:
+        raise ValueError("a target speedup chooses the schedule and forecaster itself, without ICC or GOC: set "
+                         "icc_rank to 0 and connect a Cache Policy without a GOC Corrector")
+    if base.granularity == "step":
+        raise ValueError("a searched plan decides block by block: set the Cache Policy granularity to block")
+    if model.get_wrappers(WrappersMP.OUTER_SAMPLE, KEY):
+        raise ValueError("the model given to Fit TCC Priors already went through Apply Calibrated Cache, so its full "
+                         "computation would be cached too. Connect the model from before Apply Calibrated Cache.")
+    seeds = split_seeds(seed, samples, held_out)
+    sigmas = sigmas_for(model, sampler_name, scheduler, steps)
+    clone, session = patch_model(model, base)
+    node_id = getattr(cls.hidden, "unique_id", None)
+    schedule = [FitRun(part, cached, "plan search") for part, cached in fit_runs(held_out=True)]
+    runs = CalibrationRuns(model.clone(), clone, session, positive, negative, latent, sigmas, cfg, sampler_name,
+                           scheduler, seeds, schedule, Recording(StatsRecorder()), node_id)
+
+    def run(policy: CachePolicy | None, calibrator: Calibrator | None, part: str) -> tuple[Tensor, RunStats | None]:
+        if policy is not None:
+            session.policy = block_policy(policy)
+        out = runs(calibrator, FitRun(part, policy is not None, "plan search" if part == FIT else "held-out"))
+        return out, session.last_stats if policy is not None else None
+
+    try:
+        fitted = fit_for_speed(run, base, sigmas.flatten().tolist(), len(session.blocks), speedup,
+                               variant=variant)
+    except PolicyError as err:
+        raise ValueError(str(err)) from None
+    policy = fitted.policy
+    path = folders.target_path(checkpoint, policy.tag(), save_to == BESIDE)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists. Enable overwrite to refit it, or rename the existing file to "
+                         "keep it.")
+    elapsed = time.monotonic() - runs.started
+    cost = elapsed / runs.full_seconds if runs.full_seconds else None
+    report = {**fitted.report, "fit_s": elapsed, **({"fit_cost_samplings": cost} if cost is not None else {})}
+    identity = fingerprint(model, session.family.name)
+    if checkpoint != folders.NONE:
+        identity["name"] = checkpoint
+    fitted_seeds = seeds[FIT]
+    meta = {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
+            "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
+            "cfg": cfg, "samples": len(fitted_seeds), "seeds": fitted_seeds, "held_out": len(seeds[HELD_OUT]),
+            "held_out_seeds": seeds[HELD_OUT], "pack_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report}
+    save_priors(path, fitted.priors, meta)
+    text = "\n".join([
+        f"searched plan for {speedup:g}x: {policy.tag()}, compute fraction {report['plan_predicted_fraction']:.3f} "
+        f"predicted, {report['plan_calibration_fraction']:.3f} measured on the fitting seeds (target "
+        f"{1 / speedup:.3f})", policy.plan.picture(),
+        *(f"candidate {c.policy.tag()}: rel L2 {c.error:.4f} on the fitting seeds (predicted {c.predicted ** 0.5:.4f})"
+          for c in fitted.candidates),
+        f"search {report['plan_search_s']:.2f} s, {int(report['plan_runs'])} samplings of the fitting seeds",
+        report_text(report, resolve_variant(variant, policy.forecaster), policy.tag(), seeds, path, cost)])
+    send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
+                           "error_before": report["held_out_before"], "error_after": report["held_out_after"],
+                           "fitted_seeds": fitted_seeds, "held_out_seeds": seeds[HELD_OUT],
+                           "sites": report["sites"], "path": path, "elapsed_s": elapsed, "cost_samplings": cost,
+                           "plan": policy.plan.picture(), "fraction_predicted": report["plan_predicted_fraction"],
+                           "fraction_measured": report["plan_calibration_fraction"]})
+    return io.NodeOutput(FittedPriors(fitted.priors, meta, path), text, ui=ui.PreviewText(text))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..calibration import CachePolicy, PolicyError
-from ..calibration.policy import MODES, TIME_UNITS
+from ..calibration.policy import SET_MODES, TIME_UNITS
 
 CachePolicyType = io.Custom("CACHE_POLICY")
 CATEGORY = "sampling/calibrated cache"
@@ -26,7 +26,7 @@ class CachePolicyNode(io.ComfyNode):
                         "in (reuse as FORA, TaylorSeer forecasting, FoCa forecast-then-calibrate). Connect it to "
                         "Apply Calibrated Cache.",
             inputs=[
-                io.Combo.Input("mode", options=list(MODES), default=d.mode,
+                io.Combo.Input("mode", options=list(SET_MODES), default=d.mode,
                                tooltip="fixed: compute every N-th step (FORA schedule). dynamic: compute the first "
                                        "block every step and skip the rest while its residual barely changes "
                                        "(First-Block-Cache)."),

@@ -68,6 +68,7 @@ class CacheSession:
         self._inside: float | None = None  # while the model's cost is measured: FLOPs counted inside its blocks
         self.hooked = 0
         self.last_report: dict[str, Any] | None = None
+        self.last_stats: RunStats | None = None  # the last cached run's (a plan search reads its costs)
         self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
         self.prior_notes: list[str] = []  # how this run differs from the fit's settings
         self.compiled: BlockRunner | None = None  # runs a computed block compiled, under TorchCompileModel
@@ -240,6 +241,7 @@ class CacheSession:
             log.warning("calibrated_cache: no %s block ran through the cache in this run; nothing was skipped. "
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
+        self.last_stats = stats
         self.last_report = {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
                             "priors": priors, "prior_check": self.prior_check, "prior_notes": self.prior_notes,
                             "wall_s": wall, **stats.to_dict()}

@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from ..calibration.plan import BlockPlan
 from .format import PriorFile
 
 
@@ -18,6 +19,12 @@ def summarize(prior: PriorFile, per_site: bool = False) -> str:
     lines += _errors(meta)
     if meta.get("report"):
         lines.append(f"{'report':<13} " + ", ".join(f"{k} {_num(v)}" for k, v in meta["report"].items()))
+    plan = meta["policy"].get("plan")
+    if plan:  # a searched plan (fit-priors --target-speedup): blocks down, steps across
+        searched = BlockPlan.from_dict(plan)
+        lines.append(f"{'plan':<13} {searched.blocks} blocks x {searched.steps} steps, {searched.fraction():.3f} of "
+                     "block evaluations computed ('#' computed, '.' forecast)")
+        lines += searched.picture().splitlines()
     channels = {p.a.numel() for p in priors.values()}
     lines.append(f"{'sites':<13} {len(priors)} ({', '.join(sorted({k[0] for k in priors}))}), "
                  f"{'/'.join(str(c) for c in sorted(channels))} channels")

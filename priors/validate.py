@@ -41,20 +41,23 @@ def check_policy(meta: dict[str, Any], policy: CachePolicy, file: str) -> None:
     if meta["policy_tag"] != policy.tag():
         raise PriorMismatch(f"{file} was fitted for cache policy {meta['policy_tag']}; this run uses {policy.tag()}. "
                             "Connect the same Cache Policy settings, or refit the priors for this policy.")
-    if policy.mode != "fixed":
+    if policy.mode == "dynamic":
         raise PriorMismatch("TCC priors need a fixed-interval policy: a dynamic policy reuses different steps for "
                             "every prompt. Set the Cache Policy mode to fixed.")
 
 
 def reuse_sites(policy: CachePolicy, sigmas: Sequence[float]) -> list[tuple[float, float, int]]:
     """(σ, staleness gap in σ, steps since the anchor) of every step the policy reuses on this schedule."""
-    plan = StepPlan(policy, len(sigmas) - 1)
-    sites, anchor = [], None
-    for s, full in enumerate(plan.full):
-        if full:
-            anchor = s
-        elif anchor is not None:
-            sites.append((sigmas[s], sigmas[anchor] - sigmas[s], s - anchor))
+    plan = StepPlan(policy, len(sigmas) - 1, sigmas)
+    rows = [plan.full] if plan.blocks is None else [[step[b] for step in plan.blocks] for b in range(len(plan.blocks[0]))]
+    sites = []
+    for row in rows:  # a searched plan: each block has its own anchors
+        anchor = None
+        for s, full in enumerate(row):
+            if full:
+                anchor = s
+            elif anchor is not None:
+                sites.append((sigmas[s], sigmas[anchor] - sigmas[s], s - anchor))
     return sites
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..calibration import CachePolicy
+from ..calibration import CachePolicy, RunStats
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import ChannelTable, FactorCache, StatsRecorder
 from ..calibration.fitting import FIT, FitRun, fit_plan, fit_tcc
+from ..calibration.speed_fit import FORECASTERS, SpeedFit, fit_for_speed
 from ..calibration.tcc import TccPriors, resolve_variant
 from ..priors import model_fingerprint
 from .evaluate import bench_inputs
@@ -92,3 +93,38 @@ def fit_testbed(model: DiT, policy: CachePolicy, samples: int, steps: int, cfg: 
     if recorder is not None:
         meta["icc_stats"] = {**recorder.summary(), "samples": samples, "seeds": [seed]}
     return priors, meta
+
+
+def fit_testbed_speed(model: DiT, base: CachePolicy, speedup: float, samples: int, steps: int, cfg: float,
+                      sampler: str = "euler", shift: float = 1.0, variant: str = "auto", seed: int = CALIBRATION_SEED,
+                      held_out: int = HELD_OUT, tcc: bool = True,
+                      forecasters: tuple[tuple[str, int], ...] = FORECASTERS,
+                      progress: Callable[[int, str], None] | None = None) -> tuple[SpeedFit, dict[str, Any]]:
+    """A searched plan, its forecaster and TCC priors for `speedup` (`calibration/speed_fit.py`) on `samples`
+    calibration requests, with the report's held-out figures on `held_out` other requests; and the prior metadata."""
+    parts = {FIT: bench_inputs(model, samples, seed)}
+    if held_out:
+        parts["held_out"] = bench_inputs(model, held_out, HELD_OUT_SEED)
+    sigmas = flow_sigmas(steps, shift)
+
+    def run(policy: CachePolicy | None, calibrator: Calibrator | None, part: str) -> tuple[Tensor, RunStats | None]:
+        labels, noise = parts[part]
+        out, state = sample(model, labels, noise, steps, cfg, sampler=sampler, policy=policy, sigmas=sigmas,
+                            calibrator=calibrator)
+        if progress is not None:
+            progress(len(labels), part)
+        return out, state.stats if state is not None else None
+
+    start = time.perf_counter()
+    fitted = fit_for_speed(run, base, sigmas.tolist(), len(model.blocks), speedup, forecasters, variant, tcc,
+                           held_out > 0)
+    report = {**fitted.report, "fit_s": time.perf_counter() - start}
+    policy = fitted.policy
+    meta = {"model": dit_fingerprint(model), "policy": policy.to_dict(), "policy_tag": policy.tag(),
+            "sigmas": sigmas.tolist(), "steps": steps, "sampler": sampler, "scheduler": f"flow_shift_{shift:g}",
+            "cfg": cfg, "samples": samples, "seeds": [seed], "pack_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "report": report}
+    if held_out:
+        meta.update(held_out=held_out, held_out_seeds=[HELD_OUT_SEED])
+    fitted.report = report
+    return fitted, meta

@@ -390,3 +390,33 @@ def test_the_report_says_plainly_when_priors_did_not_help_on_the_held_out_seeds(
                                 {fit_node.FIT: [0, 1], fit_node.HELD_OUT: [2]}, "p", None)
     assert "did not lower the error" not in helped and "(-40%)" in helped
     assert "did not lower the error" in hurt and "(+11%)" in hurt and "sample without them" in hurt
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return build_family("Flux")
+
+
+def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack, folders, flux):
+    model, positive, negative, latent = flux
+    out = pack[2].execute(model, policy_of(pack), positive, negative, {"samples": latent},
+                          **{**FIT, "samples": 3, "steps": 12}, target_speedup=3.0)
+    priors, text = out.result
+    meta = priors.meta
+    assert meta["policy"]["mode"] == "plan" and "searched plan for 3x" in text and "#" in text
+    report = meta["report"]
+    assert abs(report["plan_calibration_fraction"] - 1 / 3) <= 0.05 / 3
+    assert meta["seeds"] == [0, 1] and meta["held_out_seeds"] == [2]
+    name = priors.name
+    patched = pack[1].execute(model, prior_file=name).result[0]
+    session = session_of(patched)
+    assert session.policy.tag() == meta["policy_tag"]
+    full = run_sampler(model, positive, negative, latent, steps=12, cfg=2.0, seed=2)
+    cached = run_sampler(patched, positive, negative, latent, steps=12, cfg=2.0, seed=2)
+    assert rel_l2(cached, full) == pytest.approx(report["held_out_after"], rel=1e-4)
+    assert abs(session.last_report["compute_fraction"] - 1 / 3) <= 0.05 / 3
+
+
+def test_apply_without_a_policy_or_a_plan_file_names_the_fix(pack, flux):
+    with pytest.raises(ValueError, match="needs a Cache Policy"):
+        pack[1].execute(flux[0])

@@ -1,0 +1,176 @@
+"""Calibrate for a speed target: one fit that chooses the plan, the forecaster and the TCC priors.
+
+The runs, in order, all on the calibration (fitting) seeds but the last ones:
+
+1. one reference run that records every block's trajectory (`trajectories.py`); its output is full computation;
+2. one run of computing every block once (FORA): what a filled-in block still costs (an adaLN block's modulation);
+   then one probe run per group of blocks, skipping that group alone on a uniform interval: the measured error over the
+   predicted one is the group's gain (`search.py`'s error model);
+3. the search, per forecaster and error aggregate, then one run of each distinct searched plan: the plan with the
+   least measured error on the calibration seeds wins (the model ranks plans; a run decides between close ones);
+4. TCC priors fitted for the winning plan (`fitting.fit_tcc`: one fitting run, then full, uncalibrated and calibrated
+   runs on the held-out seeds, which no step above has seen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .calibrator import Calibrator
+from .errors import PolicyError
+from .fitting import FIT, FitRun, fit_plan, fit_tcc, rel_l2
+from .plan import BlockPlan
+from .policy import CachePolicy
+from .registry import make_forecaster
+from .search import AGGREGATES, Costs, Probe, gains, search, step_errors
+from .stats import RunStats
+from .tcc import FLOPS as TCC_FLOPS, TccPriors, resolve_variant
+from .trajectories import TrajectoryRecorder
+
+# (policy or None for full computation, calibrator, part) -> the part's final latents, and the run's statistics (None
+# for full computation)
+Run = Callable[[CachePolicy | None, Calibrator | None, str], tuple[Tensor, RunStats | None]]
+FORECASTERS = (("reuse", 1), ("taylor", 1), ("taylor", 2))
+PROBE_GROUPS = 8
+PROBE_WINDOWS = 4
+
+
+@dataclass
+class Candidate:
+    policy: CachePolicy
+    aggregate: str
+    predicted: float  # the model's squared relative error of the output
+    fraction: float  # predicted compute fraction
+    error: float = math.nan  # measured rel_l2 on the calibration seeds
+    measured_fraction: float = math.nan
+
+
+@dataclass
+class SpeedFit:
+    policy: CachePolicy
+    priors: TccPriors | None
+    report: dict[str, float]  # scalars, as a prior file's report holds them
+    candidates: list[Candidate] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)  # per block and step, from the probes
+
+
+def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS,
+             forecasters: int = len(FORECASTERS)) -> list[tuple[str, bool]]:
+    """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
+    runs = [(FIT, True)] * (2 + groups + windows) + [(FIT, True)] * forecasters * len(AGGREGATES)
+    if tcc:
+        runs += [(s.part, s.cached) for s in fit_plan("drift", 1, held_out)]
+    return runs
+
+
+def plan_policy(base: CachePolicy, plan: BlockPlan, forecaster: str = "reuse", order: int = 1) -> CachePolicy:
+    return dataclasses.replace(base, mode="plan", plan=plan, forecaster=forecaster, order=order, time_unit="step",
+                               warmup_steps=0, first_blocks=0, last_blocks=0, goc=None, icc=None)
+
+
+def uniform_row(steps: int, interval: int) -> str:
+    return "".join("1" if s % interval == 0 else "0" for s in range(steps))
+
+
+def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int, speedup: float,
+                  forecasters: tuple[tuple[str, int], ...] = FORECASTERS, variant: str = "auto", tcc: bool = True,
+                  held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS) -> SpeedFit:
+    """The plan, forecaster and priors for `speedup` (a target compute fraction of 1 / speedup); see the module."""
+    if not speedup > 1:
+        raise PolicyError(f"the target speedup must be above 1 (got {speedup}); 1 computes everything")
+    if base.granularity == "step":
+        raise PolicyError("a searched plan decides block by block: forecast block by block (granularity block)")
+    steps = len(sigmas) - 1
+    recorder = TrajectoryRecorder(steps)
+    everything_once = BlockPlan(tuple(sigmas), ("1" + "0" * (steps - 1),) * blocks)
+    reference, recorded = run(plan_policy(base, everything_once), recorder, FIT)
+    grams = recorder.grams()
+    elements = recorder.block_elements()
+    if not grams:
+        raise PolicyError("the recording run saw no block that can be skipped: nothing to plan")
+    _, once = run(plan_policy(base, everything_once), None, FIT)
+
+    weights, probes = _gains(run, base, sigmas, blocks, speedup, grams, reference, groups, windows)
+    candidates: list[Candidate] = []
+    seconds = 0.0
+    for forecaster, order in forecasters:
+        probe = plan_policy(base, everything_once, forecaster, order)
+        method = make_forecaster(probe)
+        history = order + 1 if forecaster == "taylor" else method.history
+        overhead = (2.0 * history if history > 1 else 0.0) + (TCC_FLOPS if tcc else 0.0)
+        costs = Costs(tuple(recorded.block_flops.get(b, 0.0) for b in range(blocks)),
+                      tuple(once.skipped_flops.get(b, 0.0) + overhead * elements.get(b, 0) for b in range(blocks)),
+                      recorded.outside_flops)
+        for aggregate in AGGREGATES:
+            found = search([grams.get(b) for b in range(blocks)], weights, sigmas, costs, 1.0 / speedup, method,
+                           history, aggregate)
+            seconds += found.seconds
+            policy = plan_policy(base, found.plan, forecaster, order)
+            if any(c.policy == policy for c in candidates):
+                continue
+            candidates.append(Candidate(policy, aggregate, found.predicted, found.fraction))
+    for c in candidates:
+        out, stats = run(c.policy, None, FIT)
+        c.error, c.measured_fraction = rel_l2(out, reference), stats.compute_fraction
+    best = min(candidates, key=lambda c: c.error)
+    report: dict[str, float] = {
+        "target_speedup": float(speedup), "plan_predicted_fraction": best.fraction,
+        "plan_calibration_fraction": best.measured_fraction, "plan_calibration_error": best.error,
+        "plan_predicted_error": math.sqrt(best.predicted), "plan_candidates": len(candidates),
+        "plan_rank_correlation": rank_correlation([c.predicted for c in candidates], [c.error for c in candidates]),
+        "plan_search_s": seconds, "plan_runs": 2 + probes + len(candidates)}
+    priors = None
+    if tcc:
+        def tcc_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
+            return run(best.policy if step.cached else None, calibrator, step.part)[0]
+
+        priors, tcc_report = fit_tcc(tcc_run, resolve_variant(variant, best.policy.forecaster), held_out=held_out)
+        report.update(tcc_report)
+        report["plan_runs"] += len(fit_plan("drift", 1, held_out))
+    return SpeedFit(best.policy, priors, report, candidates, weights)
+
+
+def _gains(run: Run, base: CachePolicy, sigmas: list[float], blocks: int, speedup: float,
+           grams: dict[int, Tensor], reference: Tensor, groups: int, windows: int) -> tuple[list[list[float]], int]:
+    """Per block and step, the weight of a squared error there in the output (`search.gains`), from probe runs that
+    skip (FORA, interval round(speedup)) one group of blocks on every step, or every block within one window of steps;
+    and the number of probe runs."""
+    steps = len(sigmas) - 1
+    interval = max(2, min(round(speedup), steps))
+    reuse = make_forecaster(CachePolicy(forecaster="reuse"))
+    size = math.ceil(blocks / min(groups, blocks))
+    block_groups = [list(range(first, min(first + size, blocks))) for first in range(0, blocks, size)]
+    length = math.ceil(steps / min(windows, steps))
+    step_windows = [list(range(first, min(first + length, steps))) for first in range(0, steps, length)]
+    probes = []
+    for kind, parts in (("group", block_groups), ("window", step_windows)):
+        for index, part in enumerate(parts):
+            if kind == "group":
+                rows = [uniform_row(steps, interval) if b in part else "1" * steps for b in range(blocks)]
+            else:
+                inside = "".join("1" if (s - part[0]) % interval == 0 else "0" for s in part)
+                rows = ["1" * part[0] + inside + "1" * (steps - part[-1] - 1)] * blocks
+            errors = {b: step_errors(grams[b], rows[b], reuse, 1) for b in grams if "0" in rows[b]}
+            if not errors:  # nothing there can be skipped
+                continue
+            out, _ = run(plan_policy(base, BlockPlan(tuple(sigmas), tuple(rows))), None, FIT)
+            measured = float(((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
+                              .clamp_min(1e-12)).square().mean())
+            probes.append(Probe(kind, index, errors, measured))
+    return gains(probes, sigmas, blocks, block_groups, step_windows), len(probes)
+
+
+def rank_correlation(predicted: list[float], measured: list[float]) -> float:
+    """Spearman's ρ (NaN with fewer than three points or no spread)."""
+    if len(predicted) < 3:
+        return math.nan
+    ranks = [torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (predicted, measured)]
+    a, b = (r - r.mean() for r in ranks)
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom else math.nan
