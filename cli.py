@@ -130,16 +130,20 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     out = _out(args, fitted.policy.tag())
     path = save_priors(out, fitted.priors, prior_meta)
     r = prior_meta["report"]
-    print(f"plan for {args.target_speedup:g}x: {fitted.policy.tag()}, compute fraction {r['plan_predicted_fraction']:.3f} "
+    print(f"searched plan for {args.target_speedup:g}x: {fitted.policy.tag()}, compute fraction {r['plan_predicted_fraction']:.3f} "
           f"predicted, {r['plan_calibration_fraction']:.3f} measured (target {1 / args.target_speedup:.3f})")
     print(fitted.policy.plan.picture())
     for c in fitted.candidates:
         print(f"  candidate {c.policy.tag()} ({c.aggregate}): predicted rel_l2 {c.predicted ** 0.5:.4f}, measured "
               f"{c.error:.4f} on the calibration requests")
+    print(f"refined by {int(r['plan_refine_runs'])} runs: {r['plan_searched_error']:.4f} -> "
+          f"{r['plan_calibration_error']:.4f} on the calibration requests")
     print(f"search {r['plan_search_s']:.2f} s; the fit took {r['fit_s']:.1f} s and {int(r['plan_runs'])} runs over "
           f"{args.samples} calibration requests ({args.held_out} held out)")
     print(f"rel_l2 against full computation on {args.held_out} held-out requests: {r['held_out_before']:.4f} with the "
-          f"plan alone, {r['held_out_after']:.4f} with its TCC priors")
+          f"plan alone, {r['held_out_after']:.4f} with its TCC priors"
+          + ("" if r["plan_priors"] else " (they did not lower the error on the calibration requests: the file holds "
+                                         "the plan alone)"))
     print(f"written {path}")
     return 0
 

@@ -180,6 +180,29 @@ MODULE_SITES: list[Column] = [("forecaster", lambda r: r["forecaster"]), ("inter
                               ("adherence", number("adherence", 3))]
 
 # name: (result file, command that measured it, rows, columns)
+def plan_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per target: the searched plan as fitted (with its priors when kept) against the best uniform row and the
+    dynamic policy (studies/plan_study.py)."""
+    rows = []
+    for r in report["rows"]:
+        plan, best, dynamic = r["plan"]["with_tcc"], r["best_uniform"], r["dynamic"]
+        rows.append({"target": f"{r['target']:g}×", "plan": r["plan"]["config"].split()[-1].split("_PLAN")[0],
+                     "plan_rel_l2": plan["rel_l2"], "plan_fd": plan["fd"], "plan_fraction": plan["fraction"],
+                     "uniform": best["config"], "uniform_rel_l2": best["rel_l2"], "uniform_fd": best["fd"],
+                     "uniform_fraction": best["fraction"], "change": f"{plan['rel_l2'] / best['rel_l2'] - 1:+.0%}",
+                     "dynamic": f"{dynamic['rel_l2']:.4f} ({dynamic['fraction']:.3f})",
+                     "fit": f"{r['fit_runs']:.0f} runs, {r['fit_s']:.0f} s"})
+    return rows
+
+
+PLANS: list[Column] = [("target", lambda r: r["target"]), ("searched", lambda r: r["plan"]),
+                       ("rel_l2", number("plan_rel_l2", 4)), ("fd", number("plan_fd", 2)),
+                       ("fraction", number("plan_fraction", 3)), ("best uniform", lambda r: r["uniform"]),
+                       ("its rel_l2", number("uniform_rel_l2", 4)), ("its fd", number("uniform_fd", 2)),
+                       ("its fraction", number("uniform_fraction", 3)), ("rel_l2 change", lambda r: r["change"]),
+                       ("dynamic (fraction)", lambda r: r["dynamic"]), ("fit", lambda r: r["fit"])]
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
     "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
                                                             "spectrum", "dmd", "fbcache")), QUALITY),
@@ -212,6 +235,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "flux-module-sites": ("flux_module_sites.json", "", lambda r: r["rows"], MODULE_SITES),
     "comfyui-fit-cost": ("comfyui_fit_cost.json", "", lambda r: r["rows"], FIT_COST),
     "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),
+    "testbed-plans": ("plans.json", "", plan_rows, PLANS),
 }
 
 

@@ -369,7 +369,11 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
         f"{1 / speedup:.3f})", policy.plan.picture(),
         *(f"candidate {c.policy.tag()}: rel L2 {c.error:.4f} on the fitting seeds (predicted {c.predicted ** 0.5:.4f})"
           for c in fitted.candidates),
+        f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} -> "
+        f"{report['plan_calibration_error']:.4f} on the fitting seeds",
         f"search {report['plan_search_s']:.2f} s, {int(report['plan_runs'])} samplings of the fitting seeds",
+        *([] if report["plan_priors"] else ["the priors did not lower the error on the fitting seeds: the file holds "
+                                            "the plan alone"]),
         report_text(report, resolve_variant(variant, policy.forecaster), policy.tag(), seeds, path, cost)])
     send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
                            "error_before": report["held_out_before"], "error_after": report["held_out_after"],

@@ -55,7 +55,8 @@ class CacheSession:
         self.memory = memory
         self.factors = factors  # ICC's factors: they outlive runs while the weights are unchanged
         self.priors = priors
-        self.calibrator: Calibrator | None = priors.priors if priors is not None else None  # Fit sets it per run
+        # Fit sets it per run; a searched plan's file may hold no priors (they did not help), and then nothing corrects
+        self.calibrator: Calibrator | None = priors.priors if priors is not None and priors.priors.priors else None
         self.family = family
         self.blocks = blocks
         self.node_id = node_id

@@ -104,7 +104,7 @@ def load_priors(path: str | Path) -> PriorFile:
         raise PriorFileError(f"{path.name} holds ICC channel statistics without their 'icc_stats' metadata: the file "
                              "is damaged; refit it")
     priors = {key: _checked(path.name, _site, key, g) for key, g in groups.items()}
-    if not priors:
+    if not priors and meta["policy"].get("plan") is None:  # a searched plan whose priors did not help has none
         raise PriorFileError(f"{path.name} holds no priors: refit them")
     widths: dict[tuple[int, str], int] = {}
     for (_, _, block, site), p in priors.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -63,8 +64,9 @@ def main() -> None:
         start = time.perf_counter()
         fitted, _ = fit_testbed_speed(model, CachePolicy(granularity="block"), target, args.fit_samples, steps, cfg)
         fit_s = time.perf_counter() - start
-        plan = {"config": f"searched plan {fitted.policy.tag()}", **evaluate(fitted.policy),
-                "with_tcc": evaluate(fitted.policy, fitted.priors)}
+        kept = fitted.priors if fitted.priors.priors else None  # priors that did not help on the fit are dropped
+        plan = {"config": f"searched plan {fitted.policy.tag()}", "priors_kept": kept is not None,
+                **evaluate(fitted.policy), "with_tcc": evaluate(fitted.policy, kept)}
         for c in fitted.candidates:
             predicted.append(c.predicted)
             measured.append(c.error ** 2)
@@ -91,7 +93,8 @@ def main() -> None:
                "dynamic": {"config": dynamic.tag(), **evaluate(dynamic)}, "report": fitted.report}
         rows.append(row)
         print(_line(row), flush=True)
-    result = {"provenance": provenance(), "machine": machine(), "samples": args.samples,
+    result = {"command": "python studies/plan_study.py " + " ".join(sys.argv[1:]), **provenance(),
+              "machine": machine(), "samples": args.samples,
               "fit_samples": args.fit_samples, "rows": rows,
               "rank_correlation": rank_correlation(predicted, measured)}
     print(f"rank correlation of predicted and measured error over {len(predicted)} searched candidates: "
@@ -115,7 +118,8 @@ def _dynamic(model, labels, noise, full, steps, cfg, sigmas, fraction) -> CacheP
 def _line(row: dict) -> str:
     plan, best, dyn = row["plan"], row["best_uniform"], row["dynamic"]
     uni = f"{best['config']} {best['rel_l2']:.4f} (fraction {best['fraction']:.3f})" if best else "none"
-    return (f"{row['target']:g}x: plan {plan['rel_l2']:.4f} / +TCC {plan['with_tcc']['rel_l2']:.4f} at "
+    return (f"{row['target']:g}x: plan {plan['rel_l2']:.4f} / as fitted (priors {'kept' if plan['priors_kept'] else 'dropped'}) "
+            f"{plan['with_tcc']['rel_l2']:.4f} at "
             f"{plan['fraction']:.3f}; best uniform {uni}; dynamic {dyn['rel_l2']:.4f} at {dyn['fraction']:.3f}; "
             f"fit {row['fit_s']:.1f} s, search {row['search_s']:.2f} s, {row['fit_runs']} runs")
 

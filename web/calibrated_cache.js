@@ -204,6 +204,14 @@ function showFitResult(node, r) {
     lines.push(line(`fitting seeds (optimistic): ${err(r.in_sample_before)} → ${err(r.in_sample_after)}` +
       change(r.in_sample_before, r.in_sample_after)));
   }
+  if (r.plan) {
+    // a fit for a target speedup: the searched plan, blocks down and steps across ('#' computed, '.' forecast)
+    lines.push(line(`searched plan · compute fraction ${r.fraction_predicted.toFixed(3)} predicted, ` +
+      `${r.fraction_measured.toFixed(3)} measured on the fitting seeds`));
+    const picture = line(r.plan);
+    Object.assign(picture.style, { fontFamily: "monospace", whiteSpace: "pre", lineHeight: "1.1" });
+    lines.push(picture);
+  }
   lines.push(Object.assign(line(`saved as ${r.path.split(/[\\/]/).pop()}`), { title: r.path }));
   show(node, "fit", lines, "result");
 }

@@ -12,7 +12,7 @@ from harness import POLICY, failure, fit_workflow, get, run_prompt, saved_latent
 def test_server_lists_the_pack_nodes_with_their_types(server):
     _, info, _, _ = server
     assert info["CalibratedCache_CachePolicy"]["output"] == ["CACHE_POLICY"]
-    assert info["CalibratedCache_Apply"]["input"]["required"]["policy"][0] == "CACHE_POLICY"
+    assert info["CalibratedCache_Apply"]["input"]["optional"]["policy"][0] == "CACHE_POLICY"  # a plan file suffices
     assert info["CalibratedCache_Apply"]["category"] == "sampling/calibrated cache"
 
 
@@ -32,8 +32,8 @@ def test_workflow_with_both_nodes_runs_cached_and_requeues_with_a_new_seed(serve
 def test_priors_fitted_in_one_prompt_are_loaded_by_name_in_another(server):
     url, info, model_name, log_path = server
     assert info["CalibratedCache_FitTCCPriors"]["output"] == ["TCC_PRIORS", "STRING"]
-    assert set(info["CalibratedCache_Apply"]["input"]["optional"]) == {"priors", "prior_file", "icc_rank", "icc_svd",
-                                                                         "cache_offload", "cache_limit_mb"}
+    assert set(info["CalibratedCache_Apply"]["input"]["optional"]) == {"policy", "priors", "prior_file", "icc_rank",
+                                                                         "icc_svd", "cache_offload", "cache_limit_mb"}
     assert model_name in info["CalibratedCache_FitTCCPriors"]["input"]["required"]["checkpoint"][1]["options"]
     fitted = run_prompt(url, fit_workflow(model_name))
     assert fitted["status"]["status_str"] == "success", failure(fitted)
