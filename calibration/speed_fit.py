@@ -1,15 +1,15 @@
 """Calibrate for a speed target: one fit that chooses the plan, the forecaster and the TCC priors.
 
-The runs, in order, all on the calibration (fitting) seeds but the last ones:
+The runs, in order, all on the calibration (fitting) seeds but the held-out ones of the last step:
 
 1. one reference run that records every block's trajectory (`trajectories.py`); its output is full computation;
-2. one run of computing every block once (FORA): what a filled-in block still costs (an adaLN block's modulation);
-   then one probe run per group of blocks, skipping that group alone on a uniform interval: the measured error over the
-   predicted one is the group's gain (`search.py`'s error model);
+2. one run computing every block once (FORA): what a filled-in block still costs (an adaLN block's modulation);
+   then probe runs that skip one group of blocks, or every block within one window of steps, alone: they fit how much
+   an error there weighs in the output (`search.gains`);
 3. the search, per forecaster and error aggregate, then one run of each distinct searched plan: the plan with the
-   least measured error on the calibration seeds wins (the model ranks plans; a run decides between close ones);
-4. a local search from it on the calibration seeds (`_refine`): computed steps moved by one, kept where they measure
-   better, within a budget of runs;
+   least measured error wins (the model ranks plans; a run decides between close ones);
+4. a local search from it (`_refine`): computed steps moved by one, kept where they measure better, within a budget
+   of runs;
 5. TCC priors fitted for the winning plan (`fitting.fit_tcc`: one fitting run, then full, uncalibrated and calibrated
    runs on the held-out seeds, which no step above has seen, and the same on the fitting seeds). Priors that do not
    lower the error on the fitting seeds are dropped: the file then holds the plan alone.
@@ -58,7 +58,7 @@ class Candidate:
 @dataclass
 class SpeedFit:
     policy: CachePolicy
-    priors: TccPriors | None
+    priors: TccPriors  # empty when they did not help on the fitting seeds
     report: dict[str, float]  # scalars, as a prior file's report holds them
     candidates: list[Candidate] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)  # per block and step, from the probes
@@ -131,21 +131,21 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
         "plan_searched_error": searched.error, "plan_predicted_error": math.sqrt(searched.predicted),
         "plan_candidates": len(candidates), "plan_refine_runs": moves,
         "plan_rank_correlation": rank_correlation([c.predicted for c in candidates], [c.error for c in candidates]),
-        "plan_search_s": seconds, "plan_runs": 2 + probes + len(candidates) + moves}
-    priors = None
+        "plan_search_s": seconds, "plan_runs": 2 + probes + len(candidates) + moves, "plan_priors": 0.0}
+    variant = resolve_variant(variant, best.policy.forecaster)
+    priors = TccPriors({}, variant)
     if tcc:
         def tcc_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
             return run(best.policy if step.cached else None, calibrator, step.part)[0]
 
-        priors, tcc_report = fit_tcc(tcc_run, resolve_variant(variant, best.policy.forecaster), held_out=held_out,
-                                     verify=True)
+        fitted, tcc_report = fit_tcc(tcc_run, variant, held_out=held_out, verify=True)
         report.update(tcc_report)
         report["plan_runs"] += len(fit_plan("drift", 1, held_out, verify=True))
         # Priors that do not even lower the error on the seeds they were fitted on are dropped (the decision reads no
         # held-out seed): the plan runs uncorrected, and in spans.
         report["plan_priors"] = float(tcc_report["in_sample_after"] < tcc_report["in_sample_before"])
-        if not report["plan_priors"]:
-            priors = TccPriors({}, priors.variant)
+        if report["plan_priors"]:
+            priors = fitted
     return SpeedFit(best.policy, priors, report, candidates, weights)
 
 

@@ -94,7 +94,7 @@ def main() -> None:
         rows.append(row)
         print(_line(row), flush=True)
     result = {"command": "python studies/plan_study.py " + " ".join(sys.argv[1:]), **provenance(),
-              "machine": machine(), "samples": args.samples,
+              "machine": machine("cpu"), "samples": args.samples,
               "fit_samples": args.fit_samples, "rows": rows,
               "rank_correlation": rank_correlation(predicted, measured)}
     print(f"rank correlation of predicted and measured error over {len(predicted)} searched candidates: "

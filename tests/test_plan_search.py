@@ -13,7 +13,8 @@ from calibrated_cache.calibration.search import TOLERANCE, Costs, search, step_e
 from calibrated_cache.calibration.speed_fit import plan_policy, uniform_row
 from calibrated_cache.calibration.taylor import TaylorForecaster
 from calibrated_cache.calibration.trajectories import Sketcher
-from calibrated_cache.priors import PriorMismatch, check_schedule, load_priors, save_priors
+from calibrated_cache.calibration.tcc import TccPriors
+from calibrated_cache.priors import PriorFileError, PriorMismatch, check_schedule, load_priors, save_priors
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.fit_priors import fit_testbed_speed
 from calibrated_cache.testbed.sampling import flow_sigmas, sample
@@ -136,10 +137,13 @@ def test_a_fit_for_a_target_speedup_lands_within_five_percent_of_it_and_reports_
     assert abs(report["plan_calibration_fraction"] - 1 / 3) <= 0.05 / 3
     assert abs(report["plan_predicted_fraction"] - report["plan_calibration_fraction"]) < 0.01
     assert report["held_out_before"] > 0 and report["plan_runs"] >= 10 and report["plan_search_s"] > 0
+    assert report["plan_calibration_error"] <= report["plan_searched_error"]  # refinement keeps only improvements
+    assert bool(fitted.priors.priors) == bool(report["plan_priors"])
+    assert (report["in_sample_after"] < report["in_sample_before"]) == bool(report["plan_priors"])
     assert meta["seeds"] != meta["held_out_seeds"]
     labels, noise = bench_inputs(model, 4, 5)
     _, run = sample(model, labels, noise, 12, 2.0, policy=fitted.policy, sigmas=flow_sigmas(12),
-                    calibrator=fitted.priors)
+                    calibrator=fitted.priors if fitted.priors.priors else None)
     assert abs(run.stats.compute_fraction - 1 / 3) <= 0.05 / 3
 
 
@@ -162,3 +166,16 @@ def test_the_weight_table_matches_the_forecasters_own_weights():
         real = [x for x in (a, b, c) if x < 8]
         expected = TaylorForecaster(2).weights([float(x) for x in real], float(s))
         assert np.allclose(w[3 - len(real):], expected)
+
+
+def test_a_plan_file_may_hold_no_priors_and_any_other_file_may_not(speed_fit, tmp_path):
+    """Priors that did not help on the fit are dropped: the file carries the plan alone."""
+    _, fitted, meta = speed_fit
+    empty = TccPriors({}, "drift")
+    path = save_priors(tmp_path / "plan-only.tcc.safetensors", empty, meta)
+    assert load_priors(path).priors.priors == {}
+    fixed = CachePolicy(interval=3, granularity="block")
+    other = save_priors(tmp_path / "fixed.tcc.safetensors", empty,
+                        {**meta, "policy": fixed.to_dict(), "policy_tag": fixed.tag()})
+    with pytest.raises(PriorFileError, match="holds no priors"):
+        load_priors(other)
