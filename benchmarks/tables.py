@@ -203,6 +203,26 @@ PLANS: list[Column] = [("target", lambda r: r["target"]), ("searched", lambda r:
                        ("dynamic (fraction)", lambda r: r["dynamic"]), ("fit", lambda r: r["fit"])]
 
 
+def scenes_plan_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per target: the searched plan as fitted, the best uniform row at no more compute, the dynamic policy and
+    LazyCache tuned to the plan's compute (studies/scenes_plans.py)."""
+    rows = []
+    for t in report["targets"]:
+        by_method = {r["method"]: r for r in t["rows"]}
+        best = t["best_uniform"]
+        for label, r in (("searched plan", by_method["plan+tcc"]),
+                         (f"best uniform: {best['method']} {params(best)}" if best else "best uniform: none", best),
+                         ("dynamic (fbcache)", by_method["fbcache"]), ("LazyCache", by_method["lazycache"])):
+            if r is not None:
+                rows.append({**r, "speedup": f"{t['target']:g}×", "config": label})
+    return rows
+
+
+SCENES_PLANS: list[Column] = [("target", lambda r: r["speedup"]), ("config", lambda r: r["config"]),
+                              ("compute fraction", number("compute_fraction", 3)), ("rel_l2", number("rel_l2", 3)),
+                              ("adherence", number("adherence", 2)), ("fd", number("fd", 2))]
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
     "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
                                                             "spectrum", "dmd", "fbcache")), QUALITY),
@@ -236,6 +256,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "comfyui-fit-cost": ("comfyui_fit_cost.json", "", lambda r: r["rows"], FIT_COST),
     "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),
     "testbed-plans": ("plans.json", "", plan_rows, PLANS),
+    "scenes-plans": ("scenes_plans.json", "", scenes_plan_rows, SCENES_PLANS),
+    "scenes-plans-matched": ("scenes_plans_matched.json", "", scenes_plan_rows, SCENES_PLANS),
 }
 
 

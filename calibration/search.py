@@ -9,12 +9,13 @@ steps. Within a step the blocks' errors add as squares ("squares") or as norms (
 they are; the caller picks between the two plans by a real run.
 
 Search. Plans are aligned: a step computes every block or none, apart from blocks computed on every step (the first
-and last few, as a uniform policy's first/last blocks). A block computed at a step where the one before it was filled
-in would anchor on a hidden state carrying that forecast's error, which no open-loop model sees: staggered per-block
-plans searched this way measured 1.5 to 2.6 times the error of a uniform interval on the testbed (docs/methods.md).
-For each choice of first/last blocks, a dynamic program over the last `history` anchor steps gives the least error for
-every count of computed steps (the first step is always one; exact for FORA and TaylorSeer up to order 2); the budget
-fixes the count: the one whose compute fraction is nearest the target, within 5% of it. Uniform intervals, warm-up and first/last blocks are all plans the search can return.
+and last few, as a uniform policy's first/last blocks). A block computed at a step where the one before it was
+filled in would anchor on a hidden state carrying that forecast's error, which no open-loop model sees: staggered
+per-block plans searched this way measured 1.4 to 2.1 times the error of a uniform interval on the testbed
+(docs/methods.md). For each choice of first/last blocks, a dynamic program over the last `history` anchor steps
+gives the least error for every count of computed steps (the first step is always one; exact for FORA and TaylorSeer
+up to order 2); the budget fixes the count: the one whose compute fraction is nearest the target, within 5% of it.
+Uniform intervals, warm-up and first/last blocks are all plans the search can return.
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ class RunState:
         self.clock = StepClock(sigmas)
         self.plan = StepPlan(policy, self.clock.steps, self.clock.sigmas)
         if policy.plan is not None and policy.plan.blocks != blocks:
-            raise PolicyError(f"the policy's plan was searched for a model with {policy.plan.blocks} blocks; this model "
-                              f"has {blocks}: fit a plan for this model (Fit TCC Priors with a target speedup)")
+            raise PolicyError(f"the policy's plan was searched for a model with {policy.plan.blocks} blocks; this "
+                              f"model has {blocks}: fit a plan for this model (Fit TCC Priors with a target speedup)")
         self.span = (0.0, float(self.clock.steps)) if policy.time_unit == "step" else (
             float(self.clock.sigmas[-1]), float(self.clock.sigmas[0]))
         self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))

@@ -374,7 +374,8 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
         f"search {report['plan_search_s']:.2f} s, {int(report['plan_runs'])} samplings of the fitting seeds",
         *([] if report["plan_priors"] else ["the priors did not lower the error on the fitting seeds: the file holds "
                                             "the plan alone"]),
-        report_text(report, resolve_variant(variant, policy.forecaster), policy.tag(), seeds, path, cost)])
+        *(line for line in report_text(report, resolve_variant(variant, policy.forecaster), policy.tag(), seeds, path,
+                                       cost).splitlines() if report["plan_priors"] or line != NO_GAIN)])
     send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
                            "error_before": report["held_out_before"], "error_after": report["held_out_after"],
                            "fitted_seeds": fitted_seeds, "held_out_seeds": seeds[HELD_OUT],
