@@ -114,6 +114,7 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     if base.goc is not None or base.icc is not None or args.forecaster != "reuse" or args.interval != 3:
         raise SystemExit("error: --target-speedup chooses the schedule and the forecaster itself; drop --interval, "
                          "--forecaster, --goc-weight and --icc-rank")
+    out = _out(args, f"SPEEDUP{args.target_speedup:g}")  # the plan's tag is known only at the end
     model, meta = load_dit()
     steps = args.steps or int(meta["bench_steps"])
     cfg = float(meta["bench_cfg"]) if args.cfg is None else args.cfg
@@ -127,7 +128,6 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
         raise SystemExit(f"error: {err}") from None
     finally:
         progress.close()
-    out = _out(args, fitted.policy.tag())
     path = save_priors(out, fitted.priors, prior_meta)
     r = prior_meta["report"]
     print(f"searched plan for {args.target_speedup:g}x: {fitted.policy.tag()}, compute fraction {r['plan_predicted_fraction']:.3f} "
@@ -226,7 +226,8 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-speedup", type=float, metavar="S",
                      help="search the plan (which steps compute), the forecaster and the priors for S times fewer "
                           "FLOPs, instead of fitting priors for the policy given by --interval/--forecaster")
-    fit.add_argument("--out", help="prior file (default dit.<policy tag>.tcc.safetensors)")
+    fit.add_argument("--out", help="prior file (default dit.<policy tag>.tcc.safetensors, with --target-speedup S "
+                                   "dit.SPEEDUP<S>.tcc.safetensors)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing file")
     fit.set_defaults(run=_fit_priors)
 

@@ -327,6 +327,12 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
         raise ValueError("the model given to Fit TCC Priors already went through Apply Calibrated Cache, so its full "
                          "computation would be cached too. Connect the model from before Apply Calibrated Cache.")
     seeds = split_seeds(seed, samples, held_out)
+    # named after the target, not the plan (known only at the end), so an existing file is refused before the fit
+    path = folders.target_path(checkpoint, f"SPEEDUP{speedup:g}_{block_policy(base).tag().split('_')[-1]}",
+                               save_to == BESIDE)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists. Enable overwrite to refit it, or rename the existing file to "
+                         "keep it.")
     sigmas = sigmas_for(model, sampler_name, scheduler, steps)
     clone, session = patch_model(model, base)
     node_id = getattr(cls.hidden, "unique_id", None)
@@ -346,10 +352,6 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     except PolicyError as err:
         raise ValueError(str(err)) from None
     policy = fitted.policy
-    path = folders.target_path(checkpoint, policy.tag(), save_to == BESIDE)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path} already exists. Enable overwrite to refit it, or rename the existing file to "
-                         "keep it.")
     elapsed = time.monotonic() - runs.started
     cost = elapsed / runs.full_seconds if runs.full_seconds else None
     report = {**fitted.report, "fit_s": elapsed, **({"fit_cost_samplings": cost} if cost is not None else {})}
