@@ -188,3 +188,18 @@ def test_the_version_of_pyproject_the_package_and_a_fitted_files_provenance_agre
                  "--out", "p.tcc.safetensors"]) == 0
     meta = read_metadata(tmp_path / "p.tcc.safetensors")
     assert meta["pack_version"] == __version__
+
+
+def test_fit_priors_for_a_target_speedup_writes_the_plan_and_inspect_draws_it(tmp_path, capsys):
+    out = tmp_path / "plan.tcc.safetensors"
+    assert main(["fit-priors", "--target-speedup", "3", "--granularity", "block", "--samples", "8", "--held-out", "4",
+                 "--steps", "12", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "searched plan for 3x" in printed and "refined by" in printed and str(out) in printed
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "8 blocks x 12 steps" in shown and shown.count("#") >= 12
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main(["fit-priors", "--target-speedup", "3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="chooses the schedule and the forecaster itself"):
+        main(["fit-priors", "--target-speedup", "3", "--forecaster", "taylor", "--out", str(tmp_path / "x")])
