@@ -61,7 +61,6 @@ class SpeedFit:
     priors: TccPriors  # empty when they did not help on the fitting seeds
     report: dict[str, float]  # scalars, as a prior file's report holds them
     candidates: list[Candidate] = field(default_factory=list)
-    weights: list[list[float]] = field(default_factory=list)  # per block and step, from the probes
 
 
 def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS,
@@ -146,7 +145,7 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
         report["plan_priors"] = float(tcc_report["in_sample_after"] < tcc_report["in_sample_before"])
         if report["plan_priors"]:
             priors = fitted
-    return SpeedFit(best.policy, priors, report, candidates, weights)
+    return SpeedFit(best.policy, priors, report, candidates)
 
 
 def _refine(run: Run, start: Candidate, reference: Tensor, budget: int) -> tuple[Candidate, int]:

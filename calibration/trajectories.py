@@ -4,7 +4,8 @@ A weighted forecaster's value at step s is Σ_a w_a·v(a) over anchor steps a, s
 computed value is wᵀG[A, A]w − 2wᵀG[A, s] + G[s, s] with G[i, j] = ⟨v(i), v(j)⟩ summed over samples and branches:
 one S × S matrix per block answers every plan and forecaster exactly. Values larger than `SKETCH` elements are
 count-sketched first (a fixed random hash and sign per element), which keeps inner products unbiased and the memory
-at `SKETCH` floats per site and step, whatever the latent size.
+at `SKETCH` floats per site, step and branch, whatever the latent size (in CPU memory: about 1.4 GB for Flux's 57
+blocks at 28 steps with CFG).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class TrajectoryRecorder(Calibrator):
         self._run: dict[tuple[int, str, str], dict[int, Tensor]] = {}
         self._grams: dict[tuple[int, str], Tensor] = {}
         self.elements: dict[tuple[int, str], int] = {}  # per sample and branch
-        self.runs = 0
 
     def start(self) -> None:
         self._fold()
@@ -65,7 +65,8 @@ class TrajectoryRecorder(Calibrator):
         self._keep(site, value)
 
     def _keep(self, site: Site, value: Tensor) -> None:
-        self._run.setdefault((site.block, site.name, site.role), {})[site.step] = self.sketch(value)
+        # kept in CPU memory until the run ends: every site at every step, SKETCH floats each at most
+        self._run.setdefault((site.block, site.name, site.role), {})[site.step] = self.sketch(value).cpu()
         self.elements[(site.block, site.name)] = value[0].numel()
 
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
@@ -79,8 +80,6 @@ class TrajectoryRecorder(Calibrator):
             gram = x @ x.T
             key = (block, name)
             self._grams[key] = self._grams[key] + gram if key in self._grams else gram
-        if self._run:
-            self.runs += 1
         self._run = {}
 
     def grams(self) -> dict[int, Tensor]:

@@ -397,7 +397,7 @@ def flux():
     return build_family("Flux")
 
 
-def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack, folders, flux):
+def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack, folders, flux, wan):
     model, positive, negative, latent = flux
     out = pack[2].execute(model, policy_of(pack), positive, negative, {"samples": latent},
                           **{**FIT, "samples": 3, "steps": 12}, target_speedup=3.0)
@@ -417,6 +417,8 @@ def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack
     expected = report["held_out_after"] if report["plan_priors"] else report["held_out_before"]
     assert rel_l2(cached, full) == pytest.approx(expected, rel=1e-4)
     assert abs(session.last_report["compute_fraction"] - 1 / 3) <= 0.05 / 3
+    with pytest.raises(ValueError, match="fitted for another model"):  # the plan's file belongs to its model
+        pack[1].execute(wan[0], prior_file=name)
 
 
 def test_apply_without_a_policy_or_a_plan_file_names_the_fix(pack, flux):
