@@ -58,9 +58,26 @@ def check_fittable(model: ModelPatcher, policy: CachePolicy) -> None:
     if policy.computes_everything():
         raise ValueError("Fit TCC Priors needs a policy that reuses: interval 1 computes every step, so there is "
                          "nothing to calibrate. Set the Cache Policy interval to 2 or more.")
+    check_unpatched(model)
+
+
+def check_unpatched(model: ModelPatcher) -> None:
     if model.get_wrappers(WrappersMP.OUTER_SAMPLE, KEY):
         raise ValueError("the model given to Fit TCC Priors already went through Apply Calibrated Cache, so its full "
                          "computation would be cached too. Connect the model from before Apply Calibrated Cache.")
+
+
+def prior_meta(model: ModelPatcher, family: str, checkpoint: str, policy: CachePolicy, sigmas: Tensor, steps: int,
+               sampler_name: str, scheduler: str, cfg: float, seeds: dict[str, list[int]], report: dict) -> dict:
+    """A fit's provenance, as its prior file records it."""
+    identity = fingerprint(model, family)
+    if checkpoint != folders.NONE:
+        identity["name"] = checkpoint
+    return {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
+            "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
+            "cfg": cfg, "samples": len(seeds[FIT]), "seeds": seeds[FIT], "held_out": len(seeds[HELD_OUT]),
+            "held_out_seeds": seeds[HELD_OUT], "pack_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report}
 
 
 def sigmas_for(model: ModelPatcher, sampler_name: str, scheduler: str, steps: int) -> Tensor:
@@ -279,9 +296,6 @@ class FitTccPriorsNode(io.ComfyNode):
         record_linears(full, session.blocks, recording.recorder, recording.target)
         if policy.icc is None:  # its fitting runs compute every block: they record; ICC's need statistics first
             record_linears(clone, session.blocks, recording.recorder, recording.target)
-        identity = fingerprint(model, session.family.name)
-        if checkpoint != folders.NONE:
-            identity["name"] = checkpoint
         sigmas = sigmas_for(model, sampler_name, scheduler, steps)
         node_id = getattr(cls.hidden, "unique_id", None)
         statistics = policy.icc is not None
@@ -292,11 +306,8 @@ class FitTccPriorsNode(io.ComfyNode):
         cost = elapsed / runs.full_seconds if runs.full_seconds else None
         report = {**report, "fit_s": elapsed, **({"fit_cost_samplings": cost} if cost is not None else {})}
         fitted = seeds[FIT]
-        meta = {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
-                "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name,
-                "scheduler": scheduler, "cfg": cfg, "samples": len(fitted), "seeds": fitted,
-                "held_out": len(seeds[HELD_OUT]), "held_out_seeds": seeds[HELD_OUT], "pack_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report,
+        meta = {**prior_meta(model, session.family.name, checkpoint, policy, sigmas, steps, sampler_name, scheduler,
+                             cfg, seeds, report),
                 "icc_stats": {**recording.recorder.summary(), "samples": 1, "seeds": fitted[:1]}}
         save_priors(path, priors, meta, recording.recorder.table())
         text = report_text(report, variant, policy.tag(), seeds, path, cost)
@@ -324,9 +335,7 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
                          "icc_rank to 0 and connect a Cache Policy without a GOC Corrector")
     if base.granularity == "step":
         raise ValueError("a searched plan decides block by block: set the Cache Policy granularity to block")
-    if model.get_wrappers(WrappersMP.OUTER_SAMPLE, KEY):
-        raise ValueError("the model given to Fit TCC Priors already went through Apply Calibrated Cache, so its full "
-                         "computation would be cached too. Connect the model from before Apply Calibrated Cache.")
+    check_unpatched(model)
     seeds = split_seeds(seed, samples, held_out)
     # named after the target, not the plan (known only at the end), so an existing file is refused before the fit
     path = folders.target_path(checkpoint, f"SPEEDUP{speedup:g}_{block_policy(base).tag().split('_')[-1]}",
@@ -356,15 +365,9 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     elapsed = time.monotonic() - runs.started
     cost = elapsed / runs.full_seconds if runs.full_seconds else None
     report = {**fitted.report, "fit_s": elapsed, **({"fit_cost_samplings": cost} if cost is not None else {})}
-    identity = fingerprint(model, session.family.name)
-    if checkpoint != folders.NONE:
-        identity["name"] = checkpoint
     fitted_seeds = seeds[FIT]
-    meta = {"model": identity, "policy": policy.to_dict(), "policy_tag": policy.tag(),
-            "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
-            "cfg": cfg, "samples": len(fitted_seeds), "seeds": fitted_seeds, "held_out": len(seeds[HELD_OUT]),
-            "held_out_seeds": seeds[HELD_OUT], "pack_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report}
+    meta = prior_meta(model, session.family.name, checkpoint, policy, sigmas, steps, sampler_name, scheduler, cfg,
+                      seeds, report)
     save_priors(path, fitted.priors, meta)
     text = "\n".join([
         f"searched plan for {speedup:g}x: {policy.tag()}, compute fraction {report['plan_predicted_fraction']:.3f} "

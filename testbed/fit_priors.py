@@ -58,9 +58,7 @@ def fit_testbed(model: DiT, policy: CachePolicy, samples: int, steps: int, cfg: 
     fitted ones. A policy with ICC is fitted on ICC's output, with `factors`, or else with factors from the channel
     statistics that `recorder` records in the fit's first run (a full computation first, for such a policy).
     `progress(requests, purpose)` is told of every batch sampled. `full_trajectory`: mm's ablation (see TccFit)."""
-    parts = {FIT: bench_inputs(model, samples, seed)}
-    if held_out:
-        parts["held_out"] = bench_inputs(model, held_out, HELD_OUT_SEED)
+    parts = requests(model, samples, seed, held_out)
     sigmas = flow_sigmas(steps, shift)
     current = {"factors": factors}
 
@@ -84,12 +82,7 @@ def fit_testbed(model: DiT, policy: CachePolicy, samples: int, steps: int, cfg: 
         raise ValueError("a policy with ICC needs `factors`, or a `recorder` for the channel statistics")
     priors, report = fit_tcc(run, resolve_variant(variant, policy.forecaster), sequential, rounds, held_out > 0, verify,
                              statistics, full_trajectory)
-    meta = {"model": dit_fingerprint(model), "policy": policy.to_dict(), "policy_tag": policy.tag(),
-            "sigmas": sigmas.tolist(), "steps": steps, "sampler": sampler, "scheduler": f"flow_shift_{shift:g}",
-            "cfg": cfg, "samples": samples, "seeds": [seed], "pack_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "report": report}
-    if held_out:
-        meta.update(held_out=held_out, held_out_seeds=[HELD_OUT_SEED])
+    meta = prior_meta(model, policy, sigmas, sampler, shift, cfg, samples, seed, held_out, report)
     if recorder is not None:
         meta["icc_stats"] = {**recorder.summary(), "samples": samples, "seeds": [seed]}
     return priors, meta
@@ -102,9 +95,7 @@ def fit_testbed_speed(model: DiT, base: CachePolicy, speedup: float, samples: in
                       progress: Callable[[int, str], None] | None = None) -> tuple[SpeedFit, dict[str, Any]]:
     """A searched plan, its forecaster and TCC priors for `speedup` (`calibration/speed_fit.py`) on `samples`
     calibration requests, with the report's held-out figures on `held_out` other requests; and the prior metadata."""
-    parts = {FIT: bench_inputs(model, samples, seed)}
-    if held_out:
-        parts["held_out"] = bench_inputs(model, held_out, HELD_OUT_SEED)
+    parts = requests(model, samples, seed, held_out)
     sigmas = flow_sigmas(steps, shift)
 
     def run(policy: CachePolicy | None, calibrator: Calibrator | None, part: str) -> tuple[Tensor, RunStats | None]:
@@ -118,13 +109,26 @@ def fit_testbed_speed(model: DiT, base: CachePolicy, speedup: float, samples: in
     start = time.perf_counter()
     fitted = fit_for_speed(run, base, sigmas.tolist(), len(model.blocks), speedup, forecasters, variant, tcc,
                            held_out > 0)
-    report = {**fitted.report, "fit_s": time.perf_counter() - start}
-    policy = fitted.policy
+    fitted.report = {**fitted.report, "fit_s": time.perf_counter() - start}
+    return fitted, prior_meta(model, fitted.policy, sigmas, sampler, shift, cfg, samples, seed, held_out, fitted.report)
+
+
+def requests(model: DiT, samples: int, seed: int, held_out: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """The fit's requests (noise seed `seed`) and, when `held_out`, the held-out ones (HELD_OUT_SEED), by part."""
+    parts = {FIT: bench_inputs(model, samples, seed)}
+    if held_out:
+        parts["held_out"] = bench_inputs(model, held_out, HELD_OUT_SEED)
+    return parts
+
+
+def prior_meta(model: DiT, policy: CachePolicy, sigmas: Tensor, sampler: str, shift: float, cfg: float, samples: int,
+               seed: int, held_out: int, report: dict[str, Any]) -> dict[str, Any]:
+    """A testbed fit's provenance, as its prior file records it."""
     meta = {"model": dit_fingerprint(model), "policy": policy.to_dict(), "policy_tag": policy.tag(),
-            "sigmas": sigmas.tolist(), "steps": steps, "sampler": sampler, "scheduler": f"flow_shift_{shift:g}",
-            "cfg": cfg, "samples": samples, "seeds": [seed], "pack_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "report": report}
+            "sigmas": sigmas.tolist(), "steps": len(sigmas) - 1, "sampler": sampler,
+            "scheduler": f"flow_shift_{shift:g}", "cfg": cfg, "samples": samples, "seeds": [seed],
+            "pack_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "report": report}
     if held_out:
         meta.update(held_out=held_out, held_out_seeds=[HELD_OUT_SEED])
-    fitted.report = report
-    return fitted, meta
+    return meta
