@@ -149,25 +149,31 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
 
 
 def _refine(run: Run, start: Candidate, reference: Tensor, budget: int) -> tuple[Candidate, int]:
-    """Local search on the calibration seeds: move one computed step of the plan's shared row one step earlier or
-    later (same count, so the same compute) and keep a move that lowers the measured error, until no move helps or
-    `budget` runs are spent. The model's plan is a good start, not the optimum: it ranks plans, and steps one apart
-    differ by less than it resolves."""
+    """Local search on the calibration seeds: move one computed step of the plan one step earlier or later in every
+    block that does not compute every step (same count, so the same compute; a move onto a step where a prefix is
+    computed is not made, since it would change the count), and keep a move that lowers the measured error, until no
+    move helps or `budget` runs are spent; a plan is measured once. The model's plan is a good start, not the optimum:
+    it ranks plans, and steps one apart differ by less than it resolves."""
     best, runs = start, 0
+    tried = {start.policy.plan.rows}
     improved = True
     while improved and runs < budget:
         improved = False
         rows = best.policy.plan.rows
-        shared = max(set(rows), key=lambda r: r.count("0"))  # the row of the blocks the plan skips
-        computed = [s for s, c in enumerate(shared) if c == "1"]
-        for s in computed[1:]:
+        moving = [b for b, r in enumerate(rows) if "0" in r]
+        shared = max((rows[b] for b in moving), key=lambda r: r.count("0"))  # the row of the blocks skipped most
+        for s in [s for s, c in enumerate(shared) if c == "1"][1:]:
             for to in (s - 1, s + 1):
-                if runs >= budget or to <= 0 or to >= len(shared) or shared[to] == "1":
+                if runs >= budget or to <= 0 or to >= len(shared) or any(rows[b][to] == "1" for b in moving):
                     continue
-                row = shared[:s] + "0" + shared[s + 1:]
-                row = row[:to] + "1" + row[to + 1:]
-                plan = dataclasses.replace(best.policy.plan, rows=tuple(row if r == shared else r for r in rows))
-                policy = dataclasses.replace(best.policy, plan=plan)
+                moved = list(rows)
+                for b in moving:
+                    moved[b] = rows[b][:s] + "0" + rows[b][s + 1:]
+                    moved[b] = moved[b][:to] + "1" + moved[b][to + 1:]
+                if tuple(moved) in tried:
+                    continue
+                tried.add(tuple(moved))
+                policy = dataclasses.replace(best.policy, plan=dataclasses.replace(best.policy.plan, rows=tuple(moved)))
                 out, stats = run(policy, None, FIT)
                 runs += 1
                 error = rel_l2(out, reference)

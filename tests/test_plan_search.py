@@ -73,6 +73,43 @@ def test_the_search_never_exceeds_the_budget(seed):
             assert found.fraction <= target * (1 + TOLERANCE) + 1e-12
 
 
+def test_what_whole_steps_leave_below_the_target_is_spent_on_prefixes_of_filled_in_steps():
+    """7 of 24 steps cost 0.292 of a 0.3 target: the rest goes to blocks at the front of skipped steps."""
+    blocks = 6
+    x = torch.randn(STEPS, 30, generator=torch.Generator().manual_seed(4), dtype=torch.float64).cumsum(0)
+    costs = Costs((1.0,) * blocks, (0.0,) * blocks, 0.0)
+    weights = [[1.0] * STEPS] * blocks
+    found = search([x @ x.T] * blocks, weights, SIGMAS, costs, 0.3, ReuseForecaster(), 1)
+    whole_steps = min(found.plan.rows, key=lambda r: r.count("1")).count("1")
+    assert whole_steps == 7 and 7 / 24 < found.fraction <= 0.3
+    for s in range(STEPS):
+        column = "".join(row[s] for row in found.plan.rows)
+        assert column == "1" * column.count("1") + "0" * column.count("0")  # computed blocks are a prefix
+    aligned = min(found.plan.rows, key=lambda r: r.count("1"))
+    assert found.predicted < sum(sum(step_errors(x @ x.T, aligned, ReuseForecaster(), 1)) for _ in range(blocks))
+
+
+def test_the_refinement_measures_no_plan_twice_and_moves_prefixes_with_their_steps():
+    from calibrated_cache.calibration.speed_fit import Candidate, _refine
+
+    rows = ("1" * 12, "100100100100", "110100100100", "100100100100")
+    measured: list[tuple[str, ...]] = []
+
+    def run(policy, calibrator, part):
+        measured.append(policy.plan.rows)
+        counts = [r.count("1") for r in policy.plan.rows]
+        return torch.tensor([[float(len(measured) % 3)]]), type("Stats", (), {"compute_fraction": sum(counts) / 48})
+
+    plan = BlockPlan(tuple(torch.linspace(1, 0, 13).tolist()), rows)
+    start = Candidate(plan_policy(CachePolicy(granularity="block"), plan), "squares", 1.0, 0.5, error=1.0)
+    best, runs = _refine(run, start, torch.tensor([[1.0]]), budget=40)
+    assert runs == len(measured) == len(set(measured)) and rows not in measured
+    for moved in measured:
+        assert moved[0] == "1" * 12 and moved[2][1] == "1"  # full rows and the prefix step stay
+        assert [r.count("1") for r in moved] == [r.count("1") for r in rows]
+        assert moved[1] == moved[3] and moved[1] == moved[2][:1] + "0" + moved[2][2:]
+
+
 def test_a_target_below_computing_every_block_once_is_refused_with_the_fix():
     costs = Costs((1.0, 1.0), (0.0, 0.0), 1.0)
     with pytest.raises(PolicyError, match="lower target speedup"):
