@@ -3,9 +3,9 @@
 For each target: `fit_testbed_speed` searches a plan, its forecaster and TCC priors on `--fit-samples` calibration
 requests (noise seed 1; its own held-out report on seed 2). Every config is then scored on `--samples` evaluation
 requests (noise seed 0, which no fit saw): rel_l2 against full computation, FD of the classifier features, measured
-compute fraction. Uniform policies: FORA, TaylorSeer 1 and 2 and FoCa at interval round(target) (warm-up 0 and, with
-`--warmups 0 1`, 1), block (G2) and module (G3) granularity, each with and without TCC priors fitted on the same calibration
-requests; "best uniform" is the lowest rel_l2 among those whose measured fraction is at most 5% above the plan's.
+compute fraction. Uniform policies: FORA, TaylorSeer 1 and 2, FoCa, Spectrum and DMD at interval round(target)
+(warm-up 0 and, with `--warmups 0 1`, 1), block (G2) and module (G3) granularity, FORA, TaylorSeer and FoCa also with
+TCC priors fitted on the same calibration requests; "best uniform" is the lowest rel_l2 among those whose measured fraction is at most 5% above the plan's.
 The dynamic policy's threshold is chosen on the calibration requests to land nearest the target fraction. Also: the
 rank correlation of the search model's predicted error with the measured one over every searched candidate.
 
@@ -33,7 +33,8 @@ from calibrated_cache.testbed.sampling import flow_sigmas, sample
 from calibrated_cache.testbed.weights import load_classifier, load_dit
 
 TARGETS = (2, 3, 4, 6)
-UNIFORM = {"fora": ("reuse", 1), "taylor1": ("taylor", 1), "taylor2": ("taylor", 2), "foca": ("foca", 1)}
+UNIFORM = {"fora": ("reuse", 1), "taylor1": ("taylor", 1), "taylor2": ("taylor", 2), "foca": ("foca", 1),
+           "spectrum": ("spectrum", 1), "dmd": ("dmd", 1)}
 THRESHOLDS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 

@@ -3,9 +3,9 @@ and ComfyUI's LazyCache at target speedups 2, 3, 4 and 6 (issue 21), through the
 
 For each target: Fit TCC Priors with `target_speedup` on the benchmark's calibration prompts and seeds (3 seeds: 2
 fitted, 1 held out), then Apply Calibrated Cache with only its priors. Against it, on the evaluation prompts and seed
-(disjoint from every fit): FORA, TaylorSeer 1 and 2 and FoCa at interval round(target) with warm-up 0 and 1, FORA and
-Taylor-2 with TCC priors fitted by the node on the same calibration prompts, the dynamic policy and LazyCache with
-thresholds tuned on the calibration prompts to the plan's measured compute fraction. "best uniform" is the lowest
+(disjoint from every fit): FORA, TaylorSeer 1 and 2, FoCa, Spectrum and DMD at interval round(target) with warm-up 0
+and 1, FORA and Taylor-2 with TCC priors fitted by the node on the same calibration prompts, the dynamic policy and
+LazyCache with thresholds tuned on the calibration prompts to the plan's measured compute fraction. "best uniform" is the lowest
 rel_l2 among uniform rows whose compute fraction is at most 5% above the plan's.
 
     COMFYUI_PATH=… python studies/scenes_plans.py [--prompts 32] [--targets 2 3 4 6] [--json benchmarks/results/scenes_plans.json]
@@ -29,7 +29,7 @@ from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 
 SETTING = Setting("euler", 20)
 UNIFORM = {"fora": {}, "taylor1": {"forecaster": "taylor", "order": 1}, "taylor2": {"forecaster": "taylor", "order": 2},
-           "foca": {"forecaster": "foca"}}
+           "foca": {"forecaster": "foca"}, "spectrum": {"forecaster": "spectrum"}, "dmd": {"forecaster": "dmd"}}
 
 
 def fit(h: Harness, policy, **extra):
