@@ -89,6 +89,29 @@ def test_what_whole_steps_leave_below_the_target_is_spent_on_prefixes_of_filled_
     assert found.predicted < sum(sum(step_errors(x @ x.T, aligned, ReuseForecaster(), 1)) for _ in range(blocks))
 
 
+def test_a_plan_with_prefixes_runs_in_spans_as_block_by_block_and_skips_exactly_what_it_plans(random_dit,
+                                                                                                 monkeypatch):
+    from calibrated_cache.testbed import sampling
+    from test_spans import BlockByBlock, close
+
+    sigmas = flow_sigmas(12)
+    aligned = uniform_row(12, 3)
+    prefix = "11" + aligned[2:4] + "1" + aligned[5:]  # also computed at steps 1 and 4
+    rows = {"aligned": (aligned,) * 6, "prefixes": (prefix, prefix) + (aligned,) * 4}
+    labels, noise = torch.tensor([3, 1]), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    skipped = {}
+    for name, plan_rows in rows.items():
+        policy = plan_policy(CachePolicy(granularity="block"), BlockPlan(tuple(sigmas.tolist()), plan_rows), "taylor", 2)
+        spanned, run = sample(random_dit, labels, noise, 12, 2.0, policy=policy, sigmas=sigmas)
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "RunState", BlockByBlock)
+            alone, _ = sample(random_dit, labels, noise, 12, 2.0, policy=policy, sigmas=sigmas)
+        assert run.spans and close(spanned, alone)
+        skipped[name] = run.stats.blocks_skipped
+    zeros = {name: sum(r.count("0") for r in plan_rows) for name, plan_rows in rows.items()}
+    assert skipped["prefixes"] * zeros["aligned"] == skipped["aligned"] * zeros["prefixes"] > 0
+
+
 def test_the_refinement_measures_no_plan_twice_and_moves_prefixes_with_their_steps():
     from calibrated_cache.calibration.speed_fit import Candidate, _refine
 

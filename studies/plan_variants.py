@@ -1,12 +1,13 @@
-"""Least-squares forecaster weights against TaylorSeer and FORA on searched and uniform plans (a variant measured for
-issue 21 and not kept: docs/methods.md, "Searched plans").
+"""Variants of a plan's forecaster measured for issue 21 and not kept (docs/methods.md, "Searched plans"):
+least-squares forecaster weights, and TCC priors of every variant on TaylorSeer plans.
 
-The weights of the last 1–3 anchors at every filled-in step are fitted by least squares on the Grams a recording run
-keeps (`calibration/trajectories.py`) over the calibration requests (noise seed 1), shared by all blocks (so spans
-still hold), and scored on the evaluation requests (seed 0): rel_l2 against full computation. The plans are the
-searched 4× and 6× plans of `benchmarks/results/plans.json` and uniform intervals 3, 4 and 6.
+Least-squares weights: the weights of the last 1–3 anchors at every filled-in step, fitted by least squares on the
+Grams a recording run keeps (`calibration/trajectories.py`) over the calibration requests (noise seed 1), shared by all
+blocks (so spans still hold). TCC: priors of each variant (drift, trend, mm) fitted on the same calibration requests.
+Everything is scored on the evaluation requests (seed 0): rel_l2 against full computation. The plans are the searched
+4× and 6× plans of `benchmarks/results/plans.json` and uniform intervals 3, 4 and 6.
 
-    python studies/fitted_weights.py [--samples 64] [--fit-samples 32] [--json out.json]
+    python studies/plan_variants.py [--samples 64] [--fit-samples 32] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from calibrated_cache.calibration.speed_fit import plan_policy, uniform_row
 from calibrated_cache.calibration.trajectories import TrajectoryRecorder
 from calibrated_cache.testbed.bench import machine, provenance
 from calibrated_cache.testbed.evaluate import bench_inputs
+from calibrated_cache.testbed.fit_priors import fit_testbed
 from calibrated_cache.testbed.metrics import rel_l2
 from calibrated_cache.testbed.sampling import flow_sigmas, sample
 from calibrated_cache.testbed.weights import load_dit
@@ -108,6 +110,12 @@ def main() -> None:
                 out, _ = sample(model, labels, noise, steps, cfg, policy=plan_policy(base, plan, "taylor", 2),
                                 sigmas=sigmas)
             result[f"fitted, {used} anchors"] = rel_l2(out, full)
+        for label, order in (("taylor1", 1), ("taylor2", 2)):
+            policy = plan_policy(base, plan, "taylor", order)
+            for variant in ("drift", "trend", "mm"):
+                priors, _ = fit_testbed(model, policy, args.fit_samples, steps, cfg, variant=variant, held_out=0)
+                out, _ = sample(model, labels, noise, steps, cfg, policy=policy, sigmas=sigmas, calibrator=priors)
+                result[f"{label}+{variant}"] = rel_l2(out, full)
         rows.append(result)
     columns = [k for k in rows[0] if k not in ("plan", "row")]
     print("| plan | " + " | ".join(columns) + " |")
@@ -115,7 +123,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['plan']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"command": "python studies/fitted_weights.py " + " ".join(sys.argv[1:]),
+        args.json.write_text(json.dumps({"command": "python studies/plan_variants.py " + " ".join(sys.argv[1:]),
                                          **provenance(), "machine": machine("cpu"), "rows": rows}, indent=1))
 
 
