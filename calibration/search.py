@@ -108,21 +108,28 @@ def _increasing(steps: int, n: int, start: int = 0):
 def step_table(gram: torch.Tensor | np.ndarray, table: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """A block's squared forecast error for every dense state (see `frontier`) and step, zero at or before the state's
     last anchor."""
-    g = np.asarray(gram, dtype=np.float64)
-    steps = g.shape[0]
+    steps = np.asarray(gram).shape[0]
     rows, w = table
     history = w.shape[1]
+    anchors, s = rows[:, :history], rows[:, history]
+    e = np.zeros(((steps + 1) ** history, steps))
+    e[np.ravel_multi_index(tuple(anchors.T), (steps + 1,) * history), s] = _squared_errors(gram, anchors, s, w)
+    return e
+
+
+def _squared_errors(gram: torch.Tensor | np.ndarray, anchors: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """wᵀG[A, A]w − 2wᵀG[A, s] + G[s, s] per row of (anchors (n, h), s (n,), weights (n, h)); an anchor index equal to
+    the step count stands for none (a zero row and column)."""
+    g = np.asarray(gram, dtype=np.float64)
+    steps = g.shape[0]
     padded = np.zeros((steps + 1, steps + 1))
     padded[:steps, :steps] = g
-    anchors, s = rows[:, :history], rows[:, history]
     err = padded[s, s].copy()
-    for i in range(history):
+    for i in range(w.shape[1]):
         err -= 2 * w[:, i] * padded[anchors[:, i], s]
-        for j in range(history):
+        for j in range(w.shape[1]):
             err += w[:, i] * w[:, j] * padded[anchors[:, i], anchors[:, j]]
-    e = np.zeros(((steps + 1) ** history, steps))
-    e[np.ravel_multi_index(tuple(anchors.T), (steps + 1,) * history), s] = np.maximum(err, 0.0)
-    return e
+    return np.maximum(err, 0.0)
 
 
 def frontier(err: np.ndarray, steps: int, history: int) -> Frontier:
@@ -206,7 +213,7 @@ def search(grams: Sequence[torch.Tensor | None], weights: Sequence[Sequence[floa
         cheapest = costs.fraction([1 if grams[b] is not None else steps for b in range(blocks)], steps)
         raise PolicyError(f"a compute fraction of {fraction:.3f} is below what computing every block once costs "
                           f"({cheapest:.3f}): choose a lower target speedup (at most {1 / cheapest:.1f}×)")
-    block_errors = {b: np.asarray(step_errors(g, best[1][b], forecaster, history)) * np.asarray(weights[b])
+    block_errors = {b: step_errors(g, best[1][b], forecaster, history) * np.asarray(weights[b])
                     for b, g in enumerate(grams) if g is not None}
     rows, predicted = _fill(best[1], grams, weights, costs, fraction, forecaster, history, aggregate, block_errors)
     plan = BlockPlan(tuple(float(s) for s in sigmas), tuple(rows))
@@ -241,7 +248,7 @@ def _fill(rows: list[str], grams: Sequence[torch.Tensor | np.ndarray | None], we
             if spent + extra > budget * (1 + 1e-9) or extra <= 0:
                 continue
             row = rows[b][:s] + "1" + rows[b][s + 1:]
-            errors = np.asarray(step_errors(grams[b], row, forecaster, history)) * np.asarray(weights[b])
+            errors = step_errors(grams[b], row, forecaster, history) * np.asarray(weights[b])
             saved = total - _total({**block_errors, b: errors}, aggregate)
             if saved > 0 and (best is None or saved / extra > best[0]):
                 best = (saved / extra, s, b, row, errors, extra)
@@ -268,20 +275,20 @@ def step_weights(sigmas: Sequence[float]) -> list[float]:
 
 
 def step_errors(gram: torch.Tensor | np.ndarray, row: str, forecaster: WeightedForecaster, history: int
-                ) -> list[float]:
+                ) -> np.ndarray:
     """One block's squared error at every step under a row of a plan (0 where it is computed): probes fit the
-    gains with it."""
-    g = np.asarray(gram, dtype=np.float64)
-    anchors: list[int] = []
-    out = []
-    for s, c in enumerate(row):
-        if c == "1":
-            anchors.append(s)
-            out.append(0.0)
-            continue
-        used = anchors[-history:]
-        w = np.array(forecaster.weights([float(a) for a in used], float(s)))
-        out.append(max(float(g[s, s] - 2 * w @ g[used, s] + w @ g[np.ix_(used, used)] @ w), 0.0))
+    gains with it, and `_fill` weighs prefixes."""
+    steps = len(row)
+    computed = [s for s, c in enumerate(row) if c == "1"]
+    skipped = [s for s, c in enumerate(row) if c == "0"]
+    anchors = np.full((len(skipped), history), steps)
+    w = np.zeros((len(skipped), history))
+    for i, s in enumerate(skipped):
+        used = [a for a in computed if a < s][-history:]
+        anchors[i, history - len(used):] = used
+        w[i, history - len(used):] = forecaster.weights([float(a) for a in used], float(s))
+    out = np.zeros(steps)
+    out[skipped] = _squared_errors(gram, anchors, np.array(skipped, dtype=np.int64), w)
     return out
 
 
@@ -293,7 +300,7 @@ class Probe:
 
     kind: str
     index: int
-    errors: dict[int, list[float]]
+    errors: dict[int, np.ndarray]
     measured: float
 
 
