@@ -247,6 +247,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
                       [("setting", lambda r: r["setting"])] + SCENES[:-2]),
     "comfyui-speed": ("comfyui_share.json", "", lambda r: r["rows"], FAMILY_SPEED),
     "comfyui-speed-before-spans": ("comfyui_share_before_spans.json", "", lambda r: r["rows"], FAMILY_SPEED),
+    "comfyui-speed-sd3-small": ("comfyui_share_sd3_small.json", "", lambda r: r["rows"], FAMILY_SPEED),
     "comfyui-profile": ("comfyui_profile.json", "", lambda r: r["rows"], COMFYUI_PROFILE),
     "comfyui-profile-before-spans": ("comfyui_profile_before_spans.json", "", lambda r: r["rows"], COMFYUI_PROFILE),
     "spans-testbed": ("spans.json", "", lambda r: r["rows"], SPANS),

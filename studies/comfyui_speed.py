@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"))
 
+import tiny_models  # noqa: E402
 from tiny_models import (FAMILIES, diffusion_model, load_pack,  # noqa: E402  (boots ComfyUI, CPU mode)
                          run_sampler, session_of)
 
@@ -38,6 +39,24 @@ POLICY = dict(mode="fixed", forecaster="reuse", interval=4, warmup_steps=0, star
 PARTS = ("computed blocks", "pack, computed calls", "pack, skipped calls", "pack, per model call",
          "model outside blocks", "sampler, guidance, ComfyUI")
 HOOKED = ("SD3", "Wan", "HunyuanVideo", "Flux", "QwenImage")
+
+
+SMALL_SD3 = "SD3-3x16"
+
+
+def _register_small_sd3() -> None:
+    """The setting issue 18 was measured in: an SD3 with 3 joint blocks, 16 image tokens (an 8×8 latent) and batch 10
+    (random weights: timings do not depend on them); run it with --steps 50."""
+    spec = tiny_models.SPECS["SD3"]
+    config = {**spec.unet_config, "depth": 3,
+              "context_embedder_config": {"target": "torch.nn.Linear",
+                                          "params": {"in_features": 4096, "out_features": 64 * 3}}}
+    tiny_models.SPECS[SMALL_SD3] = spec._replace(name=SMALL_SD3, unet_config=config, block_lists={"joint_blocks": 3},
+                                                 latent_shape=(10, 16, 8, 8))
+    FAMILIES[SMALL_SD3] = lambda models_dir=None, seed=0: tiny_models.build_family(SMALL_SD3, models_dir, seed)
+
+
+_register_small_sd3()
 
 
 class Timing:
