@@ -5,9 +5,10 @@ requests (noise seed 1; its own held-out report on seed 2). Every config is then
 requests (noise seed 0, which no fit saw): rel_l2 against full computation, FD of the classifier features, measured
 compute fraction. Uniform policies: FORA, TaylorSeer 1 and 2, FoCa, Spectrum and DMD at interval round(target)
 (warm-up 0 and, with `--warmups 0 1`, 1), block (G2) and module (G3) granularity, FORA, TaylorSeer and FoCa also with
-TCC priors fitted on the same calibration requests; "best uniform" is the lowest rel_l2 among those whose measured fraction is at most 5% above the plan's.
-The dynamic policy's threshold is chosen on the calibration requests to land nearest the target fraction. Also: the
-rank correlation of the search model's predicted error with the measured one over every searched candidate.
+TCC priors of each variant (drift, trend, mm) fitted on the same calibration requests; "best uniform" is the lowest
+rel_l2 among those whose measured fraction is at most 5% above the plan's. The dynamic policy's threshold is chosen on
+the calibration requests to land nearest the target fraction. Also: the rank correlation of the search model's
+predicted error with the measured one over every searched candidate.
 
     python studies/plan_study.py [--samples 64] [--fit-samples 32] [--json benchmarks/results/plans.json]
 """
@@ -25,6 +26,7 @@ import torch
 
 from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.calibration.speed_fit import rank_correlation
+from calibrated_cache.calibration.tcc import VARIANTS
 from calibrated_cache.testbed.bench import machine, provenance
 from calibrated_cache.testbed.evaluate import bench_inputs, score
 from calibrated_cache.testbed.fit_priors import fit_testbed, fit_testbed_speed
@@ -78,14 +80,18 @@ def main() -> None:
                 for warmup in args.warmups:
                     policy = CachePolicy(interval=interval, warmup_steps=warmup, forecaster=forecaster, order=order,
                                          granularity=granularity)
-                    row = {"config": policy.tag(), **evaluate(policy)}
+                    row = {"config": policy.tag(), **evaluate(policy), "with_tcc": {}}
                     if forecaster in ("reuse", "taylor", "foca"):
-                        priors, _ = fit_testbed(model, policy, args.fit_samples, steps, cfg, held_out=0)
-                        row["with_tcc"] = evaluate(policy, priors)
+                        for variant in VARIANTS:
+                            priors, _ = fit_testbed(model, policy, args.fit_samples, steps, cfg, variant=variant,
+                                                    held_out=0)
+                            row["with_tcc"][variant] = evaluate(policy, priors)
                     uniform.append(row)
         limit = 1.05 * min(plan["fraction"], plan["with_tcc"]["fraction"])
-        eligible = [(r["config"] + tcc, v) for r in uniform for tcc, v in (("", r), (" +TCC", r.get("with_tcc")))
-                    if v is not None and v["fraction"] <= limit]
+        eligible = []
+        for r in uniform:
+            variants = [("", r)] + [(f" +TCC {variant}", v) for variant, v in r["with_tcc"].items()]
+            eligible += [(r["config"] + tcc, v) for tcc, v in variants if v["fraction"] <= limit]
         best = min(eligible, key=lambda x: x[1]["rel_l2"]) if eligible else None
         dynamic = _dynamic(model, fit_labels, fit_noise, fit_full, steps, cfg, sigmas, 1 / target)
         row = {"target": target, "fit_s": fit_s, "search_s": fitted.report["plan_search_s"],
