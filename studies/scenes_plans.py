@@ -4,9 +4,9 @@ and ComfyUI's LazyCache at target speedups 2, 3, 4 and 6 (issue 21), through the
 For each target: Fit TCC Priors with `target_speedup` on the benchmark's calibration prompts and seeds (3 seeds: 2
 fitted, 1 held out), then Apply Calibrated Cache with only its priors. Against it, on the evaluation prompts and seed
 (disjoint from every fit): FORA, TaylorSeer 1 and 2, FoCa, Spectrum and DMD at interval round(target) with warm-up 0
-and 1, FORA and Taylor-2 with TCC priors fitted by the node on the same calibration prompts, the dynamic policy and
-LazyCache with thresholds tuned on the calibration prompts to the plan's measured compute fraction. "best uniform" is the lowest
-rel_l2 among uniform rows whose compute fraction is at most 5% above the plan's.
+and 1, FORA and Taylor-2 with TCC priors of each variant fitted by the node on the same calibration prompts, the
+dynamic policy and LazyCache with thresholds tuned on the calibration prompts to the plan's measured compute fraction.
+"best uniform" is the lowest rel_l2 among uniform rows whose compute fraction is at most 5% above the plan's.
 
     COMFYUI_PATH=… python studies/scenes_plans.py [--prompts 32] [--targets 2 3 4 6] [--json benchmarks/results/scenes_plans.json]
 """
@@ -25,6 +25,7 @@ from benchmarks.scenes.bench import (CAL_SEED, Config, Harness, Setting, format_
                                      tune)
 from comfy_extras.nodes_easycache import LazyCacheNode  # noqa: E402
 
+from calibrated_cache.calibration.tcc import VARIANTS  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 
 SETTING = Setting("euler", 20)
@@ -32,11 +33,11 @@ UNIFORM = {"fora": {}, "taylor1": {"forecaster": "taylor", "order": 1}, "taylor2
            "foca": {"forecaster": "foca"}, "spectrum": {"forecaster": "spectrum"}, "dmd": {"forecaster": "dmd"}}
 
 
-def fit(h: Harness, policy, **extra):
+def fit(h: Harness, policy, variant: str = "auto", **extra):
     positive, negative, latent = h.cal
     return h.fit_node.execute(h.model, policy, positive, negative, latent, samples=3, seed=CAL_SEED,
                               steps=SETTING.steps, cfg=2.0, sampler_name=SETTING.sampler, scheduler="simple",
-                              variant="auto", checkpoint="none", save_to="cache_priors folder", overwrite=True,
+                              variant=variant, checkpoint="none", save_to="cache_priors folder", overwrite=True,
                               **extra).result[:2]
 
 
@@ -67,10 +68,11 @@ def main() -> int:
                                       h.apply(h.policy(interval=interval, warmup_steps=warmup, **extra))))
         for name, extra in (("fora+tcc", {}), ("taylor2+tcc", UNIFORM["taylor2"])):
             for warmup in (0, 1):
-                policy = h.policy(interval=interval, warmup_steps=warmup, **extra)
-                fitted, _ = fit(h, policy)
-                configs.append(Config(name, {"interval": interval, "warmup": warmup, **extra}, 1 / target,
-                                      h.apply(policy, priors=fitted)))
+                for variant in VARIANTS:
+                    policy = h.policy(interval=interval, warmup_steps=warmup, **extra)
+                    fitted, _ = fit(h, policy, variant)
+                    configs.append(Config(f"{name} {variant}", {"interval": interval, "warmup": warmup, **extra},
+                                          1 / target, h.apply(policy, priors=fitted)))
         for config in configs:
             config.fraction = (lambda m=config.model: h.report(m)["compute_fraction"])
         plan_fraction = priors.meta["report"]["plan_calibration_fraction"]
