@@ -185,6 +185,7 @@ def search(grams: Sequence[torch.Tensor | None], weights: Sequence[Sequence[floa
         raise PolicyError(f"the plan search models forecasters that read 1 to {MAX_HISTORY} anchors (FORA, TaylorSeer "
                           "up to order 2); choose one of those")
     start = time.perf_counter()
+    grams = [None if g is None else np.asarray(g, dtype=np.float64) for g in grams]  # once: `_fill` reads them often
     steps, blocks = len(sigmas) - 1, len(grams)
     table = weight_table(forecaster, steps, history)
     weighted = {b: step_table(g, table) * np.asarray(weights[b], dtype=np.float64)[None, :]

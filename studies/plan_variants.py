@@ -49,6 +49,7 @@ class FittedWeights(WeightedForecaster):
 
 
 def fit_table(gram: np.ndarray, row: str, used: int) -> dict[tuple[tuple[int, ...], int], list[float]]:
+    """Per filled-in step of `row`, the least-squares weights of its newest `used` anchors, keyed as the run asks."""
     computed = [s for s, c in enumerate(row) if c == "1"]
     table = {}
     for s, c in enumerate(row):
