@@ -203,6 +203,24 @@ PLANS: list[Column] = [("target", lambda r: r["target"]), ("searched", lambda r:
                        ("dynamic (fraction)", lambda r: r["dynamic"]), ("fit", lambda r: r["fit"])]
 
 
+def oracle_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per target: the uniform interval, the searched plan and the oracle's plan, each with the forecaster that is best
+    on the evaluation requests (studies/plan_oracle.py)."""
+    def cell(r: dict[str, Any]) -> str:
+        return f"`{r['row'].replace('1', '#').replace('0', '.')}` {r['forecaster']} {r['rel_l2']:.4f}"
+
+    return [{"target": f"{r['target']:g}×", "plans": f"{r['plans']} ({r['mode']}, {r['screened_runs']} runs)",
+             "uniform": cell(r["uniform"]), "searched": cell(r["searched"]), "oracle": cell(r["oracle"]),
+             "searched_change": f"{r['searched']['rel_l2'] / r['uniform']['rel_l2'] - 1:+.0%}",
+             "oracle_change": f"{r['oracle']['rel_l2'] / r['uniform']['rel_l2'] - 1:+.0%}"} for r in report["rows"]]
+
+
+ORACLE: list[Column] = [("target", lambda r: r["target"]), ("aligned plans", lambda r: r["plans"]),
+                        ("uniform interval", lambda r: r["uniform"]), ("searched plan", lambda r: r["searched"]),
+                        ("change", lambda r: r["searched_change"]), ("oracle", lambda r: r["oracle"]),
+                        ("oracle change", lambda r: r["oracle_change"])]
+
+
 def scenes_plan_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Per target: the searched plan as fitted, the best uniform row at no more compute, the dynamic policy and
     LazyCache tuned to the plan's compute (studies/scenes_plans.py)."""
@@ -259,6 +277,8 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "testbed-plans": ("plans.json", "", plan_rows, PLANS),
     "scenes-plans": ("scenes_plans.json", "", scenes_plan_rows, SCENES_PLANS),
     "scenes-plans-matched": ("scenes_plans_matched.json", "", scenes_plan_rows, SCENES_PLANS),
+    "scenes-plans-30": ("scenes_plans_30.json", "", scenes_plan_rows, SCENES_PLANS),
+    "testbed-plan-oracle": ("plan_oracle.json", "", oracle_rows, ORACLE),
 }
 
 
