@@ -106,6 +106,7 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     """`fit-priors --target-speedup S`: search the plan, forecaster and priors for S (calibration/speed_fit.py)."""
     from .calibration import PolicyError
     from .calibration.speed_fit import fit_runs
+    from .calibration.tcc import VARIANTS
     from .priors import save_priors
     from .testbed.fit_priors import fit_testbed_speed
     from .testbed.progress import Progress
@@ -118,7 +119,7 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     model, meta = load_dit()
     steps = args.steps or int(meta["bench_steps"])
     cfg = float(meta["bench_cfg"]) if args.cfg is None else args.cfg
-    runs = fit_runs(held_out=args.held_out > 0)
+    runs = fit_runs(held_out=args.held_out > 0, variants=len(VARIANTS) if args.variant == "auto" else 1)
     progress = Progress(sum(args.samples if part == "fit" else args.held_out for part, _ in runs), "fit-priors")
     try:
         fitted, prior_meta = fit_testbed_speed(model, base, args.target_speedup, args.samples, steps, cfg,
@@ -141,7 +142,7 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     print(f"search {r['plan_search_s']:.2f} s; the fit took {r['fit_s']:.1f} s and {int(r['plan_runs'])} runs over "
           f"{args.samples} calibration requests ({args.held_out} held out)")
     print(f"rel_l2 against full computation on {args.held_out} held-out requests: {r['held_out_before']:.4f} with the "
-          f"plan alone, {r['held_out_after']:.4f} with its TCC priors"
+          f"plan alone, {r['held_out_after']:.4f} with its TCC priors ({fitted.priors.variant})"
           + ("" if r["plan_priors"] else " (they did not lower the error on the calibration requests: the file holds "
                                          "the plan alone)"))
     print(f"written {path}")
@@ -210,7 +211,8 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--icc-svd", default="channel-aware", choices=("channel-aware", "plain"),
                      help="ICC factorisation (default channel-aware, from the statistics this fit records)")
     fit.add_argument("--variant", default="auto", choices=("auto", *VARIANTS),
-                     help="prior form: auto (default: drift for reuse, mm for taylor/foca), drift, trend or mm")
+                     help="prior form: auto (default: drift for reuse, mm for taylor/foca; with --target-speedup, each "
+                          "variant fitted and the best on the calibration requests kept), drift, trend or mm")
     fit.add_argument("--samples", type=positive, default=64, help="requests the priors are fitted on (default 64)")
     fit.add_argument("--held-out", type=positive, default=16,
                      help="other requests the fit's error is reported on (default 16)")

@@ -11,8 +11,11 @@ The runs, in order, all on the calibration (fitting) seeds but the held-out ones
 4. a local search from it (`_refine`): computed steps moved by one, kept where they measure better, within a budget
    of runs;
 5. TCC priors fitted for the winning plan (`fitting.fit_tcc`: one fitting run, then full, uncalibrated and calibrated
-   runs on the held-out seeds, which no step above has seen, and the same on the fitting seeds). Priors that do not
-   lower the error on the fitting seeds are dropped: the file then holds the plan alone.
+   runs on the held-out seeds, which no step above has seen, and the same on the fitting seeds). With variant "auto"
+   each variant (drift, trend, mm) is fitted, the full and uncalibrated runs shared, and the one with the least error
+   on the fitting seeds is kept: which variant helps depends on the plan's forecaster and gaps, and no single one won
+   on every measured plan. Priors that do not lower the error on the fitting seeds are dropped: the file then holds
+   the plan alone.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from torch import Tensor
 
 from .calibrator import Calibrator
 from .errors import PolicyError
-from .fitting import FIT, FitRun, fit_plan, fit_tcc, rel_l2
+from .fitting import BEFORE, FIT, FULL, FitRun, fit_plan, fit_tcc, rel_l2
 from .plan import BlockPlan
 from .policy import CachePolicy
 from .registry import make_forecaster
 from .search import AGGREGATES, Costs, Probe, gains, search, step_errors
 from .stats import RunStats
-from .tcc import FLOPS as TCC_FLOPS, TccPriors, resolve_variant
+from .tcc import FLOPS as TCC_FLOPS, VARIANTS, TccPriors, check_variant
 from .trajectories import TrajectoryRecorder
 
 # (policy or None for full computation, calibrator, part) -> the part's final latents, and the run's statistics (None
@@ -64,11 +67,14 @@ class SpeedFit:
 
 
 def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS,
-             forecasters: int = len(FORECASTERS)) -> list[tuple[str, bool]]:
-    """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
+             forecasters: int = len(FORECASTERS), variants: int = len(VARIANTS)) -> list[tuple[str, bool]]:
+    """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress.
+    `variants`: how many TCC variants it fits (every one for "auto")."""
     runs = [(FIT, True)] * (2 + groups + windows + REFINE_RUNS) + [(FIT, True)] * forecasters * len(AGGREGATES)
     if tcc:
         runs += [(s.part, s.cached) for s in fit_plan("drift", 1, held_out, verify=True)]
+        runs += [(s.part, s.cached) for s in fit_plan("drift", 1, held_out, verify=True)
+                 if s.cached and s.purpose != BEFORE] * (variants - 1)  # the full and uncalibrated runs are shared
     return runs
 
 
@@ -131,20 +137,35 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
         "plan_candidates": len(candidates), "plan_refine_runs": moves,
         "plan_rank_correlation": rank_correlation([c.predicted for c in candidates], [c.error for c in candidates]),
         "plan_search_s": seconds, "plan_runs": 2 + probes + len(candidates) + moves, "plan_priors": 0.0}
-    variant = resolve_variant(variant, best.policy.forecaster)
-    priors = TccPriors({}, variant)
+    variants = VARIANTS if variant == "auto" else (variant,)
+    for v in variants:
+        check_variant(v)
+    priors = TccPriors({}, variants[0])
     if tcc:
-        def tcc_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
-            return run(best.policy if step.cached else None, calibrator, step.part)[0]
+        shared: dict[tuple[str, str], Tensor] = {}
+        made = 0
 
-        fitted, tcc_report = fit_tcc(tcc_run, variant, held_out=held_out, verify=True)
+        def tcc_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
+            nonlocal made
+            key = (step.part, step.purpose)
+            if key in shared:  # full and uncalibrated runs are the same for every variant
+                return shared[key]
+            made += 1
+            out = run(best.policy if step.cached else None, calibrator, step.part)[0]
+            if step.purpose in (FULL, BEFORE):
+                shared[key] = out
+            return out
+
+        # The variant is chosen, and priors kept, on the fitting seeds alone: the held-out report stays held out.
+        fits = [fit_tcc(tcc_run, v, held_out=held_out, verify=True) for v in variants]
+        fitted, tcc_report = min(fits, key=lambda f: f[1]["in_sample_after"])
         report.update(tcc_report)
-        report["plan_runs"] += len(fit_plan("drift", 1, held_out, verify=True))
-        # Priors that do not even lower the error on the seeds they were fitted on are dropped (the decision reads no
-        # held-out seed): the plan runs uncorrected, and in spans.
+        report["plan_runs"] += made
+        report["plan_variants"] = float(len(variants))
+        # Priors that do not even lower the error on the seeds they were fitted on are dropped: the plan runs
+        # uncorrected, and in spans.
         report["plan_priors"] = float(tcc_report["in_sample_after"] < tcc_report["in_sample_before"])
-        if report["plan_priors"]:
-            priors = fitted
+        priors = fitted if report["plan_priors"] else TccPriors({}, fitted.variant)
     return SpeedFit(best.policy, priors, report, candidates)
 
 

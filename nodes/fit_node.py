@@ -238,7 +238,9 @@ class FitTccPriorsNode(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
                                tooltip="The scheduler you will sample with."),
                 io.Combo.Input("variant", options=["auto", *VARIANTS], default="auto",
-                               tooltip="auto: drift with reuse, mm with taylor/foca (what the benchmark found best). "
+                               tooltip="auto: drift with reuse, mm with taylor/foca (what the benchmark found best); with "
+                                       "a target speedup, each variant is fitted and the best on the fitting seeds "
+                                       "kept. "
                                        "drift: corrects the bias and continuing drift of reused values. "
                                        "trend: also rescales them (lower error per block, softer images). mm: "
                                        "matches their mean and spread to full computation (the published TCC)."),
@@ -346,7 +348,8 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     sigmas = sigmas_for(model, sampler_name, scheduler, steps)
     clone, session = patch_model(model, base)
     node_id = getattr(cls.hidden, "unique_id", None)
-    schedule = [FitRun(part, cached, "plan search") for part, cached in fit_runs(held_out=True)]
+    schedule = [FitRun(part, cached, "plan search")
+                for part, cached in fit_runs(held_out=True, variants=len(VARIANTS) if variant == "auto" else 1)]
     runs = CalibrationRuns(model.clone(), clone, session, positive, negative, latent, sigmas, cfg, sampler_name,
                            scheduler, seeds, schedule, Recording(StatsRecorder()), node_id)
 
@@ -380,7 +383,7 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
         f"search {report['plan_search_s']:.2f} s, {int(report['plan_runs'])} samplings of the fitting seeds",
         *([] if report["plan_priors"] else ["the priors did not lower the error on the fitting seeds: the file holds "
                                             "the plan alone"]),
-        *(line for line in report_text(report, resolve_variant(variant, policy.forecaster), policy.tag(), seeds, path,
+        *(line for line in report_text(report, fitted.priors.variant, policy.tag(), seeds, path,
                                        cost).splitlines() if report["plan_priors"] or line != NO_GAIN)])
     send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
                            "error_before": report["held_out_before"], "error_after": report["held_out_after"],

@@ -13,7 +13,7 @@ from calibrated_cache.calibration.search import TOLERANCE, Costs, search, step_e
 from calibrated_cache.calibration.speed_fit import plan_policy, uniform_row
 from calibrated_cache.calibration.taylor import TaylorForecaster
 from calibrated_cache.calibration.trajectories import Sketcher
-from calibrated_cache.calibration.tcc import TccPriors
+from calibrated_cache.calibration.tcc import VARIANTS, TccPriors
 from calibrated_cache.priors import PriorFileError, PriorMismatch, check_schedule, load_priors, save_priors
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.fit_priors import fit_testbed_speed
@@ -205,6 +205,37 @@ def test_a_fit_for_a_target_speedup_lands_within_five_percent_of_it_and_reports_
     _, run = sample(model, labels, noise, 12, 2.0, policy=fitted.policy, sigmas=flow_sigmas(12),
                     calibrator=fitted.priors if fitted.priors.priors else None)
     assert abs(run.stats.compute_fraction - 1 / 3) <= 0.05 / 3
+
+
+def test_auto_fits_every_tcc_variant_for_the_plan_and_keeps_the_best_on_the_fitting_seeds(monkeypatch):
+    """The full and uncalibrated runs are shared between variants: two full runs (fitting and held-out seeds), not
+    one per variant; the choice reads the fitting seeds only."""
+    from calibrated_cache.calibration import speed_fit as fit_module
+    from calibrated_cache.testbed import fit_priors
+
+    reports, full_runs = [], []
+    real_fit, real_sample = fit_module.fit_tcc, fit_priors.sample
+
+    def recording_fit(run, variant, **kwargs):
+        priors, report = real_fit(run, variant, **kwargs)
+        reports.append((variant, report))
+        return priors, report
+
+    def counting_sample(*args, **kwargs):
+        if kwargs.get("policy") is None:
+            full_runs.append(kwargs.get("calibrator"))
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit_tcc", recording_fit)
+    monkeypatch.setattr(fit_priors, "sample", counting_sample)
+    model, _ = load_dit()
+    fitted, _ = fit_testbed_speed(model, CachePolicy(granularity="block"), 4.0, 8, 12, 2.0, held_out=4)
+    assert [v for v, _ in reports] == list(VARIANTS)
+    chosen, best = min(reports, key=lambda r: r[1]["in_sample_after"])
+    assert fitted.priors.variant == chosen and fitted.report["in_sample_after"] == best["in_sample_after"]
+    assert fitted.report["held_out_after"] == best["held_out_after"]
+    assert len({r["in_sample_before"] for _, r in reports}) == 1 and len(full_runs) == 2
+    assert fitted.report["plan_variants"] == len(VARIANTS)
 
 
 def test_a_searched_plan_survives_a_prior_file_and_refuses_a_schedule_it_cannot_serve(speed_fit, tmp_path):
