@@ -276,7 +276,6 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),
     "testbed-plans": ("plans.json", "", plan_rows, PLANS),
     "scenes-plans": ("scenes_plans.json", "", scenes_plan_rows, SCENES_PLANS),
-    "scenes-plans-matched": ("scenes_plans_matched.json", "", scenes_plan_rows, SCENES_PLANS),
     "scenes-plans-30": ("scenes_plans_30.json", "", scenes_plan_rows, SCENES_PLANS),
     "testbed-plan-oracle": ("plan_oracle.json", "", oracle_rows, ORACLE),
 }
