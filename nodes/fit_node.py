@@ -238,12 +238,12 @@ class FitTccPriorsNode(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
                                tooltip="The scheduler you will sample with."),
                 io.Combo.Input("variant", options=["auto", *VARIANTS], default="auto",
-                               tooltip="auto: drift with reuse, mm with taylor/foca (what the benchmark found best); with "
-                                       "a target speedup, each variant is fitted and the best on the fitting seeds "
-                                       "kept. "
-                                       "drift: corrects the bias and continuing drift of reused values. "
-                                       "trend: also rescales them (lower error per block, softer images). mm: "
-                                       "matches their mean and spread to full computation (the published TCC)."),
+                               tooltip="auto: drift with reuse, mm with taylor/foca (what the benchmark found "
+                                       "best); with a target speedup, each variant is fitted and the best on the "
+                                       "fitting seeds kept. drift: corrects the bias and continuing drift of "
+                                       "reused values. trend: also rescales them (lower error per block, softer "
+                                       "images). mm: matches their mean and spread to full computation (the "
+                                       "published TCC)."),
                 io.Combo.Input("checkpoint", options=[folders.NONE, *folders.checkpoints()],
                                tooltip="The model's file: names the prior file, and the folder beside it. none: "
                                        "the file is named model.<policy>.tcc.safetensors."),

@@ -1,5 +1,6 @@
-"""Searched plans on the ComfyUI benchmark model (the trained scenes Flux, euler 20 steps or `--steps`) against uniform policies
-and ComfyUI's LazyCache at target speedups 2, 3, 4 and 6 (issue 21), through the nodes as a user wires them.
+"""Searched plans on the ComfyUI benchmark model (the trained scenes Flux, euler 20 steps or `--steps`) against
+uniform policies and ComfyUI's LazyCache at target speedups 2, 3, 4 and 6 (issue 21), through the nodes as a user
+wires them.
 
 For each target: Fit TCC Priors with `target_speedup` on the benchmark's calibration prompts and seeds (3 seeds: 2
 fitted, 1 held out), then Apply Calibrated Cache with only its priors. Against it, on the evaluation prompts and seed
