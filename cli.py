@@ -106,7 +106,6 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     """`fit-priors --target-speedup S`: search the plan, forecaster and priors for S (calibration/speed_fit.py)."""
     from .calibration import PolicyError
     from .calibration.speed_fit import fit_runs
-    from .calibration.tcc import VARIANTS
     from .priors import save_priors
     from .testbed.fit_priors import fit_testbed_speed
     from .testbed.progress import Progress
@@ -119,7 +118,7 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
     model, meta = load_dit()
     steps = args.steps or int(meta["bench_steps"])
     cfg = float(meta["bench_cfg"]) if args.cfg is None else args.cfg
-    runs = fit_runs(held_out=args.held_out > 0, variants=len(VARIANTS) if args.variant == "auto" else 1)
+    runs = fit_runs(held_out=args.held_out > 0, variant=args.variant)
     progress = Progress(sum(args.samples if part == "fit" else args.held_out for part, _ in runs), "fit-priors")
     try:
         fitted, prior_meta = fit_testbed_speed(model, base, args.target_speedup, args.samples, steps, cfg,

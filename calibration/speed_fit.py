@@ -66,15 +66,24 @@ class SpeedFit:
     candidates: list[Candidate] = field(default_factory=list)
 
 
+def tcc_variants(variant: str) -> tuple[str, ...]:
+    """The TCC variants a speed fit fits for its plan: every one for "auto", else the one named."""
+    if variant == "auto":
+        return VARIANTS
+    check_variant(variant)
+    return (variant,)
+
+
 def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS,
-             forecasters: int = len(FORECASTERS), variants: int = len(VARIANTS)) -> list[tuple[str, bool]]:
-    """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress.
-    `variants`: how many TCC variants it fits (every one for "auto")."""
+             forecasters: int = len(FORECASTERS), variant: str = "auto") -> list[tuple[str, bool]]:
+    """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
     runs = [(FIT, True)] * (2 + groups + windows + REFINE_RUNS) + [(FIT, True)] * forecasters * len(AGGREGATES)
     if tcc:
-        runs += [(s.part, s.cached) for s in fit_plan("drift", 1, held_out, verify=True)]
-        runs += [(s.part, s.cached) for s in fit_plan("drift", 1, held_out, verify=True)
-                 if s.cached and s.purpose != BEFORE] * (variants - 1)  # the full and uncalibrated runs are shared
+        steps = fit_plan("drift", 1, held_out, verify=True)
+        runs += [(s.part, s.cached) for s in steps]
+        # each further variant: its fitting and calibrated runs; the full and uncalibrated ones are shared
+        further = len(tcc_variants(variant)) - 1
+        runs += [(s.part, s.cached) for s in steps if s.cached and s.purpose != BEFORE] * further
     return runs
 
 
@@ -137,9 +146,7 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
         "plan_candidates": len(candidates), "plan_refine_runs": moves,
         "plan_rank_correlation": rank_correlation([c.predicted for c in candidates], [c.error for c in candidates]),
         "plan_search_s": seconds, "plan_runs": 2 + probes + len(candidates) + moves, "plan_priors": 0.0}
-    variants = VARIANTS if variant == "auto" else (variant,)
-    for v in variants:
-        check_variant(v)
+    variants = tcc_variants(variant)
     priors = TccPriors({}, variants[0])
     if tcc:
         shared: dict[tuple[str, str], Tensor] = {}

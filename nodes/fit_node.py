@@ -349,7 +349,7 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     clone, session = patch_model(model, base)
     node_id = getattr(cls.hidden, "unique_id", None)
     schedule = [FitRun(part, cached, "plan search")
-                for part, cached in fit_runs(held_out=True, variants=len(VARIANTS) if variant == "auto" else 1)]
+                for part, cached in fit_runs(held_out=True, variant=variant)]
     runs = CalibrationRuns(model.clone(), clone, session, positive, negative, latent, sigmas, cfg, sampler_name,
                            scheduler, seeds, schedule, Recording(StatsRecorder()), node_id)
 

@@ -80,7 +80,6 @@ def main() -> None:
         k = max(2, round(steps / target))
         total = math.comb(steps - 1, k - 1)
         uniform = uniform_row(steps, round(target))
-        starts = [uniform] + ([searched[target]] if searched.get(target, "").count("1") == k else [])
         if total <= args.exhaustive:
             mode = "exhaustive"
             for rest in itertools.combinations(range(1, steps), k - 1):
@@ -89,6 +88,7 @@ def main() -> None:
         else:
             mode = "hill climb"
             rng = random.Random(0)
+            starts = [uniform] + ([searched[target]] if searched.get(target, "").count("1") == k else [])
             starts += [row_of((0, *sorted(rng.sample(range(1, steps), k - 1))), steps) for _ in range(args.starts)]
             per_start = args.budget // len(starts)
             for start in starts:
