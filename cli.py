@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Sequence
 
 from .calibration.policy import FORECASTERS, GRANULARITIES
@@ -21,12 +22,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .testbed.bench import format_tables, run_benchmark, write_json
+    from .testbed.bench import format_tables, run_benchmark
+    from .testbed.results import committed, write_result
 
+    tree = committed(args.allow_dirty) if args.json else None
     report = run_benchmark(args.quick, args.samples, args.flux, args.device, args.skip_quality, args.shift)
     print(format_tables(report))
-    if args.json:
-        write_json(report, args.json)
+    if tree:
+        write_result(args.json, report, tree)
         print(f"\nJSON written to {args.json}")
     return 0
 
@@ -85,12 +88,12 @@ def _fit_priors(args: argparse.Namespace) -> int:
         progress.close()
     path = save_priors(out, priors, prior_meta, recorder.table())
     r = prior_meta["report"]
-    print(f"{r['sites']} sites fitted on {args.samples} requests; rel_l2 against full computation on "
-          f"{args.held_out} held-out requests: {r['held_out_before']:.4f} without priors, "
+    print(f"{r['sites']} sites fitted on {plural(args.samples, 'request')}; rel_l2 against full computation on "
+          f"{plural(args.held_out, 'held-out request')}: {r['held_out_before']:.4f} without priors, "
           f"{r['held_out_after']:.4f} with them ({r['held_out_after'] / r['held_out_before'] - 1:+.0%})")
     if args.verify:
-        print(f"on the {args.samples} fitted requests (optimistic): {r['in_sample_before']:.4f} without priors, "
-              f"{r['in_sample_after']:.4f} with them")
+        print(f"on the {plural(args.samples, 'fitted request')} (optimistic): {r['in_sample_before']:.4f} without "
+              f"priors, {r['in_sample_after']:.4f} with them")
     print(f"written {path}")
     return 0
 
@@ -105,7 +108,7 @@ def _out(args: argparse.Namespace, tag: str) -> str:
 def _fit_speed(args: argparse.Namespace, base) -> int:
     """`fit-priors --target-speedup S`: search the plan, forecaster and priors for S (calibration/speed_fit.py)."""
     from .calibration import PolicyError
-    from .calibration.speed_fit import fit_runs
+    from .calibration.speed_fit import fit_runs, priors_verdict
     from .priors import save_priors
     from .testbed.fit_priors import fit_testbed_speed
     from .testbed.progress import Progress
@@ -124,26 +127,33 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
         fitted, prior_meta = fit_testbed_speed(model, base, args.target_speedup, args.samples, steps, cfg,
                                                args.sampler, args.shift, args.variant, held_out=args.held_out,
                                                progress=lambda n, part: progress.advance(n, part))
+        progress.finish()
     except PolicyError as err:
         raise SystemExit(f"error: {err}") from None
     finally:
         progress.close()
     path = save_priors(out, fitted.priors, prior_meta)
     r = prior_meta["report"]
-    print(f"searched plan for {args.target_speedup:g}x: {fitted.policy.tag()}, compute fraction {r['plan_predicted_fraction']:.3f} "
-          f"predicted, {r['plan_calibration_fraction']:.3f} measured (target {1 / args.target_speedup:.3f})")
+    print(f"searched plan for {args.target_speedup:g}x: {fitted.policy.tag()}, compute fraction "
+          f"{r['plan_file_fraction']:.3f} measured as saved ({1 / r['plan_file_fraction']:.2f}x; predicted "
+          f"{r['plan_predicted_fraction']:.3f}, the plan without priors {r['plan_calibration_fraction']:.3f}); target "
+          f"at most {1 / args.target_speedup:.3f}")
     print(fitted.policy.plan.picture())
     for c in fitted.candidates:
         print(f"  candidate {c.policy.tag()} ({c.aggregate}): predicted rel_l2 {c.predicted ** 0.5:.4f}, measured "
               f"{c.error:.4f} on the calibration requests")
     print(f"refined by {int(r['plan_refine_runs'])} runs: {r['plan_searched_error']:.4f} -> "
           f"{r['plan_calibration_error']:.4f} on the calibration requests")
-    print(f"search {r['plan_search_s']:.2f} s; the fit took {r['fit_s']:.1f} s and {int(r['plan_runs'])} runs over "
-          f"{args.samples} calibration requests ({args.held_out} held out)")
+    print(f"search {r['plan_search_s']:.2f} s and {r['plan_search_bytes'] / 2**20:.1f} MiB of tables; the fit took "
+          f"{r['fit_s']:.1f} s and {int(r['plan_runs'])} runs over {args.samples} calibration requests "
+          f"({args.held_out} held out)")
+    for note in fitted.skipped:
+        print(f"not searched: {note}")
     print(f"rel_l2 against full computation on {args.held_out} held-out requests: {r['held_out_before']:.4f} with the "
-          f"plan alone, {r['held_out_after']:.4f} with its TCC priors ({fitted.priors.variant})"
-          + ("" if r["plan_priors"] else " (they did not lower the error on the calibration requests: the file holds "
-                                         "the plan alone)"))
+          f"plan alone, {r['held_out_after']:.4f} with its TCC priors ({fitted.priors.variant}); on the calibration "
+          f"requests (measured with or without --verify: they decide the priors) {r['in_sample_before']:.4f} and "
+          f"{r['in_sample_after']:.4f}")
+    print(priors_verdict(r, fitted.priors.variant, "requests"))
     print(f"written {path}")
     return 0
 
@@ -152,11 +162,20 @@ def _inspect(args: argparse.Namespace) -> int:
     from .priors import PriorFileError, load_priors
     from .priors.report import summarize
 
+    if os.path.isdir(args.file):
+        found = sorted(n for n in os.listdir(args.file) if n.endswith(".safetensors"))
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        inside = f"; it holds {', '.join(found[:5])}{more}" if found else "; it holds no .safetensors file"
+        raise SystemExit(f"error: {args.file} is a directory: give a prior file (.safetensors) inside it{inside}")
     try:
         print(summarize(load_priors(args.file), args.sites))
     except PriorFileError as err:
         raise SystemExit(f"error: {err}") from None
     return 0
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def positive(text: str) -> int:
@@ -167,6 +186,8 @@ def positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .testbed.results import add_allow_dirty
+
     p = argparse.ArgumentParser(prog="python -m calibrated_cache", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -183,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--skip-quality", action="store_true", help="run the speed section only")
     bench.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift of the quality runs (default 1)")
+    add_allow_dirty(bench)
     bench.set_defaults(run=_bench)
 
     prof = sub.add_parser("profile", help="where a cached run's time goes: blocks, the pack's work, the rest")
@@ -200,10 +222,14 @@ def parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit-priors", help="fit TCC calibration priors for a cache policy on the testbed")
     fit.add_argument("--interval", type=int, default=3, help="policy: compute one step in N (default 3)")
-    fit.add_argument("--forecaster", default="reuse", choices=FORECASTERS, help="policy: how skipped sites are filled")
+    fit.add_argument("--forecaster", default="reuse", choices=FORECASTERS,
+                     help="policy: how skipped sites are filled (default reuse, FORA's)")
     fit.add_argument("--order", type=int, default=1, help="policy: Taylor order (default 1)")
     fit.add_argument("--warmup", type=int, default=0, help="policy: warm-up steps (default 0)")
-    fit.add_argument("--granularity", default="module", choices=GRANULARITIES, help="policy: module (G3) or block (G2)")
+    fit.add_argument("--granularity", default="module", choices=GRANULARITIES,
+                     help="policy: what a skipped evaluation fills in: module (default, G3: each block's sites), "
+                          "block (G2: each block's residual) or step (G1: the model's whole output, skipping the "
+                          "embedders and final layer too)")
     fit.add_argument("--goc-weight", type=float, help="policy: attach GOC with this weight (fitted with GOC active)")
     fit.add_argument("--goc-inflection", choices=("auto", "off"), help="GOC inflection handling (default auto)")
     fit.add_argument("--icc-rank", type=positive, help="policy: ICC at this rank (fitted with ICC active)")
@@ -259,3 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (MissingDependency, ShippedWeights) as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch; 130 as a shell reports SIGINT
+        print(f"interrupted: {args.command} stopped before the end; it writes files only when it finishes, so none "
+              "is half-written", file=sys.stderr)
+        return 130

@@ -15,6 +15,7 @@ granularity:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
@@ -56,7 +57,7 @@ class ModelCall:
         self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
         self._icc_only = state.icc is not None and state.calibrator is None
         self._step = state.policy.granularity == "step"
-        self._spans = SpannedBlocks(self) if state.spans else None
+        self._spans = SpannedBlocks(self) if state.caches_spans else None
         self.block_flops = 0.0  # per sample: what the blocks of this call would cost, computed or not
 
     # --- the entries ----------------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class ModelCall:
             if forecaster is None or forecaster.shape != value.shape:
                 if forecaster is not None:
                     state.stats.add_cache_bytes(-forecaster.nbytes)
-                forecaster = cache.sites[(block, name)] = make_forecaster(state.policy, state.history, state.span)
+                forecaster = cache.sites[(block, name)] = make_forecaster(state.policy, state.history, state.time_range)
                 before = 0
             else:
                 before = forecaster.nbytes
@@ -404,12 +405,16 @@ class ModelCall:
         keys = [k for k, v in outputs.items() if v is not None and k in probe and v.shape == probe[k].shape]
         if not keys:
             return
-        # Each stream on its own (image and text, video and audio): a small stream's change must not drown in a
-        # large one's, so the round skips only if every stream is steady.
+        # Each stream, branch and image on its own (image and text, cond and uncond, one image of a batch): a small
+        # or single change must not drown in steady ones, so the round skips only if every one is steady.
         residuals = [(outputs[k] - probe[k]).split(self.chunk) for k in keys]
         parts = [tuple(r[i] for r in residuals) for i in range(len(self.branches))]
-        if self.round.skip is None:
-            self.round.skip = state.decide(parts[0], self.branches[0])
+        if self.round.skip is None:  # the round's first call decides for the round
+            self.round.skip = state.decide(parts, self.branches)
+        elif self.round.skip and not state.steady(parts, self.branches):
+            # split calls (cond and uncond apart): the first call could not see this one's branches, which moved,
+            # so this call computes them though the round skips
+            self.round = dataclasses.replace(self.round, skip=False)
         if not self.round.skip:
             for b, part in zip(self.branches, parts):
                 state.probe_refs[b] = part

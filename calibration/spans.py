@@ -11,11 +11,18 @@ each block's input is the previous block's output, untouched: a span ends where 
 a stream between blocks, e.g. a ControlNet residual added in place) or where a block's output streams differ from
 its input's (a segment boundary, a dropped stream). A chain found modified in place is remembered as a break, so the
 span ends before it from then on.
+
+Whether a block's outputs were modified before the next block took them is checked at every computed block, without
+stopping the device: a tensor's version counter tells at no cost; inference tensors (ComfyUI samples in inference
+mode) have none, so a block's first computation in the run keeps a copy of its outputs (a modification seen then
+leaves the span its exact residual), and later computations compare fingerprints of the outputs on the device, the
+flags read once when the model call ends (one sync a call, not one a block). A span found then to have taken in a
+modification is forgotten, so no later step reads its residual, and its blocks are computed at the next step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
@@ -44,33 +51,43 @@ class Span:
 
 @dataclass
 class OpenSpan:
-    """A span being computed: its first block's inputs as given, and the newest block's outputs as returned."""
+    """A span being computed: its first block's inputs as given, and the newest block's outputs as returned, with what
+    tells whether they were modified in place since: by stream, its version, its copy (marked None) or its
+    fingerprint (inference tensors)."""
 
     first: int
     last: int
     kept: dict[str, Tensor]
-    out: dict[str, Tensor]
-    versions: dict[str, int]
+    out: dict[str, Tensor] = field(default_factory=dict)
+    marks: dict[str, int | Tensor | None] = field(default_factory=dict)
     layout: tuple[tuple[str, bool], ...] = ()
     copy: dict[str, Tensor] | None = None
 
     def extend(self, block: int, outputs: Mapping[str, Tensor | None], copy: bool) -> None:
-        """`copy`: keep a copy of the outputs, which tells whether the model changes them in place before the next
-        block where version counters cannot (inference tensors), and keeps the span's residual if it does."""
+        """`copy`: keep a copy of the outputs, which tells exactly whether the model changes them in place before the
+        next block where version counters cannot (inference tensors), and keeps the span's residual if it does."""
         self.last = block
         self.out = {k: v for k, v in outputs.items() if v is not None}
-        self.versions = {k: _version(v) for k, v in self.out.items()}
         self.layout = tuple((k, v is not None) for k, v in outputs.items())
         self.copy = {k: v.clone() for k, v in self.out.items()} if copy else None
+        self.marks = {k: _mark(v, copy) for k, v in self.out.items()}
 
-    def intact(self) -> bool:
-        """Whether the outputs are still what the last block returned (nothing modified them in place since).
-        Inference tensors (ComfyUI samples in inference mode) have no version counter: they are copied on every
-        computed call and compared with the copy, so a change that starts mid-run or touches one branch group only
-        is seen too."""
-        if self.copy is not None and any(v.is_inference() for v in self.out.values()):
-            return all(torch.equal(v, self.copy[k]) for k, v in self.out.items())
-        return all(_version(v) == self.versions[k] for k, v in self.out.items())
+    def intact(self, checks: list[tuple[int, Tensor]]) -> bool:
+        """Whether the outputs are still what the last block returned (nothing modified them in place since), as far
+        as the host knows now: by version counter, or for inference tensors by their copy (a device sync, on a block's
+        first computation only). Otherwise an inference tensor's fingerprint is compared on the device with the one
+        taken when the block returned, and the flag is added to `checks` under the block that follows, to be read when
+        the model call ends; until then the stream counts as intact."""
+        for k, v in self.out.items():
+            mark = self.marks[k]
+            if mark is None:
+                if not torch.equal(v, self.copy[k]):
+                    return False
+            elif isinstance(mark, Tensor):
+                checks.append((self.last + 1, torch.ne(_fingerprint(v), mark).any()))
+            elif v._version != mark:
+                return False
+        return True
 
     def residuals(self, intact: bool) -> dict[str, Tensor]:
         """`intact`: what `intact()` said just now (the comparison is not repeated)."""
@@ -78,8 +95,24 @@ class OpenSpan:
         return {k: out[k] - self.kept[k] for k in out}
 
 
-def _version(value: Tensor) -> int:
-    return -1 if value.is_inference() else value._version
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(value: Tensor) -> Tensor:
+    """The sums along the last dimension of the value's bit pattern, in integers that wrap around (computed on the
+    device, in any order alike): a change to one element of a row changes its sum, whatever its size; changes to
+    several elements of a row go unseen only if their bit differences cancel to a multiple of 2^bits, in every row
+    they touch."""
+    bits = value.view(_BITS[value.element_size()])
+    return bits.sum(dim=-1, dtype=bits.dtype)
+
+
+def _mark(value: Tensor, copied: bool) -> int | Tensor | None:
+    """What `OpenSpan.intact` compares a stream with later: its version, else (an inference tensor) nothing where it
+    was copied, its fingerprint where not."""
+    if not value.is_inference():
+        return value._version
+    return None if copied else _fingerprint(value)
 
 
 class SpannedBlocks:
@@ -89,6 +122,7 @@ class SpannedBlocks:
         self.call = call
         self.open: OpenSpan | None = None
         self.skipping: Span | None = None
+        self.checks: list[tuple[int, Tensor]] = []  # (block, device flag: the streams it took had been modified)
 
     def block(self, index: int, inputs: Mapping[str, Tensor], run: Callable[[], "Outputs"],
               cost: Callable[[], float]) -> dict[str, Tensor | None]:
@@ -103,7 +137,7 @@ class SpannedBlocks:
             call.account(index, False, cost(), 0.0, len(outputs))
         else:
             self.skipping = None
-            span = call.cache.spans.get(index)
+            span = call.cache.spans_by_first.get(index)
             if span is not None and self._skips(span, inputs):
                 outputs = self._filled(span, inputs, cost)
             else:
@@ -112,10 +146,26 @@ class SpannedBlocks:
         return outputs
 
     def finish(self) -> None:
-        """The model call ended: a span still open ends with it."""
+        """The model call ended: a span still open ends with it, and the call's checks are read."""
         if self.open is not None:
             self._commit(self.open)
             self.open = None
+        self._settle()
+
+    def _settle(self) -> None:
+        """Read the call's fingerprint checks, all at once (one device sync). Where block b took outputs of block
+        b − 1 that had been modified in place, the span holding b − 1 cached a residual that includes the
+        modification: it is forgotten before any step reads it, so its blocks are computed at the next step, and
+        spans end before b from then on."""
+        if not self.checks:
+            return
+        blocks = [block for block, _ in self.checks]
+        changed = torch.stack([flag for _, flag in self.checks]).tolist()
+        self.checks = []
+        for block, modified in zip(blocks, changed):
+            if modified:
+                self.call.state.span_breaks.add(block)
+                self._forget(block - 1, block - 1)
 
     # --- skipping -------------------------------------------------------------------------------------------------
 
@@ -146,7 +196,7 @@ class SpannedBlocks:
                   cost: Callable[[], float]) -> dict[str, Tensor | None]:
         call, state = self.call, self.call.state
         open_ = self.open
-        intact = open_ is not None and open_.intact()
+        intact = open_ is not None and open_.intact(self.checks)
         joins = intact and self._continues(open_, index, inputs)
         so_far: dict[str, Tensor] | None = None
         if open_ is not None and not joins:
@@ -156,9 +206,9 @@ class SpannedBlocks:
             so_far = open_.residuals(intact=True)
         eligible = self._eligible(index)
         known = state.layouts.get(index)
-        # A block not seen yet may be followed by an in-place change: copy its outputs (as always for inference
-        # tensors, whose changes nothing else reveals).
-        copy = known is None or any(v.is_inference() for v in inputs.values())
+        # A block not seen yet may be followed by an in-place change: copy its outputs, so that the span keeps its
+        # residual if it is (later computations of the block are checked by version or fingerprint).
+        copy = known is None
         carried = [k for k in inputs if known is None or any(k == s for s, _ in known)]
         kept = {k: inputs[k].clone() for k in carried} if eligible and not joins else {}
         outputs = dict(run())
@@ -177,7 +227,7 @@ class SpannedBlocks:
                 self._commit(open_, so_far, intact=True)
                 self.open = open_ = None
         elif eligible and clean:
-            open_ = self.open = OpenSpan(index, index, kept, {}, {})
+            open_ = self.open = OpenSpan(index, index, kept)
             open_.extend(index, outputs, copy)
         full = cost()
         call.account(index, True, full, full, max(len(streams), 1))
@@ -202,10 +252,11 @@ class SpannedBlocks:
                 ) -> None:
         """Store the span's summed residual. If its outputs were modified in place since, the span ends before the
         block that follows from then on; its residual is kept if the outputs were copied, else lost for this call.
-        `intact`: whether they are untouched, where the caller knows (each comparison of copies is a device sync)."""
+        `intact`: whether they are untouched, where the caller knows (each comparison of copies is a device sync;
+        a fingerprint compared on the device counts as intact until `_settle` reads it)."""
         call = self.call
         if residuals is None:
-            intact = open_.intact() if intact is None else intact
+            intact = open_.intact(self.checks) if intact is None else intact
             if not intact:
                 call.state.span_breaks.add(open_.last + 1)
                 if open_.copy is None:
@@ -214,9 +265,9 @@ class SpannedBlocks:
             residuals = open_.residuals(intact)
         span = Span(open_.first, open_.last, open_.layout)
         cache = call.cache
-        if cache.spans.get(span.first) != span:
+        if cache.spans_by_first.get(span.first) != span:
             self._forget(span.first, span.last)
-            cache.spans[span.first] = span
+            cache.spans_by_first[span.first] = span
         state = call.state
         for k, value in residuals.items():
             call.remember(span.first, span.site(k), value)
@@ -231,7 +282,7 @@ class SpannedBlocks:
     def _forget(self, first: int, last: int) -> None:
         """Drop every span that overlaps blocks first..last, with its cached values."""
         cache = self.call.cache
-        for start, span in list(cache.spans.items()):
+        for start, span in list(cache.spans_by_first.items()):
             if span.first <= last and first <= span.last:
-                del cache.spans[start]
+                del cache.spans_by_first[start]
                 self.call.state.drop_span(cache, span)

@@ -53,7 +53,7 @@ class GroupCache:
     sites: dict[SiteKey, Forecaster] = field(default_factory=dict)
     ready: set[int] = field(default_factory=set)  # blocks whose sites hold values a skip can use
     anchors: dict[int, tuple[float, int]] = field(default_factory=dict)  # block -> (σ, step) of its newest store
-    spans: dict[int, Span] = field(default_factory=dict)  # first block -> the span of blocks cached as one
+    spans_by_first: dict[int, Span] = field(default_factory=dict)  # first block -> the span of blocks cached as one
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +90,7 @@ class RunState:
         if policy.plan is not None and policy.plan.blocks != blocks:
             raise PolicyError(f"the policy's plan was searched for a model with {policy.plan.blocks} blocks; this "
                               f"model has {blocks}: fit a plan for this model (Fit TCC Priors with a target speedup)")
-        self.span = (0.0, float(self.clock.steps)) if policy.time_unit == "step" else (
+        self.time_range = (0.0, float(self.clock.steps)) if policy.time_unit == "step" else (
             float(self.clock.sigmas[-1]), float(self.clock.sigmas[0]))
         self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
         if self.plan.blocks is not None:  # blocks the plan computes at every step of this run
@@ -106,7 +106,7 @@ class RunState:
         self.uncacheable: set[int] = set()
         self.layouts: dict[int, tuple[tuple[str, bool], ...]] = {}  # block outputs: (stream, has a residual)
         # Blocks are cached in spans when nothing needs a block's own value: see spans.py.
-        self.spans = policy.granularity == "block" and self.calibrator is None and self.icc is None and \
+        self.caches_spans = policy.granularity == "block" and self.calibrator is None and self.icc is None and \
             isinstance(make_forecaster(policy), WeightedForecaster)
         # blocks before which the model changes a stream in place, or (plan mode) whose computed steps differ from the
         # previous block's: a span's blocks are skipped together
@@ -150,13 +150,13 @@ class RunState:
     def end_spans(self) -> None:
         """Cache block by block from here on: the host said it changes streams between blocks in place (a
         ControlNet's residuals), which a span's summed residual would take in. The spans' values are dropped."""
-        if not self.spans:
+        if not self.caches_spans:
             return
-        self.spans = False
+        self.caches_spans = False
         for cache in self.groups.values():
-            for span in cache.spans.values():
+            for span in cache.spans_by_first.values():
                 self.drop_span(cache, span)
-            cache.spans.clear()
+            cache.spans_by_first.clear()
 
     def drop_span(self, cache: GroupCache, span: Span) -> None:
         """Release a span's cached values and reservations; its blocks are no longer ready to skip."""
@@ -186,18 +186,31 @@ class RunState:
         the plan's blocks of this step in plan mode."""
         return bool(round_.skip) and (self.plan.blocks is None or self.plan.skips(round_.step, block))
 
-    def decide(self, residuals: tuple[Tensor, ...], branch: Hashable) -> bool:
-        """Dynamic policy: skip the round if the probe residual of every stream moved little since the last computed
-        round (mean relative L1, stream by stream)."""
-        refs = self.probe_refs.get(branch)
-        skip = False
-        # A branch's streams change shape when ComfyUI pads text for a batch and later runs the branch alone:
-        # then there is no reference to compare with, and the round computes.
-        comparable = refs is not None and [r.shape for r in refs] == [r.shape for r in residuals]
-        if comparable and self._skips_in_row < self.policy.max_skips:
-            change = torch.stack([(r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
-                                  for r, ref in zip(residuals, refs)]).max()
-            skip = bool(change < self.policy.threshold)  # one device sync for every stream
+    def probe_change(self, parts: Sequence[tuple[Tensor, ...]], branches: Sequence[Hashable]) -> Tensor:
+        """How far the probe moved since the last computed round, as one scalar on the device: the largest mean
+        relative L1 change of a probe residual over every image of every branch (cond and uncond) and every stream,
+        so that one image, branch or small stream still changing is not averaged away by steady ones. Infinite when a
+        branch has nothing to compare with: no reference yet, or streams of another shape (ComfyUI pads text for a
+        batch, not for a branch run alone). One maximum, so that several devices can combine theirs with a max."""
+        changes = []
+        for branch, residuals in zip(branches, parts):
+            refs = self.probe_refs.get(branch)
+            if refs is None or [r.shape for r in refs] != [r.shape for r in residuals]:
+                return torch.tensor(float("inf"), device=residuals[0].device)
+            for r, ref in zip(residuals, refs):
+                images = r.shape[0]
+                moved = (r - ref).abs().reshape(images, -1).mean(1)
+                changes.append(moved / ref.abs().reshape(images, -1).mean(1).clamp_min(1e-12))
+        return torch.cat(changes).max()
+
+    def steady(self, parts: Sequence[tuple[Tensor, ...]], branches: Sequence[Hashable]) -> bool:
+        """Whether every image of every branch and stream moved less than the threshold (one device sync)."""
+        return bool(self.probe_change(parts, branches) < self.policy.threshold)
+
+    def decide(self, parts: Sequence[tuple[Tensor, ...]], branches: Sequence[Hashable]) -> bool:
+        """Dynamic policy: the round skips only while the probe is `steady` for every image of the call's branches
+        (`parts`: each branch's probe residuals, by stream), at most `max_skips` rounds in a row."""
+        skip = self._skips_in_row < self.policy.max_skips and self.steady(parts, branches)
         self._skips_in_row = self._skips_in_row + 1 if skip else 0
         return skip
 

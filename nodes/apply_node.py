@@ -8,14 +8,14 @@ import os
 
 import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..calibration import CacheMemory, CachePolicy, PolicyError
 from ..calibration.icc import SVD_MODES, FactorCache, IccSettings
 from ..priors import check_model, check_policy
 from ..priors.validate import IDENTITY
 from . import folders
-from .families import UnsupportedModel, detect
+from .families import FAMILIES, UnsupportedModel, detect
 from .fitted import FittedPriors, TccPriorsType, fingerprint, load
 from .linears import factor_cache, route_linears
 from .policy_node import CATEGORY, CachePolicyType
@@ -102,11 +102,12 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
                         "their residuals, as the policy says. The input model is left untouched; bypass this node "
                         "to get exact full computation.",
             inputs=[
-                io.Model.Input("model", tooltip="A DiT model: Flux, Chroma, SD3, AuraFlow, Wan, HunyuanVideo, "
-                                                "Qwen-Image, LTXV, PixArt or Lumina2."),
+                io.Model.Input("model", tooltip="A DiT model: " + ", ".join(f.name for f in FAMILIES)
+                               + ", or another DiT through the generic fallback on its repeated blocks."),
                 CachePolicyType.Input("policy", optional=True,
                                       tooltip="From a Cache Policy node. Not needed with priors whose fit searched "
-                                              "a plan for a target speedup: their plan is the policy."),
+                                              "a plan for a target speedup: their plan is the policy, and replaces "
+                                              "a connected one (the node says so)."),
                 TccPriorsType.Input("priors", optional=True,
                                     tooltip="TCC priors from Fit TCC Priors; they correct each reused value. "
                                             "Wins over prior_file."),
@@ -152,12 +153,13 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
                 cache_offload: bool = False, cache_limit_mb: int = 0) -> io.NodeOutput:
         memory = cache_memory(cache_offload, cache_limit_mb)
         fitted = chosen_priors(priors, prior_file)
-        policy = run_policy(policy, fitted)
+        policy, replaced = run_policy(policy, fitted)
         policy = with_icc(policy, icc_rank, icc_svd)
         node_id = getattr(cls.hidden, "unique_id", None)  # None when called from a script rather than a prompt
         tcc = icc_priors(fitted, block_policy(policy))
         factors = factor_cache(model, fitted.channels if fitted is not None else None) if policy.icc else None
         m, session = patch_model(model, policy, node_id, tcc, factors, memory)
+        session.notes = [replaced] if replaced else []
         if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
             # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
             parts = IDENTITY if tcc is not None else ("family", "architecture")
@@ -165,23 +167,27 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
             session.prior_check = f"{', '.join(parts)} match the model"
         if tcc is not None:
             check_policy(tcc.meta, session.policy, tcc.name)
-        return io.NodeOutput(m)
+        return io.NodeOutput(m, ui=ui.PreviewText(replaced) if replaced else None)
 
 
-def run_policy(policy: CachePolicy | None, fitted: FittedPriors | None) -> CachePolicy:
+def run_policy(policy: CachePolicy | None, fitted: FittedPriors | None) -> tuple[CachePolicy, str | None]:
     """The connected policy, or the plan a prior file was searched with (Fit TCC Priors with a target speedup), which
-    wins: its priors belong to it."""
+    wins: its priors belong to it. The note (None when nothing was replaced) says that the connected policy was set
+    aside, for the node's panel and the run report: a user who connected one expects it to act."""
     planned = fitted is not None and fitted.meta["policy"].get("plan") is not None
     if planned:
         searched = CachePolicy.from_dict(fitted.meta["policy"])
+        note = None
         if policy is not None and policy.tag() != searched.tag():
-            log.info("calibrated_cache: %s holds a searched plan (%s); it is used instead of the connected Cache "
-                     "Policy", fitted.name, searched.tag())
-        return searched
+            note = (f"the connected Cache Policy ({policy.tag()}) was replaced by the plan of prior file {fitted.name} "
+                    f"({searched.tag()}), searched for a target speedup: disconnect the policy to keep the plan, or "
+                    "choose a prior file without a plan (or none) to sample with the policy")
+            log.warning("calibrated_cache: %s", note)
+        return searched, note
     if policy is None:
         raise ValueError("Apply Calibrated Cache needs a Cache Policy, or a prior file fitted with a target speedup "
                          "(whose plan is the policy): connect one, or choose such a file")
-    return policy
+    return policy, None
 
 
 def icc_priors(fitted: FittedPriors | None, policy: CachePolicy) -> FittedPriors | None:

@@ -4,11 +4,11 @@ Calibrated Cache can load them.
 Of its calibration seeds, the last `held_out` are held out. The fit runs the cached policy once on each fitting seed,
 recomputing every reused block to fit against (so each costs about one full sampling); then it measures the error
 against full computation without and with the priors on the held-out seeds, which the priors never saw (one full and
-two cached samplings each). `verify` measures the in-sample error too. The full computation runs on a clone of the
-unpatched input model, the cached ones on a clone patched exactly as Apply Calibrated Cache patches it, with the
-same sigmas in every run. ICC's channel statistics are recorded on the first fitting seed. One
-progress bar covers all runs; its callback is also where an interrupt stops the fit. The file is written once,
-atomically, at the end, so an interrupted or failed fit leaves nothing behind.
+two cached samplings each). `verify` measures the in-sample error too (a target speedup always does). The full
+computation runs on a clone of the unpatched input model, the cached ones on a clone patched exactly as Apply
+Calibrated Cache patches it, with the same sigmas in every run. ICC's channel statistics are recorded on the first
+fitting seed. One progress bar covers all runs; its callback is also where an interrupt stops the fit. The file is
+written once, atomically, at the end, so an interrupted or failed fit leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from ..calibration import CachePolicy, PolicyError, RunStats
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import SVD_MODES, FactorCache, StatsRecorder
 from ..calibration.fitting import FIT, HELD_OUT, FitRun, fit_plan, fit_tcc
-from ..calibration.speed_fit import fit_for_speed, fit_runs
+from ..calibration.search import SLACK
+from ..calibration.speed_fit import SpeedFit, fit_for_speed, fit_runs, priors_verdict
 from ..calibration.tcc import VARIANTS, resolve_variant
 from ..priors import save_priors
 from . import folders
@@ -262,12 +263,14 @@ class FitTccPriorsNode(io.ComfyNode):
                                      "is measured on them (full computation and two cached samplings each)."),
                 io.Boolean.Input("verify", default=False, optional=True,
                                  tooltip="Also measure the error on the fitting seeds (optimistic: the priors were "
-                                         "fitted there); three more samplings per fitting seed."),
+                                         "fitted there); three more samplings per fitting seed. With a target "
+                                         "speedup it is always measured, whatever this says: it chooses the TCC "
+                                         "variant and whether the priors are kept (the report says so)."),
                 io.Float.Input("target_speedup", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
                                tooltip="0: fit priors for the connected policy. Above 1: search which steps compute, "
                                        "the forecaster and the priors for this many times fewer FLOPs (the policy "
                                        "input only gives the granularity); Apply Calibrated Cache then needs only "
-                                       "the file. Costs about 40-60 samplings of one seed (probes, candidates, "
+                                       "the file. Costs about 43–67 samplings of one seed (probes, candidates, "
                                        "refinement)."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
@@ -284,7 +287,7 @@ class FitTccPriorsNode(io.ComfyNode):
         if target_speedup:
             return fit_for_target(cls, model, policy, positive, negative, latent, samples, seed, steps, cfg,
                                   sampler_name, scheduler, variant, checkpoint, save_to, overwrite, held_out,
-                                  target_speedup)
+                                  target_speedup, verify)
         check_fittable(model, policy)
         seeds = split_seeds(seed, samples, held_out)
         variant = resolve_variant(variant, policy.forecaster)
@@ -327,9 +330,12 @@ class FitTccPriorsNode(io.ComfyNode):
 
 def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, negative: list, latent: dict,
                    samples: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, variant: str,
-                   checkpoint: str, save_to: str, overwrite: bool, held_out: int, speedup: float) -> io.NodeOutput:
+                   checkpoint: str, save_to: str, overwrite: bool, held_out: int, speedup: float,
+                   verify: bool = False) -> io.NodeOutput:
     """Fit TCC Priors with a target speedup: the plan search (calibration/speed_fit.py) on the fitting seeds, the
-    priors for the plan it chooses, its error on the held-out seeds; one file whose policy is the plan."""
+    priors for the plan it chooses, its error on the held-out seeds; one file whose policy is the plan, with the
+    priors only where they helped (else the plan alone). The fitting seeds' error is measured whatever `verify`
+    says (it decides the variant and the priors); the text says so when verify is off."""
     if speedup <= 1:
         raise ValueError(f"target_speedup must be above 1 (got {speedup:g}); 0 fits priors for the connected policy")
     if base.icc is not None or base.goc is not None:
@@ -372,23 +378,43 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     meta = prior_meta(model, session.family.name, checkpoint, policy, sigmas, steps, sampler_name, scheduler, cfg,
                       seeds, report)
     save_priors(path, fitted.priors, meta)
-    text = "\n".join([
-        f"searched plan for {speedup:g}x: {policy.tag()}, compute fraction {report['plan_predicted_fraction']:.3f} "
-        f"predicted, {report['plan_calibration_fraction']:.3f} measured on the fitting seeds (target "
-        f"{1 / speedup:.3f})", policy.plan.picture(),
-        *(f"candidate {c.policy.tag()}: rel L2 {c.error:.4f} on the fitting seeds (predicted {c.predicted ** 0.5:.4f})"
-          for c in fitted.candidates),
-        f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} -> "
-        f"{report['plan_calibration_error']:.4f} on the fitting seeds",
-        f"search {report['plan_search_s']:.2f} s, {int(report['plan_runs'])} samplings of the fitting seeds",
-        *([] if report["plan_priors"] else ["the priors did not lower the error on the fitting seeds: the file holds "
-                                            "the plan alone"]),
-        *(line for line in report_text(report, fitted.priors.variant, policy.tag(), seeds, path,
-                                       cost).splitlines() if report["plan_priors"] or line != NO_GAIN)])
+    text = target_text(fitted, speedup, seeds, path, cost, verify)
     send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
                            "error_before": report["held_out_before"], "error_after": report["held_out_after"],
                            "fitted_seeds": fitted_seeds, "held_out_seeds": seeds[HELD_OUT],
                            "sites": report["sites"], "path": path, "elapsed_s": elapsed, "cost_samplings": cost,
                            "plan": policy.plan.picture(), "fraction_predicted": report["plan_predicted_fraction"],
-                           "fraction_measured": report["plan_calibration_fraction"]})
+                           "fraction_measured": report["plan_calibration_fraction"],
+                           "fraction_file": report["plan_file_fraction"], "priors_kept": bool(report["plan_priors"])})
     return io.NodeOutput(FittedPriors(fitted.priors, meta, path), text, ui=ui.PreviewText(text))
+
+
+def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], path: str, cost: float | None,
+                verify: bool) -> str:
+    """The node's report of a speed fit: the plan and what it achieved against the target (never above it by the
+    FLOP count), the search's cost, and what the file holds, priors or the plan alone, and why."""
+    report, policy = fitted.report, fitted.policy
+    target, achieved = 1 / speedup, report["plan_file_fraction"]
+    lines = [
+        f"searched plan for {speedup:g}x: {policy.tag()}, compute fraction {achieved:.3f} measured on the fitting "
+        f"seeds as saved ({1 / achieved:.2f}x; predicted {report['plan_predicted_fraction']:.3f}, the plan without "
+        f"priors {report['plan_calibration_fraction']:.3f}); target at most {target:.3f}"
+        + ("" if achieved <= target * (1 + SLACK) else
+           "; ABOVE it: the search undercounted what this model's filled-in blocks cost (please report it)"),
+        policy.plan.picture(),
+        *(f"candidate {c.policy.tag()}: rel L2 {c.error:.4f} on the fitting seeds (predicted {c.predicted ** 0.5:.4f})"
+          for c in fitted.candidates),
+        f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} -> "
+        f"{report['plan_calibration_error']:.4f} on the fitting seeds",
+        f"search {report['plan_search_s']:.2f} s and {report['plan_search_bytes'] / 2**20:.1f} MiB of tables, "
+        f"{int(report['plan_runs'])} samplings of the fitting seeds",
+        *(f"not searched: {note}" for note in fitted.skipped)]
+    # the verdict says what the file holds, where a fixed policy's fit would advise leaving Apply's priors empty
+    fit = [line for line in report_text(report, fitted.priors.variant, policy.tag(), seeds, path, cost).splitlines()
+           if line != NO_GAIN]
+    tail = [line for line in fit if line.startswith(("the fit cost", "saved to"))]
+    lines += [line for line in fit if line not in tail] + [priors_verdict(report, fitted.priors.variant)]
+    if not verify:
+        lines.append("verify is off, but a target speedup measures the fitting seeds anyway: their error chooses the "
+                     "TCC variant and whether the priors are kept")
+    return "\n".join(lines + tail)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import comfy.patcher_extension
 import torch
 
-from ..calibration import CacheMemory, CachePolicy, ModelCall, RunState, RunStats
+from ..calibration import CacheMemory, CachePolicy, ModelCall, PolicyError, RunState, RunStats
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import ICC_ANY_SIZE, FactorCache, LinearTarget, icc_too_small
 from ..priors import PriorMismatch, check_schedule, run_warnings
@@ -72,6 +72,7 @@ class CacheSession:
         self.last_stats: RunStats | None = None  # the last cached run's (a plan search reads its costs)
         self.prior_check: str | None = None  # what Apply Calibrated Cache verified of the priors against the model
         self.prior_notes: list[str] = []  # how this run differs from the fit's settings
+        self.notes: list[str] = []  # what Apply Calibrated Cache set aside (a connected policy a plan replaced)
         self.compiled: BlockRunner | None = None  # runs a computed block compiled, under TorchCompileModel
 
     def outer_sample(self, executor, *args, **kwargs):
@@ -83,15 +84,16 @@ class CacheSession:
             finally:
                 self.run = outer
         if guider.model_options.get("context_handler") is not None:
-            log.warning("calibrated_cache: context windows are active; this run is not cached")
-            return executor(*args, **kwargs)
+            return self._uncached("context windows are active", lambda: executor(*args, **kwargs))
         schedule = sigmas.flatten().tolist()
         try:
             run = RunState(self.policy, schedule, len(self.blocks), self.calibrator, self.factors, self.memory)
-        except ValueError as err:  # e.g. FlipSigmas (ascending) or SplitSigmas leaving one sigma
-            log.warning("calibrated_cache: this sampler's schedule cannot be cached (%s); it runs uncached", err)
-            return executor(*args, **kwargs)
-        if run.spans and (not self.family.chained or _has_control(guider)):
+        except PolicyError as err:  # settings this model cannot take (a plan for another block count): the fix
+            raise ValueError(f"calibrated_cache: {err}") from None
+        except ValueError as err:  # FlipSigmas (ascending) or SplitSigmas leaving one sigma: nothing to fix
+            reason = f"this sampler's schedule cannot be cached ({err})"
+            return self._uncached(reason, lambda: executor(*args, **kwargs))
+        if run.caches_spans and (not self.family.chained or _has_control(guider)):
             run.end_spans()
         self.prior_notes = []
         if self.priors is not None:
@@ -105,6 +107,18 @@ class CacheSession:
             stats = self.run.finish()
             self.run = self.call = self.compiled = None
             self._report(stats, time.perf_counter() - start)
+
+    def _uncached(self, reason: str, sample: Callable[[], Any]) -> Any:
+        """Sample without the cache, and say so as a warning in the log and in the run report (the node's panel): a
+        user who sees no speedup must not have to find the console line."""
+        log.warning("calibrated_cache: %s; this run is not cached", reason)
+        start = time.perf_counter()
+        try:
+            return sample()
+        finally:
+            self.last_report = {**self._report_head(), "prior_notes": [], "uncached": reason,
+                                "wall_s": time.perf_counter() - start}
+            send_event("calibrated_cache.stats", self.last_report)
 
     def _check_priors(self, guider, schedule: list[float], cfg: float | None, sampler) -> None:
         """Refuse a run the priors cannot serve before it samples; say so (in the log and the run report) when they
@@ -157,7 +171,7 @@ class CacheSession:
         branches = list(options.get("uuids") or enumerate(kinds))
         roles = [ROLES.get(k, str(k)) for k in kinds] if len(kinds) == len(branches) else [str(b) for b in branches]
         control = kwargs.get("control", args[4] if len(args) > 4 else None)
-        if control is not None and self.run.spans:  # a control the conditioning did not show (another pack's)
+        if control is not None and self.run.caches_spans:  # a control the conditioning did not show (another pack's)
             log.info("calibrated_cache: a ControlNet adds to the blocks' outputs in place; blocks are cached one by "
                      "one from here on in this run instead of as spans")
             self.run.end_spans()
@@ -243,12 +257,17 @@ class CacheSession:
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
         self.last_stats = stats
-        self.last_report = {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
-                            "priors": priors, "prior_check": self.prior_check, "prior_notes": self.prior_notes,
-                            "wall_s": wall, **stats.to_dict()}
+        self.last_report = {**self._report_head(), "prior_notes": self.prior_notes, "uncached": None, "wall_s": wall,
+                            **stats.to_dict()}
         log.info("calibrated_cache [%s] %s: %s, wall %.2f s%s", self.policy.tag(), self.family.name, stats.summary(),
                  wall, f", priors {priors}" if priors else "")
         send_event("calibrated_cache.stats", self.last_report)
+
+    def _report_head(self) -> dict[str, Any]:
+        """What every run report starts with: the node, its model and settings, and what the node set aside."""
+        return {"node": self.node_id, "family": self.family.name, "policy": self.policy.tag(),
+                "priors": self.priors.name if self.priors is not None else None, "prior_check": self.prior_check,
+                "notes": list(self.notes)}
 
 
 def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None) -> Callable:

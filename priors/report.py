@@ -35,8 +35,11 @@ def summarize(prior: PriorFile, per_site: bool = False) -> str:
     rows: dict[tuple[str, int, float], list] = defaultdict(list)
     for (role, round_, _, _), p in priors.items():
         rows[(role, round_, p.sigma)].append(p)
+    # sites are keyed by model evaluation: the schedule's step for one-evaluation samplers (Euler, ComfyUI's
+    # default); an evaluation past the last step means several per step (Heun's two), so the column says so
+    index = "step" if all(r < int(meta["steps"]) for _, r, _ in rows) else "eval"
     lines.append("")
-    lines.append(f"{'role':<8} {'round':>5} {'sigma':>7} {'sites':>5} {'mse before':>11} {'mse after':>11} "
+    lines.append(f"{'role':<8} {index:>5} {'sigma':>7} {'sites':>5} {'mse before':>11} {'mse after':>11} "
                  f"{'mean |g|':>9} {'mean |b|':>9}")
     for (role, round_, sigma), ps in sorted(rows.items()):
         before = sum(p.before for p in ps) / len(ps)
@@ -57,10 +60,10 @@ def _errors(meta: dict[str, Any]) -> list[str]:
     """The fit's error against full computation without and with the priors: on held-out requests (what to expect on
     new prompts and seeds), and in-sample where it was measured (optimistic: the priors were fitted there)."""
     report, lines = meta.get("report") or {}, []
-    fitted = f"fitted on {meta['samples']} requests (seeds {_seeds(meta.get('seeds'))})"
+    fitted = f"fitted on {_requests(meta['samples'])} (seeds {_seeds(meta.get('seeds'))})"
     if "held_out_before" in report:
         lines.append(f"{'held-out':<13} {_change(report['held_out_before'], report['held_out_after'])} on "
-                     f"{meta.get('held_out', '?')} requests (seeds {_seeds(meta.get('held_out_seeds'))}); {fitted}")
+                     f"{_requests(meta.get('held_out', '?'))} (seeds {_seeds(meta.get('held_out_seeds'))}); {fitted}")
     else:
         lines.append(f"{'held-out':<13} not measured: this file was written before fits held requests out; {fitted}")
     for key, label in (("in_sample", "in-sample"), ("rel_l2", "in-sample")):
@@ -68,6 +71,10 @@ def _errors(meta: dict[str, Any]) -> list[str]:
             lines.append(f"{label:<13} {_change(report[f'{key}_before'], report[f'{key}_after'])} on the fitted "
                          "requests (optimistic)")
     return lines
+
+
+def _requests(count: Any) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
 
 
 def _change(before: float, after: float) -> str:

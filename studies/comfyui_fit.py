@@ -14,7 +14,6 @@ measures an older checkout of the pack (run it from that checkout).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"
 from tiny_models import FAMILIES, comfyui_nodes, load_pack, run_sampler  # noqa: E402  (importing it boots ComfyUI)
 
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 POLICY = dict(mode="fixed", forecaster="taylor", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
               last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -103,12 +103,14 @@ def main() -> int:
     parser.add_argument("--family", default="Wan", choices=list(FAMILIES))
     parser.add_argument("--samples", type=int, default=3, help="cost: the fit's samples (its default: 3)")
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     rows = cost(args) if args.study == "cost" else seeds(args)
-    if args.json:
+    if tree:
         command = "COMFYUI_PATH=… python " + " ".join(sys.argv)
-        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": command,
-                                         "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
+        write_result(args.json, {"study": args.study, "steps": args.steps, "command": command,
+                                 "machine": machine("cpu"), **provenance(), "rows": rows}, tree)
     return 0
 
 

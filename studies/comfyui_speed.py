@@ -19,7 +19,6 @@ ideal speedup (1 / compute fraction) it reaches.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from tiny_models import (FAMILIES, diffusion_model, load_pack,  # noqa: E402  (b
 
 import torch  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 POLICY = dict(mode="fixed", forecaster="reuse", interval=4, warmup_steps=0, start=0.0, end=1.0, first_blocks=0,
               last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -221,14 +221,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--whole-step", action="store_true", help="also whole-step forecasting (step granularity)")
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     torch.set_num_threads(1)  # as the ComfyUI tier: stable timings on a shared 2-core machine
     policy_node, apply_node = load_pack()
     rows = profile(args, policy_node, apply_node) if args.study == "profile" else share(args, policy_node, apply_node)
-    if args.json:
+    if tree:
         command = "COMFYUI_PATH=… python " + " ".join(sys.argv)
-        args.json.write_text(json.dumps({"study": args.study, "steps": args.steps, "command": command,
-                                         "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
+        write_result(args.json, {"study": args.study, "steps": args.steps, "command": command,
+                                 "machine": machine("cpu"), **provenance(), "rows": rows}, tree)
     return 0
 
 

@@ -9,7 +9,6 @@ The README's family table comes from it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from tiny_models import FAMILIES, load_pack, run_sampler, session_of  # noqa: E4
 
 import torch  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 POLICY = dict(mode="fixed", forecaster="reuse", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
               last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
@@ -32,7 +32,9 @@ def main() -> int:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     torch.set_num_threads(1)  # as the ComfyUI tier: stable timings on a shared 2-core machine
     policy_node, apply_node = load_pack()
 
@@ -71,10 +73,10 @@ def main() -> int:
         print(f"{family:<22} {'yes' if exact else 'NO':>5} {row['compute_fraction']:>7.3f} {row['blocks_skipped']:>7} "
               f"{row['fora_rel_l2']:>11.4f} {row['taylor2_rel_l2']:>14.4f} {row['wall_speedup']:>6.2f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
-    if args.json:
+    if tree:
         command = "COMFYUI_PATH=… python " + " ".join(sys.argv)
-        args.json.write_text(json.dumps({"study": "families", "steps": STEPS, "command": command,
-                                         "machine": machine("cpu"), **provenance(), "rows": rows}, indent=2) + "\n")
+        write_result(args.json, {"study": "families", "steps": STEPS, "command": command, "machine": machine("cpu"),
+                                 **provenance(), "rows": rows}, tree)
     return 0
 
 

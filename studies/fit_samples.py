@@ -10,13 +10,13 @@ Priors are fitted on the first n calibration requests (noise seed 1) and evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.testbed.bench import machine, provenance
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.fit_priors import fit_testbed
 from calibrated_cache.testbed.metrics import rel_l2
@@ -32,7 +32,9 @@ def main() -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     model, meta = load_dit()
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     labels, noise = bench_inputs(model, args.held_out, 0)
@@ -51,10 +53,10 @@ def main() -> int:
             rows.append(row)
             print(f"{name:<18} {n:>9} {held_out:>9.4f} {row['in_sample']:>9.4f} {plain:>9.4f} {fit_s:>6.1f}",
                   flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"steps": steps, "cfg": cfg, "held_out": args.held_out,
-                                         "command": "python " + " ".join(sys.argv), "machine": machine("cpu"), **provenance(),
-                                         "rows": rows}, indent=2) + "\n")
+    if tree:
+        write_result(args.json, {"steps": steps, "cfg": cfg, "held_out": args.held_out,
+                                 "command": "python " + " ".join(sys.argv), "machine": machine("cpu"), **provenance(),
+                                 "rows": rows}, tree)
     return 0
 
 

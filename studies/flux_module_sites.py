@@ -19,7 +19,6 @@ differ only by the modulation and norms a module-level skip recomputes. Whole-bl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from calibrated_cache.calibration import CachePolicy  # noqa: E402
 from calibrated_cache.calibration.registry import make_forecaster  # noqa: E402
 from calibrated_cache.calibration.schedule import StepPlan  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 INTERVALS = (2, 3, 4, 6)
 FORECASTERS = {"fora": {"forecaster": "reuse"}, "taylor2": {"forecaster": "taylor", "order": 2}}
@@ -94,7 +94,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     h = Harness(args.prompts, 1)
     setting = Setting("euler", STEPS)
     diffusion_model = h.model.model.diffusion_model
@@ -120,10 +122,10 @@ def main() -> int:
             with torch.no_grad(), ModuleSites(diffusion_model, policy):
                 images = h.sample(h.model, setting, h.eval, EVAL_SEED)
             rows.append(scored(name, n, "module", images, None))
-    if args.json:
+    if tree:
         report = {"study": "flux module sites", "command": "COMFYUI_PATH=… python " + " ".join(sys.argv),
                   "machine": machine("cpu"), **provenance(), "prompts": args.prompts, "steps": STEPS, "rows": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(args.json, report, tree)
     return 0
 
 

@@ -15,7 +15,7 @@ weight, and how GOC composes with TCC priors. Run: `python studies/goc_study.py 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 
 import torch
 
@@ -24,9 +24,11 @@ from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.calibration.calibrator import Calibrator, Reused, Site
 from calibrated_cache.calibration.goc import GocCorrector, GocSettings, Used, track_key
 from error_share import site_values
+from calibrated_cache.testbed.bench import machine, provenance
 from calibrated_cache.testbed.evaluate import bench_inputs, score
 from calibrated_cache.testbed.fit_priors import fit_testbed
 from calibrated_cache.testbed.metrics import rel_l2
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result
 from calibrated_cache.testbed.sampling import sample
 from calibrated_cache.testbed.weights import load_classifier, load_dit
 
@@ -100,7 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     model, classifier = load_dit()[0], load_classifier()[0]
     labels, noise = bench_inputs(model, args.samples, 0)
     full, _ = sample(model, labels, noise, STEPS, CFG)
@@ -137,9 +141,10 @@ def main() -> None:
         row(interval, "fora+tcc", None, tcc=True)
         for w in WEIGHTS_WITH_TCC:
             row(interval, f"fora+goc w{w:g} auto+tcc", GocSettings(w, "auto"), tcc=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rho": rho, "offline_steps": list(dropped), "rows": rows}, f, indent=1)
+    if tree:
+        write_result(args.json, {"command": "python studies/goc_study.py " + " ".join(sys.argv[1:]), **provenance(),
+                                 "machine": machine("cpu"), "rho": rho, "offline_steps": list(dropped), "rows": rows},
+                     tree, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.calibration.plan import BlockPlan
 from calibrated_cache.calibration.speed_fit import plan_policy, uniform_row
 from calibrated_cache.testbed.bench import machine, provenance
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.metrics import rel_l2
 from calibrated_cache.testbed.sampling import flow_sigmas, sample
@@ -49,7 +50,9 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1500)
     p.add_argument("--starts", type=int, default=4)
     p.add_argument("--json", type=Path)
+    add_allow_dirty(p)
     args = p.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     model, meta = load_dit()
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     sigmas = flow_sigmas(steps)
@@ -108,10 +111,10 @@ def main() -> None:
             result["searched"] = {"row": searched[target], "forecaster": pick, "rel_l2": by[pick], "by_forecaster": by}
         results.append(result)
         print(_line(result), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"command": "python studies/plan_oracle.py " + " ".join(sys.argv[1:]),
-                                         **provenance(), "machine": machine("cpu"), "samples": args.samples,
-                                         "screen": n, "rows": results}, indent=1))
+    if tree:
+        write_result(args.json, {"command": "python studies/plan_oracle.py " + " ".join(sys.argv[1:]),
+                                 **provenance(), "machine": machine("cpu"), "samples": args.samples, "screen": n,
+                                 "rows": results}, tree, indent=1)
 
 
 def _climb(start: str, screen, runs, budget: int) -> None:

@@ -16,7 +16,6 @@ predicted error with the measured one over every searched candidate.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,6 +27,7 @@ from calibrated_cache.calibration import CachePolicy
 from calibrated_cache.calibration.speed_fit import rank_correlation
 from calibrated_cache.calibration.tcc import VARIANTS
 from calibrated_cache.testbed.bench import machine, provenance
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result
 from calibrated_cache.testbed.evaluate import bench_inputs, score
 from calibrated_cache.testbed.fit_priors import fit_testbed, fit_testbed_speed
 from calibrated_cache.testbed.metrics import rel_l2
@@ -47,7 +47,9 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=TARGETS)
     p.add_argument("--warmups", type=int, nargs="+", default=[0])
     p.add_argument("--json", type=Path)
+    add_allow_dirty(p)
     args = p.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     model, meta = load_dit()
     classifier, _ = load_classifier()
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
@@ -106,8 +108,8 @@ def main() -> None:
               "rank_correlation": rank_correlation(predicted, measured)}
     print(f"rank correlation of predicted and measured error over {len(predicted)} searched candidates: "
           f"{result['rank_correlation']:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    if tree:
+        write_result(args.json, result, tree, indent=1)
 
 
 def _dynamic(model, labels, noise, full, steps, cfg, sigmas, fraction) -> CachePolicy:

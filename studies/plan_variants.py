@@ -26,6 +26,7 @@ from calibrated_cache.calibration.plan import BlockPlan
 from calibrated_cache.calibration.speed_fit import plan_policy, uniform_row
 from calibrated_cache.calibration.trajectories import TrajectoryRecorder
 from calibrated_cache.testbed.bench import machine, provenance
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.fit_priors import fit_testbed
 from calibrated_cache.testbed.metrics import rel_l2
@@ -79,7 +80,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--fit-samples", type=int, default=32)
     p.add_argument("--json", type=Path)
+    add_allow_dirty(p)
     args = p.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     model, meta = load_dit()
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     sigmas = flow_sigmas(steps)
@@ -123,9 +126,9 @@ def main() -> None:
     print("|---|" + "---|" * len(columns))
     for r in rows:
         print(f"| {r['plan']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
-    if args.json:
-        args.json.write_text(json.dumps({"command": "python studies/plan_variants.py " + " ".join(sys.argv[1:]),
-                                         **provenance(), "machine": machine("cpu"), "rows": rows}, indent=1))
+    if tree:
+        write_result(args.json, {"command": "python studies/plan_variants.py " + " ".join(sys.argv[1:]),
+                                 **provenance(), "machine": machine("cpu"), "rows": rows}, tree, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ plan at 3× and near it at 6×.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from comfy_extras.nodes_easycache import LazyCacheNode  # noqa: E402
 
 from calibrated_cache.calibration.tcc import VARIANTS  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 UNIFORM = {"fora": {}, "taylor1": {"forecaster": "taylor", "order": 1}, "taylor2": {"forecaster": "taylor", "order": 2},
            "foca": {"forecaster": "foca"}, "spectrum": {"forecaster": "spectrum"}, "dmd": {"forecaster": "dmd"}}
@@ -51,7 +51,9 @@ def main() -> int:
     parser.add_argument("--targets", type=float, nargs="+", default=[2, 3, 4, 6])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     setting = Setting("euler", args.steps)
     h = Harness(args.prompts, 16)
     result = {"command": "COMFYUI_PATH=… python studies/scenes_plans.py " + " ".join(sys.argv[1:]),
@@ -110,8 +112,8 @@ def main() -> int:
             + (format_row(best) if best else "none within 5% of its compute"))
         result["targets"].append({"target": target, "fit_s": fit_s, "fit_report": priors.meta["report"],
                                   "plan": priors.meta["policy_tag"], "rows": rows, "best_uniform": best})
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    if tree:
+        write_result(args.json, result, tree, indent=1)
     return 0
 
 

@@ -12,8 +12,8 @@ spans and block by block, the peak cache; and the profile breakdown (testbed/pro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 from calibrated_cache.calibration import CachePolicy, RunState
 from calibrated_cache.testbed import sampling
 from calibrated_cache.testbed.bench import machine, provenance
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result
 from calibrated_cache.testbed.evaluate import bench_inputs
 from calibrated_cache.testbed.metrics import rel_l2
 from calibrated_cache.testbed.profile import PARTS, format_breakdown, median_breakdown, profile_run
@@ -36,7 +37,7 @@ class BlockByBlock(RunState):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.spans = False
+        self.caches_spans = False
 
 
 def run(model, labels, noise, steps, cfg, policy, state_type=RunState):
@@ -64,7 +65,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     model, meta = load_dit()
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     labels, noise = bench_inputs(model, args.samples)
@@ -110,13 +113,14 @@ def main() -> int:
     medians = {name: median_breakdown(b) for name, b in breakdowns.items()}
     print("\nwhere the time goes, interval 4 (medians of 3 interleaved runs)")
     print(format_breakdown(medians))
-    if args.json:
-        report = {"study": "spans", "command": "python studies/spans_study.py", **provenance(), "machine": machine("cpu"),
+    if tree:
+        report = {"study": "spans", "command": "python studies/spans_study.py " + " ".join(sys.argv[1:]),
+                  **provenance(), "machine": machine("cpu"),
                   "samples": args.samples, "steps": steps, "repeats": args.repeats, "rows": rows,
                   "profile": {name: {"total_s": b.total, "seconds": {p: b.seconds[p] for p in PARTS},
                                      "computed_calls": b.computed_calls, "skipped_calls": b.skipped_calls}
                               for name, b in medians.items()}}
-        args.json.write_text(json.dumps(report, indent=1))
+        write_result(args.json, report, tree, indent=1)
     return 0
 
 

@@ -4,15 +4,12 @@ speedup against the ideal 1/compute_fraction on a larger compute-bound block sta
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,11 +23,11 @@ from ..calibration.icc import FactorCache, IccSettings, icc_too_small
 from ..calibration.fitting import FitRun, fit_tcc
 from ..calibration.tcc import TccPriors
 from ..priors import check_schedule
-from ..priors.files import write_atomic
 from .evaluate import bench_inputs, score
 from .fit_priors import fit_testbed, record_channels
 from .metrics import psnr, rel_l2
 from .progress import Progress
+from .results import read_tree, write_json  # noqa: F401  (write_json: tests import it from here)
 from .model import DiT, DiTConfig
 from .sampling import flow_sigmas, sample
 from .weights import load_classifier, load_dit
@@ -443,6 +440,16 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int, samples: i
                                           "tokens": model.config.tokens, "width": model.config.width,
                                           "depth": model.config.depth, "device": "cpu", "dtype": "torch.float32"},
                                "rows": speed_rows(model, labels, noise, steps, cfg, "cpu", repeats, progress)}
+    model, labels, noise, steps = speed_stack(quick, flux, device)
+    config, batch, dtype = model.config, noise.shape[0], noise.dtype
+    sections["stack"] = {"config": {**config.to_dict(), "batch": batch, "steps": steps, "cfg": 4.0, "dtype": str(dtype),
+                                    "device": device, "tokens": config.tokens},
+                         "rows": speed_rows(model, labels, noise, steps, 4.0, device, repeats, progress)}
+    return {"repeats": repeats, **sections}
+
+
+def speed_stack(quick: bool, flux: bool, device: str) -> tuple[DiT, torch.Tensor, torch.Tensor, int]:
+    """The speed section's random block stack (bf16 on a GPU), its labels and noise, and its steps."""
     config, batch, steps = speed_config(quick, flux)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
@@ -452,23 +459,14 @@ def speed_section(quick: bool, flux: bool, device: str, repeats: int, samples: i
             p.normal_(0.0, 0.02)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     noise = torch.randn(batch, config.channels, config.image_size, config.image_size, device=device, dtype=dtype)
-    sections["stack"] = {"config": {**config.to_dict(), "batch": batch, "steps": steps, "cfg": 4.0, "dtype": str(dtype),
-                                    "device": device, "tokens": config.tokens},
-                         "rows": speed_rows(model, labels, noise, steps, 4.0, device, repeats, progress)}
-    return {"repeats": repeats, **sections}
+    return model, labels, noise, steps
 
 
 def provenance() -> dict[str, Any]:
     """When and from which code a report was measured, so a table in the docs can say so."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit, "dirty": dirty}
+    tree = read_tree()
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": tree.commit,
+            "dirty": tree.dirty if tree.commit else None}
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -562,9 +560,3 @@ def _quality_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def _num(value: float | None) -> str:
     return "exact" if value is None else f"{value:.1f}"
-
-
-def write_json(report: dict[str, Any], path: str | Path) -> None:
-    """Atomic: a reader never sees half a report."""
-    text = json.dumps(report, indent=2, default=float) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -16,6 +16,7 @@ from .evaluate import bench_inputs, score
 from .font import GLYPH_H, draw_text, text_width
 from .metrics import psnr, rel_l2
 from .png import image_grid, write_png
+from .progress import Progress
 from .sampling import sample
 from .weights import load_classifier, load_dit
 
@@ -28,10 +29,11 @@ class DemoError(ValueError):
     """A demo setting that cannot work (e.g. an unwritable output folder); the message says what to do."""
 
 
-def paired_speedup(full: Callable[[], Any], cached: Callable[[], Any], pairs: int = PAIRS) -> tuple[float, list[float]]:
+def paired_speedup(full: Callable[[], Any], cached: Callable[[], Any], pairs: int = PAIRS,
+                   done: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """Median of full/cached wall-time ratios over `pairs` pairs, after one warm-up of each; the order within a pair
-    alternates, so that a slow phase of the machine weighs on both sides alike."""
-    full(), cached()
+    alternates, so that a slow phase of the machine weighs on both sides alike. `done()` follows every run, untimed."""
+    full(), done(), cached(), done()
     ratios = []
     for i in range(pairs):
         order = (full, cached) if i % 2 == 0 else (cached, full)
@@ -40,6 +42,7 @@ def paired_speedup(full: Callable[[], Any], cached: Callable[[], Any], pairs: in
             start = time.perf_counter()
             fn()
             times[fn] = time.perf_counter() - start
+            done()
         ratios.append(times[full] / times[cached])
     return statistics.median(ratios), ratios
 
@@ -64,10 +67,17 @@ def run_demo(out_dir: str | Path, samples: int = 20, policy: CachePolicy = DEMO_
     classifier, _ = load_classifier()
     steps, cfg = int(meta["bench_steps"]), float(meta["bench_cfg"])
     labels, noise = bench_inputs(model, samples, seed=1)
-    full, _ = sample(model, labels, noise, steps, cfg)
-    cached, run = sample(model, labels, noise, steps, cfg, policy=policy)
-    speedup, ratios = paired_speedup(lambda: sample(model, labels, noise, steps, cfg),
-                                     lambda: sample(model, labels, noise, steps, cfg, policy=policy))
+    progress = Progress(2 + 2 * (1 + PAIRS), "demo")  # the two compared runs, then the timed ones
+    try:
+        full, _ = sample(model, labels, noise, steps, cfg)
+        progress.advance(1, "full computation")
+        cached, run = sample(model, labels, noise, steps, cfg, policy=policy)
+        progress.advance(1, f"cached {policy.tag()}")
+        speedup, ratios = paired_speedup(lambda: sample(model, labels, noise, steps, cfg),
+                                         lambda: sample(model, labels, noise, steps, cfg, policy=policy),
+                                         done=lambda: progress.advance(1, "timing full against cached"))
+    finally:
+        progress.close()
     stats = run.stats
     figures = {
         "policy": policy.tag(),

@@ -21,6 +21,7 @@ import torch
 from ..calibration import CachePolicy
 from .evaluate import bench_inputs
 from .model import DiT
+from .progress import Progress
 from .sampling import sample
 from .weights import load_dit
 
@@ -150,12 +151,18 @@ def profile(policies: dict[str, CachePolicy | None], samples: int = 256, repeats
     """Each configuration profiled `repeats` times, the configurations interleaved, after one warm-up run each."""
     model, meta = load_dit()
     steps, cfg = steps or int(meta["bench_steps"]), float(meta["bench_cfg"])
-    for policy in policies.values():
-        profile_run(model, policy, samples, steps, cfg)
-    runs: dict[str, list[Breakdown]] = {name: [] for name in policies}
-    for _ in range(repeats):
+    progress = Progress(len(policies) * (1 + repeats), "profile")
+    try:
         for name, policy in policies.items():
-            runs[name].append(profile_run(model, policy, samples, steps, cfg))
+            profile_run(model, policy, samples, steps, cfg)
+            progress.advance(1, f"warm-up {name}")
+        runs: dict[str, list[Breakdown]] = {name: [] for name in policies}
+        for _ in range(repeats):
+            for name, policy in policies.items():
+                runs[name].append(profile_run(model, policy, samples, steps, cfg))
+                progress.advance(1, name)
+    finally:
+        progress.close()
     return {name: median_breakdown(r) for name, r in runs.items()}
 
 

@@ -1,5 +1,6 @@
-"""A progress bar with an ETA for the long headless commands (bench, fit-priors), drawn on a terminal only: piped or
-logged output stays clean."""
+"""Progress with an ETA for the long headless commands (demo, bench, fit-priors), on stderr so that what they print on
+stdout stays parseable: a bar redrawn in place on a terminal; elsewhere (a pipe, a log) a plain line at the start,
+then at most one every `every` seconds and one at the end, so that a log shows the command is alive without filling."""
 
 from __future__ import annotations
 
@@ -8,25 +9,41 @@ import time
 from typing import TextIO
 
 WIDTH = 28
+EVERY_S = 10.0
 
 
 class Progress:
     """`advance(amount, note)` moves the bar; the ETA assumes the remaining work goes at the pace so far."""
 
-    def __init__(self, total: float, label: str, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+    def __init__(self, total: float, label: str, stream: TextIO | None = None, enabled: bool = True,
+                 every: float = EVERY_S) -> None:
         self.total, self.label, self.done = max(float(total), 1e-9), label, 0.0
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.enabled, self.every = enabled, every
+        self.tty = self.stream.isatty()
         self.started = time.monotonic()
+        self.shown: float | None = None  # when the last plain line was written
         self.note = ""
+        self.show()
 
     def advance(self, amount: float = 1.0, note: str | None = None) -> None:
         self.done = min(self.done + amount, self.total)
         if note is not None:
             self.note = note
-        if self.enabled:
+        self.show()
+
+    def show(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
             self.stream.write("\r" + self.line() + "\x1b[K")
-            self.stream.flush()
+        else:
+            now = time.monotonic()
+            if self.shown is not None and now - self.shown < self.every and self.done < self.total:
+                return
+            self.shown = now
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
 
     def line(self) -> str:
         share = self.done / self.total
@@ -37,8 +54,13 @@ class Progress:
         return (f"{self.label} [{'#' * filled}{'.' * (WIDTH - filled)}] {share:4.0%}  {clock(elapsed)} elapsed, "
                 f"ETA {clock(eta)}{note}")
 
+    def finish(self, note: str = "done") -> None:
+        """All the work is done, even where the total was an upper bound (a speed fit runs identical plans once)."""
+        self.advance(self.total - self.done, note)
+
     def close(self) -> None:
-        if self.enabled:
+        """Clear the bar from the terminal (the next output starts on a clean line); a log keeps its lines."""
+        if self.enabled and self.tty:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 

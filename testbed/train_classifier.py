@@ -17,6 +17,7 @@ from torch import Tensor
 from .classifier import Classifier, ClassifierConfig
 from .data import load_digits_tensors, load_split
 from .metrics import accuracy
+from .progress import Progress
 from .repro import deterministic
 from .weights import CLASSIFIER_PATH, add_output_arguments, output_path, save_module
 
@@ -94,7 +95,13 @@ def train(
         model = Classifier(config)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(train_data[1]) // batch))
-        losses = [train_epoch(model, opt, sched, train_data, batch, gen) for _ in range(epochs)]
+        progress, losses = Progress(epochs, "train-classifier"), []
+        try:
+            for _ in range(epochs):
+                losses.append(train_epoch(model, opt, sched, train_data, batch, gen))
+                progress.advance(1, f"loss {losses[-1]:.4f}")
+        finally:
+            progress.close()
     model.eval()
     all_images, all_labels = load_digits_tensors()
     model.set_reference(all_images)

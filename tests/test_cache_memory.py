@@ -103,7 +103,7 @@ def test_offload_keeps_every_cached_value_on_the_host_and_brings_each_back_befor
     assert state.stats.peak_cache_bytes == reference.stats.peak_cache_bytes
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload moves caches off a GPU; this machine has none")
+@pytest.mark.needs_gpu("offload moves caches off a GPU")
 def test_offload_on_a_gpu_keeps_the_caches_in_pinned_cpu_memory_and_changes_no_output(random_dit):
     model = copy.deepcopy(random_dit).cuda()
     plain, _ = sample(model, LABELS.cuda(), noise().cuda(), STEPS, CFG, policy=TAYLOR)

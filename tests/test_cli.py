@@ -1,5 +1,6 @@
 import io
 import json
+import signal
 import subprocess
 import sys
 import zlib
@@ -38,7 +39,8 @@ def test_png_writer_produces_a_valid_greyscale_png(tmp_path):
 
 def test_demo_compares_full_and_cached_sampling_and_writes_a_labelled_picture(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--samples", "10"]) == 0
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
+    assert "demo [" in progress and "100%" in progress and "demo [" not in printed  # progress on stderr only
     assert "compute fraction" in printed and "rel_l2 vs full" in printed
     assert "median of 5 interleaved pairs" in printed and "white = " in printed
     assert (tmp_path / "demo_grid.png").read_bytes()[:4] == b"\x89PNG"
@@ -107,17 +109,77 @@ class Stream(io.StringIO):
         return self.tty
 
 
-def test_the_progress_bar_shows_its_eta_on_a_terminal_and_stays_silent_elsewhere():
+def test_progress_redraws_a_bar_on_a_terminal_and_writes_a_few_plain_lines_to_a_log():
     from calibrated_cache.testbed.progress import Progress
 
-    for tty in (True, False):
-        stream = Stream(tty)
-        bar = Progress(4, "bench", stream)
+    terminal, log, off = Stream(True), Stream(False), Stream(False)
+    for stream, enabled in ((terminal, True), (log, True), (off, False)):
+        bar = Progress(4, "bench", stream, enabled=enabled, every=3600)
         bar.advance(1, "fora")
         bar.advance(1)
+        bar.advance(2, "taylor")
         bar.close()
-        assert ("50%" in stream.getvalue() and "ETA" in stream.getvalue() and "fora" in stream.getvalue()) == tty
-        assert (stream.getvalue() == "") != tty
+    assert "\r" in terminal.getvalue() and "50%" in terminal.getvalue() and "ETA" in terminal.getvalue()
+    assert "fora" in terminal.getvalue() and terminal.getvalue().endswith("\r\x1b[K")  # cleared for what follows
+    lines = log.getvalue().splitlines()  # the start and the end; the rest within `every` seconds is not repeated
+    assert len(lines) == 2 and "  0%" in lines[0] and "100%" in lines[1] and "taylor" in lines[1]
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue() and off.getvalue() == ""
+
+
+def test_fit_priors_shows_progress_on_stderr_and_counts_one_request_in_the_singular(tmp_path, capsys):
+    out = tmp_path / "one.tcc.safetensors"
+    assert main(["fit-priors", "--interval", "2", "--samples", "1", "--held-out", "1", "--steps", "6",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "fitted on 1 request;" in printed.out and "on 1 held-out request:" in printed.out
+    assert "fit-priors [" in printed.err and "100%" in printed.err and "fit-priors [" not in printed.out
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "on 1 request (seeds" in shown and "fitted on 1 request (seeds" in shown
+    header = next(line for line in shown.splitlines() if line.startswith("role "))
+    assert header.split()[:3] == ["role", "step", "sigma"]  # Euler: one model evaluation per step
+
+
+def test_inspect_on_a_directory_says_to_give_a_prior_file_inside_it(tmp_path):
+    (tmp_path / "b.tcc.safetensors").write_bytes(b"")
+    (tmp_path / "a.tcc.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit, match=r"is a directory: give a prior file \(\.safetensors\) inside it; it holds "
+                                         r"a\.tcc\.safetensors, b\.tcc\.safetensors$"):
+        main(["inspect", str(tmp_path)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="is a directory: .*; it holds no .safetensors file"):
+        main(["inspect", str(tmp_path / "empty")])
+
+
+def test_fit_priors_help_describes_every_granularity_and_the_forecaster_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit-priors", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--granularity {module,block,step}" in text
+    for described in ("module (default, G3", "block (G2", "step (G1: the model's whole output",
+                      "how skipped sites are filled (default reuse"):
+        assert described in text
+
+
+def test_ctrl_c_stops_a_command_with_one_line_and_exit_code_130(tmp_path):
+    """As a user's Ctrl-C in a terminal: SIGINT once the command shows progress; no traceback, no file."""
+    out = tmp_path / "p.tcc.safetensors"
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
+            "from calibrated_cache.cli import main; sys.exit(main(sys.argv[1:]))")
+    command = subprocess.Popen([sys.executable, "-c", code, "fit-priors", "--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        first = command.stderr.readline()  # the progress line a fit shows before it samples anything
+        assert first.startswith("fit-priors ["), first
+        command.send_signal(signal.SIGINT)
+        printed, said = command.communicate(timeout=120)
+    finally:
+        command.kill()
+    assert command.returncode == 130 and "Traceback" not in printed + said and not out.exists()
+    assert [line for line in said.splitlines() if not line.startswith("fit-priors [")] == [
+        "interrupted: fit-priors stopped before the end; it writes files only when it finishes, so none is "
+        "half-written"]
 
 
 @pytest.mark.slow
@@ -194,7 +256,8 @@ def test_fit_priors_for_a_target_speedup_writes_the_plan_and_inspect_draws_it(tm
     out = tmp_path / "plan.tcc.safetensors"
     assert main(["fit-priors", "--target-speedup", "3", "--granularity", "block", "--samples", "8", "--held-out", "4",
                  "--steps", "12", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
+    assert progress.splitlines()[-1].startswith("fit-priors [") and "100%" in progress  # on stderr, to the end
     assert "searched plan for 3x" in printed and "refined by" in printed and str(out) in printed
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out

@@ -119,6 +119,84 @@ def test_foca_works_per_row_so_a_batch_forecasts_each_row_as_alone():
         assert torch.equal(together, torch.cat([f.forecast(t, same) for f in alone]))
 
 
+STATE = torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)  # where `exponentials` relaxes to
+
+
+def decaying(rate: float):
+    """`exponentials` relaxing at `rate`: the state plus a decaying offset."""
+    return lambda t: [s + o * math.exp(-rate * t) for s, o in zip(STATE.tolist(), (2.0, 1.5, -0.8))]
+
+
+@pytest.mark.parametrize("h", [3.0, 10.0], ids=["z=-3", "z=-10"])
+def test_foca_never_moves_further_from_a_stiff_features_state_than_its_newest_anchor(h):
+    """A row relaxing at rate 1 with steps of h (z = hλα = −h): each implicit step shrinks the distance to the state by
+    |(1 + z/2)/(1 − z/2)|; the explicit Heun corrector's recurrence grew it by 1.30 (z = −3) and 4.9 (z = −10) a step."""
+    f = feed(FocaForecaster(1.0), [0.0, 3.0, 6.0], decaying(1.0))
+    distances = [float((f.values[-1][0] - STATE).norm())]
+    for step in range(1, 21):
+        distances.append(float((f.forecast(6.0 + step * h, same)[0] - STATE).norm()))
+    assert f.rate.item() == pytest.approx(-1.0, rel=1e-9)
+    assert all(b < a for a, b in zip(distances, distances[1:]))  # bounded by the anchor's distance, and shrinking
+    assert distances[-1] < 1e-3 * distances[0]
+
+
+@pytest.mark.parametrize("rate, h", [(0.5, 1.0), (1.0, 3.0), (1.0, 10.0), (10.0, 10.0)])
+def test_foca_step_damps_the_distance_to_the_state_by_the_trapezoidal_factor(rate, h):
+    """On a feature relaxing exactly exponentially, the field is exact, and every step (the first from the anchor
+    included) multiplies F − F_∞ by (1 + z/2)/(1 − z/2), z = −rate·h: at most 1 in size for every z ≤ 0."""
+    spacing = 1.0 / rate  # the anchors see the secants shrink by e^{-1}
+    f = feed(FocaForecaster(1.0), [0.0, spacing, 2 * spacing], decaying(rate))
+    z = -rate * h
+    factor = (1 + z / 2) / (1 - z / 2)
+    previous = f.values[-1][0] - STATE
+    for step in range(1, 6):
+        current = f.forecast(2 * spacing + step * h, same)[0] - STATE
+        assert torch.allclose(current, factor * previous, rtol=1e-9, atol=1e-12)
+        previous = current
+    assert abs(factor) <= 1.0
+
+
+def test_foca_bounds_the_rate_where_the_newest_secant_is_under_the_features_rounding():
+    """r → 0⁺: the newest secant is under float32's resolution of the previous one, which is rounding, not a rate, so
+    α stops at ln(eps)/((h₁ + h₂)/2) instead of following ln r."""
+    f = FocaForecaster(1.0)
+    for t, v in ((0.0, -1.0), (1.0, 0.0), (2.0, 1e-30)):
+        f.update(t, torch.tensor([[v]], dtype=torch.float32))
+    f.forecast(3.0, same)
+    assert f.rate.item() == pytest.approx(math.log(torch.finfo(torch.float32).eps))
+
+
+def test_foca_forecasts_half_precision_features_in_sigma_units_without_overflow():
+    """Sigma gaps of 0.02 and a row that all but stops (its newest secant turns almost square to the previous one)
+    make λα ≈ −350; the step's coefficients stay bounded, so a half-precision feature of size 1000 forecasts finite,
+    next to its anchor, where g's constant ġ_c − λα·F_c alone is past float16's range."""
+    values = {0.0: [1000.0, 0.0, 0.0], 0.02: [1000.0, 8.0, 8.0], 0.04: [1000.0, 8.25, 7.7578125]}
+    f = FocaForecaster(1.0)
+    for t, v in values.items():
+        f.update(t, torch.tensor([v], dtype=torch.float16))
+    for t in (0.06, 0.08, 0.1):
+        out = f.forecast(t, same)
+        assert torch.isfinite(out).all() and torch.allclose(out.float(), f.values[-1].float(), atol=0.05)
+    assert f.rate.item() < -300
+
+
+def test_foca_is_taylor2_at_the_anchor_gap_on_even_anchors_where_rows_do_not_relax_and_differs_elsewhere():
+    """The coincidence docs/methods.md states: with λ = 0, or on a row that is not relaxing, the field is the BDF2
+    slope 1.5·s₁ − 0.5·s₂, and one step of the anchor gap d is Taylor-2's F + d·s₁ + d²/2·(s₁ − s₂)/d. Any other
+    horizon, or uneven anchors, and relaxing rows tell them apart."""
+    speeding = lambda t: [1.0 + t * t, 2.0 - 0.5 * t**3]  # noqa: E731  secants grow: not relaxing
+    for relaxation, fn in ((0.0, exponentials), (1.0, speeding)):
+        taylor = feed(TaylorForecaster(2), [0.0, 2.0, 4.0], fn)
+        assert torch.allclose(feed(FocaForecaster(relaxation), [0.0, 2.0, 4.0], fn).forecast(6.0, same),
+                              taylor.forecast(6.0, same), rtol=1e-12)
+        assert not torch.allclose(feed(FocaForecaster(relaxation), [0.0, 2.0, 4.0], fn).forecast(5.0, same),
+                                  taylor.forecast(5.0, same), rtol=1e-3)
+        assert not torch.allclose(feed(FocaForecaster(relaxation), [0.0, 1.0, 4.0], fn).forecast(7.0, same),
+                                  feed(TaylorForecaster(2), [0.0, 1.0, 4.0], fn).forecast(7.0, same), rtol=1e-3)
+    assert not torch.allclose(feed(FocaForecaster(1.0), [0.0, 2.0, 4.0], exponentials).forecast(6.0, same),
+                              feed(TaylorForecaster(2), [0.0, 2.0, 4.0], exponentials).forecast(6.0, same), rtol=1e-3)
+
+
 def test_spectrum_is_the_ridge_regression_on_chebyshev_polynomials_over_its_window():
     span = (0.0, 24.0)
     times = [float(t) for t in range(0, 36, 3)]  # 12 anchors: the window keeps the newest 10

@@ -181,7 +181,7 @@ def test_cli_fits_saves_and_inspects_priors(tmp_path, capsys):
         main(["fit-priors", "--samples", "4", "--steps", "8", "--out", str(out)])
 
 
-def test_an_interrupted_fit_leaves_no_file(tmp_path, monkeypatch):
+def test_an_interrupted_fit_leaves_no_file_and_exits_130(tmp_path, monkeypatch):
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -192,9 +192,8 @@ def test_an_interrupted_fit_leaves_no_file(tmp_path, monkeypatch):
 
     real = sampling.sample
     monkeypatch.setattr("calibrated_cache.testbed.fit_priors.sample", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(["fit-priors", "--samples", "2", "--steps", "6", "--out", str(tmp_path / "p.safetensors")])
-    assert os.listdir(tmp_path) == []
+    assert main(["fit-priors", "--samples", "2", "--steps", "6", "--out", str(tmp_path / "p.safetensors")]) == 130
+    assert len(calls) == 3 and os.listdir(tmp_path) == []
 
 
 def test_inspect_reports_a_bad_file_without_a_traceback(tmp_path):

@@ -200,3 +200,61 @@ def test_dynamic_policy_computes_a_round_whose_streams_changed_shape_since_the_r
         call.block(1, call.block(0, streams, lambda s=streams: _double(s)), lambda s=streams: _double(s))
     # probe block 0 runs in all 6 rounds; block 1 in round 0 (no reference) and 2 (new shapes), skipped in 1, 3, 4, 5
     assert (run.stats.blocks_computed, run.stats.blocks_skipped) == (8, 4)
+
+
+def _probe_rounds(calls: list[list[tuple[str, ...]]], moving: dict[str, list[int]], images: int = 1,
+                  steps: int = 8) -> RunState:
+    """A dynamic run of a 2-block model over `steps` rounds. Each round makes the model calls `calls` lists (the
+    branch groups of each call, in order); every image's probe residual is 1, except that the images `moving` names
+    for a branch alternate between 1 and 1.4 (30-40% per round, against 0 for the others)."""
+    run = RunState(CachePolicy(mode="dynamic", threshold=0.2, max_skips=4), flow_sigmas(steps).tolist(), 2)
+    for step, sigma in enumerate(flow_sigmas(steps)[:-1].tolist()):
+        for group in calls[step % len(calls)]:
+            x = torch.zeros(len(group) * images, 4)
+            residual = torch.ones(len(group) * images, 16, 8)
+            for i, branch in enumerate(group):
+                for image in moving.get(branch, []):
+                    residual[i * images + image] = 1.4 if step % 2 else 1.0
+            streams = {"img": torch.zeros(len(group) * images, 16, 8)}
+            call = run.call(sigma, list(group), x)
+            out = call.block(0, streams, lambda s=streams, r=residual: {"img": s["img"] + r})
+            call.block(1, out, lambda o=out: {"img": o["img"] * 1.01})
+    return run
+
+
+def test_dynamic_computes_while_one_image_of_a_batch_moves_though_the_others_are_steady():
+    """One image of four still changes by 30-40% a round, three are steady: their batch mean (10%) is under the
+    threshold (20%), but skipping would serve the moving image stale values."""
+    one_moving = _probe_rounds([[("cond",)]], {"cond": [2]}, images=4)
+    assert one_moving.stats.blocks_skipped == 0
+    all_steady = _probe_rounds([[("cond",)]], {}, images=4)
+    assert all_steady.stats.blocks_skipped > 0  # skipping works when every image is steady
+
+
+@pytest.mark.parametrize("moving", ["cond", "uncond"])
+def test_dynamic_considers_every_branch_of_a_batched_call_not_only_the_first(moving):
+    run = _probe_rounds([[("cond", "uncond")]], {moving: [0]})
+    assert run.stats.blocks_skipped == 0
+    assert _probe_rounds([[("cond", "uncond")]], {}).stats.blocks_skipped > 0
+
+
+def test_a_split_call_whose_branch_moved_computes_though_an_earlier_call_of_the_round_skips():
+    """Split cond and uncond: the cond call decides the round (steady: skip) before the uncond call is seen; the
+    uncond call, whose probe moved, computes its blocks rather than follow."""
+    run = _probe_rounds([[("cond",), ("uncond",)]], {"uncond": [0]})
+    skipped = run.stats.blocks_skipped
+    steady = _probe_rounds([[("cond",), ("uncond",)]], {}).stats.blocks_skipped
+    assert 0 < skipped and 2 * skipped == steady  # cond skips as when all is steady, uncond never
+
+
+def test_the_dynamic_change_is_one_scalar_the_largest_over_images_branches_and_streams():
+    """One maximum per decision, on the device, that devices sharing a batch can combine with a max."""
+    run = RunState(CachePolicy(mode="dynamic"), flow_sigmas(4).tolist(), 2)
+    ref = (torch.ones(2, 3), torch.full((2, 5), 2.0))
+    run.probe_refs = {"cond": ref, "uncond": ref}
+    cond = (torch.tensor([[1.1] * 3, [1.0] * 3]), torch.full((2, 5), 2.0))  # image 0 of stream 0: 10%
+    uncond = (torch.ones(2, 3), torch.tensor([[2.0] * 5, [2.5, 2.0, 2.0, 2.0, 2.0]]))  # image 1 of stream 1: 5%
+    change = run.probe_change([cond, uncond], ["cond", "uncond"])
+    assert change.dim() == 0 and change.item() == pytest.approx(0.1)
+    assert run.probe_change([uncond, cond], ["uncond", "cond"]).item() == pytest.approx(0.1)
+    assert run.probe_change([cond], ["other"]).item() == float("inf")  # no reference: the round computes

@@ -49,7 +49,7 @@ function panel(node) {
   element.className = "cc-panel";
   element.dataset.ccPanel = node.comfyClass;
   const sections = {};
-  for (const name of ["prior", "stats", "fit"]) {
+  for (const name of ["prior", "note", "stats", "fit"]) {
     sections[name] = document.createElement("div");
     sections[name].dataset.cc = name;
     element.append(sections[name]);
@@ -98,9 +98,17 @@ const mib = (b) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 const err = (x) => (x == null ? "n/a" : x.toPrecision(3));
 
 function showStats(node, r) {
+  const head = line(`last run · ${r.family} · ${r.policy}`, "cc-head");
+  // what Apply set aside (a connected policy a plan file replaced): with every report, not only when the node ran
+  const notes = (r.notes ?? []).map((note) => line(note, "cc-unknown"));
+  if (r.uncached) {
+    show(node, "stats", [head, line(`not cached: ${r.uncached}`, "cc-unknown"), ...notes]);
+    return;
+  }
   const total = r.blocks_computed + r.blocks_skipped;
   const lines = [
-    line(`last run · ${r.family} · ${r.policy}`, "cc-head"),
+    head,
+    ...notes,
     line(`computed ${r.blocks_computed} · skipped ${r.blocks_skipped} of ${total} block evaluations`),
     line(`compute fraction ${r.compute_fraction.toFixed(3)} · est. speedup ${r.estimated_speedup.toFixed(2)}×`),
     line(`wall ${secs(r.wall_s)} · ${r.steps} steps · ${r.model_calls} model calls · peak cache ${mib(r.peak_cache_bytes)}` +
@@ -220,6 +228,12 @@ function showStopped(node, message) {
   show(node, "fit", [line(`fit stopped: ${message}; no prior file was written`, "cc-error")], "stopped");
 }
 
+// What Apply Calibrated Cache said when it ran (its ui text): that a plan file replaced the connected policy.
+function showNote(node, message) {
+  const text = message?.text ?? [];
+  show(node, "note", text.map((t) => line(t, "cc-unknown")));
+}
+
 // Cache Policy inputs that act only for some modes or forecasters; the others always act. A hidden widget keeps its
 // value, which is saved and sent as before, so a workflow loads and runs unchanged.
 const ACTS = {
@@ -291,7 +305,11 @@ app.registerExtension({
       });
     }
     api.addEventListener("execution_start", () => {
-      for (const node of app.graph.nodes) if (node.comfyClass === APPLY) showPrior(node);
+      for (const node of app.graph.nodes) {
+        if (node.comfyClass !== APPLY) continue;
+        showPrior(node);
+        showNote(node, null); // the node's ui text comes back when it runs, or from ComfyUI's cache of it
+      }
     });
   },
   nodeCreated(node) {
@@ -324,6 +342,11 @@ app.registerExtension({
     }
     if (node.comfyClass !== APPLY) return;
     panel(node);
+    const onExecuted = node.onExecuted;
+    node.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      showNote(this, message);
+    };
     const prior = node.widgets?.find((w) => w.name === "prior_file");
     if (prior) {
       const callback = prior.callback;

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E
 from tiny_models import comfyui_nodes, load_pack, session_of  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
 
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 from .codec import context, decode  # noqa: E402
 from .data import prompts, scenes  # noqa: E402
@@ -290,7 +290,9 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=None, help="evaluation prompts (64; 8 with --quick)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    add_allow_dirty(parser)
     args = parser.parse_args()
+    tree = committed(args.allow_dirty) if args.json else None
     n_eval = args.prompts or (8 if args.quick else 64)
     settings = [Setting("euler", 20)] if args.quick else [Setting("euler", 20), Setting("dpmpp_2m", 20),
                                                           Setting("euler", 50), Setting("dpmpp_2m", 50)]
@@ -315,9 +317,8 @@ def main() -> int:
         if setting.sampler == "euler" and setting.steps == 20:
             speed(h, setting, configs, rows, args.repeats, log)
         report["rows"] += rows
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if tree:
+        write_result(args.json, report, tree)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Locate and boot a ComfyUI checkout for the integration tests (helper module, imports nothing from ComfyUI itself).
 
-``comfyui_path_problem`` is a pure path check (used by conftest.py to decide whether to skip). ``bootstrap_comfy`` puts
-the checkout first on sys.path and imports ``comfy`` in CPU mode without parsing any command line.
+``comfyui_path_problem`` is a pure path check (conftest.py skips on it, or errors under COMFYUI_REQUIRED=1).
+``bootstrap_comfy`` puts the checkout first on sys.path and imports ``comfy`` in CPU mode without parsing any command
+line.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """ComfyUI integration tier: skipped unless COMFYUI_PATH points at a ComfyUI checkout.
 
 Without COMFYUI_PATH every test module in this folder is reported as skipped at collection time, and neither the module
-nor ComfyUI is imported (so the default tier, whose venv has no ComfyUI, collects cleanly). With it, the checkout is put
-first on sys.path, ``comfy.cli_args.args.cpu`` is set before anything imports ``comfy.model_management`` (ComfyUI's
-cli_args parses no argv unless ``comfy.options.enable_args_parsing()`` was called, so pytest's options are never
-seen), and ``tiny_models`` (this folder's helper module) becomes importable.
+nor ComfyUI is imported (so the default tier, whose venv has no ComfyUI, collects cleanly); the modules are marked
+``comfyui_tier``, which CC_NO_SKIPS=1 (../ci_skips.py) counts as the other tier's rather than as skips of this run.
+With COMFYUI_REQUIRED=1 (CI) a COMFYUI_PATH that is unset, not a checkout or not bootable is an error. With a
+checkout, it is put first on sys.path, ``comfy.cli_args.args.cpu`` is set before anything imports
+``comfy.model_management`` (ComfyUI's cli_args parses no argv unless ``comfy.options.enable_args_parsing()`` was
+called, so pytest's options are never seen), and ``tiny_models`` (this folder's helper module) becomes importable.
 
 Never ``import nodes`` expecting the pack: with the checkout first on sys.path, ``nodes`` is ComfyUI's ``nodes.py``.
 Import the pack as ``calibrated_cache``.
@@ -20,8 +22,7 @@ import pytest
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ENV_VAR = "COMFYUI_PATH"
-_REQUIRED_ENV = "COMFYUI_REQUIRED"  # "1": a set-but-unbootable COMFYUI_PATH is an error, not a skip (use in CI)
-_THREADS_ENV = "COMFY_TEST_THREADS"
+_REQUIRED_ENV = "COMFYUI_REQUIRED"  # "1": a missing or unbootable COMFYUI_PATH is an error, not a skip (use in CI)
 
 
 def _load_comfy_boot():
@@ -38,6 +39,8 @@ def _load_comfy_boot():
 _boot = _load_comfy_boot()
 SKIP_REASON = _boot.comfyui_path_problem(os.environ.get(_ENV_VAR))
 COMFYUI_DIR = None
+if SKIP_REASON is not None and os.environ.get(_REQUIRED_ENV) == "1":
+    raise pytest.UsageError(f"{_REQUIRED_ENV}=1 but {SKIP_REASON}")
 
 if SKIP_REASON is None:
     # Import-order sensitive, so done at conftest import, before any test module of this folder can import comfy.
@@ -62,23 +65,11 @@ class _SkippedModule(pytest.Module):
 
 def pytest_pycollect_makemodule(module_path, parent):
     if SKIP_REASON is not None:
-        return _SkippedModule.from_parent(parent, path=module_path)
+        module = _SkippedModule.from_parent(parent, path=module_path)
+        if not os.environ.get(_ENV_VAR):  # the tier was not asked for: a run of the other tier
+            module.add_marker("comfyui_tier")
+        return module
     return None
-
-
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    """Run ComfyUI tests with few torch threads (default 1, override with COMFY_TEST_THREADS).
-
-    On a shared 2-core box, OpenMP worker threads contending with another busy process made the tiny models 20-50x
-    slower; one thread is fast and stable. Restored after each test so the rest of the session is unaffected.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(os.environ.get(_THREADS_ENV, "1"))))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -271,3 +271,38 @@ def test_cache_policy_shows_only_the_inputs_that_act_and_keeps_every_value(page,
     assert (queued["order"], queued["foca_lambda"], queued["threshold"]) == (3, 0.25, 0.07)
     page.page.screenshot(path=str(shots / "cache_policy_quiet.jpg"), type="jpeg", quality=80)
     assert page.ours() == []
+
+
+def test_apply_shows_a_replaced_policy_and_a_run_that_went_uncached_as_the_server_sends_them(page, server, shots):
+    """The node's text when a plan file replaced the connected Cache Policy (ComfyUI's `executed` message), and a run
+    report whose run went uncached (a schedule the cache cannot follow), each carrying that note: the panel says
+    both, marked as warnings; a next run of the prompt clears the node's text until the node sends it again."""
+    page.js(f"""() => {{
+        {APP}.graph.clear();
+        const node = window.LiteGraph.createNode("CalibratedCache_Apply");
+        node.pos = [40, 40];
+        {APP}.graph.add(node);
+        window.__apply = node;
+    }}""")
+    note = ("the connected Cache Policy (FORA_N2_W1) was replaced by the plan of prior file tiny.SPEEDUP2_G2.tcc"
+            ".safetensors (FORA_PLAN47-f3afc5bf_G2), searched for a target speedup: disconnect the policy to keep "
+            "the plan, or choose a prior file without a plan (or none) to sample with the policy")
+    reason = "this sampler's schedule cannot be cached (the sigma schedule must be non-increasing (noisiest first))"
+    page.js("""([note, reason]) => {
+        const api = window.comfyAPI.api.api;
+        const node = String(window.__apply.id);
+        api.dispatchCustomEvent("executed", {node, display_node: node, output: {text: [note]}, prompt_id: "cc"});
+        api.dispatchCustomEvent("calibrated_cache.stats", {node, family: "Wan", policy: "FORA_PLAN47-f3afc5bf_G2",
+            priors: null, prior_check: null, notes: [note], prior_notes: [], uncached: reason, wall_s: 0.1});
+    }""", [note, reason])
+    shown = page.wait_text(f"{APPLY_PANEL} [data-cc=note]", "was replaced", timeout_s=10)
+    assert shown.strip() == note
+    stats = page.wait_text(f"{APPLY_PANEL} [data-cc=stats]", "not cached: ", timeout_s=10)
+    assert stats.splitlines() == ["last run · Wan · FORA_PLAN47-f3afc5bf_G2", f"not cached: {reason}", note], stats
+    warned = f"() => [...document.querySelectorAll('{APPLY_PANEL} .cc-unknown')].map((e) => e.innerText)"
+    assert page.js(warned) == [note, f"not cached: {reason}", note]
+    page.js("""() => window.comfyAPI.api.api.dispatchCustomEvent("execution_start", {prompt_id: "cc2"})""")
+    page.page.wait_for_function(f"() => document.querySelector('{APPLY_PANEL} [data-cc=note]').innerText === ''",
+                                timeout=10_000)
+    page.page.screenshot(path=str(shots / "apply_notes.jpg"), type="jpeg", quality=80)
+    assert page.ours() == []

@@ -1,7 +1,11 @@
 """ComfyUI tier: the pack loaded by ComfyUI's own loader, patching real models of every supported family and
 sampling through `comfy.sample` (skipped without COMFYUI_PATH)."""
 
+import importlib
+import logging
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,21 +92,48 @@ def test_cfg_one_runs_a_single_branch(pack, bundles):
     assert report["model_calls"] == 6 and report["blocks_skipped"] > 0
 
 
+def taylor_gaps(monkeypatch, patched_model) -> dict[int, float]:
+    """While FoCa runs in the pack, each of its forecasts from three anchors set against TaylorSeer-2's from the same
+    anchors at the same time: ‖FoCa − Taylor‖ over ‖Taylor − newest anchor‖, the share of Taylor's own move the two
+    disagree by, per block forecaster (its smallest over the run)."""
+    package = type(session_of(patched_model)).__module__.rsplit(".nodes.", 1)[0]  # the pack as ComfyUI loaded it
+    calibration = sys.modules[f"{package}.calibration"]
+    gaps: dict[int, float] = {}
+    forecast = calibration.FocaForecaster.forecast
+
+    def compared(self, t, fetch):
+        value = forecast(self, t, fetch)
+        if len(self.times) >= 3:
+            taylor = calibration.TaylorForecaster(2)
+            for time, anchor in zip(self.times, self.values):
+                taylor.update(time, fetch(anchor))
+            expected = taylor.forecast(t, fetch)
+            gap = ((value - expected).norm() / (expected - fetch(self.values[-1])).norm()).item()
+            gaps[id(self)] = min(gap, gaps.get(id(self), math.inf))
+        return value
+
+    monkeypatch.setattr(calibration.FocaForecaster, "forecast", compared)
+    return gaps
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_foca_integrates_the_skipped_blocks_of_every_family_and_is_not_taylor(pack, bundles, family):
+def test_foca_integrates_the_skipped_blocks_of_every_family_and_is_not_taylor(pack, bundles, family, monkeypatch):
     model, positive, negative, latent = bundle(bundles, family)
     full = run_sampler(model, positive, negative, latent, steps=12, cfg=2.0)
     foca_model = patched(pack, model, forecaster="foca", interval=4)
     foca = run_sampler(foca_model, positive, negative, latent, steps=12, cfg=2.0)
     report = session_of(foca_model).last_report
     assert report["policy"] == "FOCAI1_N4_W1_G2" and report["blocks_skipped"] > 0 and torch.isfinite(foca).all()
+    gaps = taylor_gaps(monkeypatch, foca_model)
+    assert torch.equal(run_sampler(foca_model, positive, negative, latent, steps=12, cfg=2.0), foca)
+    # another method block by block, not rounding: a FoCa forecasting Taylor-2 per block ended 3e-7 from Taylor-2's
+    # spanned run, never bit-equal; here every block's forecasts are more than 13% of Taylor's move away from it
+    assert gaps and min(gaps.values()) > 0.05, gaps
     taylor_model = patched(pack, model, forecaster="taylor", interval=4)
-    taylor = run_sampler(taylor_model, positive, negative, latent, steps=12, cfg=2.0)
-    assert not torch.equal(foca, taylor)  # another method, on the same schedule
+    run_sampler(taylor_model, positive, negative, latent, steps=12, cfg=2.0)
     assert session_of(taylor_model).last_report["blocks_skipped"] == report["blocks_skipped"]
     assert report["compute_fraction"] > session_of(taylor_model).last_report["compute_fraction"]  # its work counts
     assert ((foca - full).norm() / full.norm()).item() < 0.5 * DRIFT_SCALE.get(family, 1.0)
-    assert torch.equal(run_sampler(foca_model, positive, negative, latent, steps=12, cfg=2.0), foca)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -228,27 +259,75 @@ def test_an_unsupported_family_gets_a_clear_message_at_patch_time(pack):
         patched(pack, model)
 
 
-@pytest.mark.parametrize("sigmas", [[0.0, 0.5, 1.0], [0.7]], ids=["flipped", "single"])
-def test_schedules_the_engine_cannot_follow_run_uncached_instead_of_failing(pack, bundles, sigmas):
-    """FlipSigmas (unsampling) and SplitSigmas at the last step reach the sampler; the cache steps aside."""
-    from types import SimpleNamespace
+class _Executor:
+    """Stands in for ComfyUI's OUTER_SAMPLE executor: a guider with `options`, a sampling that returns."""
 
+    def __init__(self, **options) -> None:
+        self.class_obj = SimpleNamespace(model_options=options)
+
+    def __call__(self, *args, **kwargs):
+        return "sampled"
+
+
+UNCACHEABLE = {"flipped": ([0.0, 0.5, 1.0], {}, "this sampler's schedule cannot be cached ("),
+               "single": ([0.7], {}, "this sampler's schedule cannot be cached ("),
+               "context windows": ([1.0, 0.5, 0.0], {"context_handler": object()}, "context windows are active")}
+
+
+@pytest.mark.parametrize("case", sorted(UNCACHEABLE))
+def test_runs_the_engine_cannot_follow_go_uncached_and_the_run_report_says_so(pack, bundles, case, caplog,
+                                                                             monkeypatch):
+    """FlipSigmas (unsampling), SplitSigmas at the last step and context windows reach the sampler; the cache steps
+    aside, with a warning in the log and in the report the node's panel shows."""
+    sigmas, options, said = UNCACHEABLE[case]
     model, *_ = bundle(bundles, "Wan")
     session = session_of(patched(pack, model))
-
-    class Executor:
-        class_obj = SimpleNamespace(model_options={})
-
-        def __call__(self, *args, **kwargs):
-            return "sampled"
-
-    assert session.outer_sample(Executor(), None, None, None, torch.tensor(sigmas)) == "sampled"
+    sent = []
+    server = SimpleNamespace(PromptServer=SimpleNamespace(instance=SimpleNamespace(
+        send_sync=lambda event, data: sent.append((event, data)))))
+    monkeypatch.setitem(sys.modules, "server", server)
+    with caplog.at_level(logging.WARNING, logger="calibrated_cache"):
+        assert session.outer_sample(_Executor(**options), None, None, None, torch.tensor(sigmas)) == "sampled"
     assert session.run is None
+    reason = session.last_report["uncached"]
+    assert reason.startswith(said) and session.last_report["family"] == "Wan"
+    assert sent == [("calibrated_cache.stats", session.last_report)]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == \
+        [f"calibrated_cache: {reason}; this run is not cached"]
+
+
+def _patch_with(pack, model, **policy):
+    """Apply's model patching with a policy no Cache Policy node makes (a searched plan, ICC without a prior file)."""
+    package = pack[1].__module__.rsplit(".", 2)[0]
+    apply_node = importlib.import_module(pack[1].__module__)
+    calibration = importlib.import_module(f"{package}.calibration")
+    return session_of(apply_node.patch_model(model, calibration.CachePolicy(granularity="block", **policy))[0])
+
+
+@pytest.mark.parametrize("case", ["plan", "icc"])
+def test_settings_the_model_cannot_take_are_refused_with_the_fix_not_run_uncached(pack, bundles, case):
+    """A plan searched for another block count, or channel-aware ICC without a prior file's statistics, is the
+    user's to fix: the run stops with the reason and the fix rather than sample slowly without a word."""
+    model, *_ = bundle(bundles, "Wan")
+    calibration = f"{pack[1].__module__.rsplit('.', 2)[0]}.calibration"
+    blocks = len(session_of(patched(pack, model)).blocks)
+    if case == "plan":
+        plan = importlib.import_module(f"{calibration}.plan").BlockPlan((1.0, 0.5, 0.0), ("11",) * (blocks + 1))
+        session = _patch_with(pack, model, mode="plan", plan=plan)
+        expected = (f"calibrated_cache: the policy's plan was searched for a model with {blocks + 1} blocks; this "
+                    f"model has {blocks}: fit a plan for this model (Fit TCC Priors with a target speedup)")
+    else:
+        icc = importlib.import_module(f"{calibration}.icc").IccSettings(8, "channel-aware")
+        session = _patch_with(pack, model, icc=icc)
+        expected = ("calibrated_cache: channel-aware ICC needs the channel statistics a prior file records: choose a "
+                    "prior file fitted on this model with Fit TCC Priors, or set ICC svd to plain")
+    with pytest.raises(ValueError) as refused:
+        session.outer_sample(_Executor(), None, None, None, torch.tensor([1.0, 0.5, 0.0]))
+    assert str(refused.value) == expected
+    assert session.run is None and session.last_report is None
 
 
 def test_a_sampler_nested_in_a_run_on_the_same_model_runs_uncached(pack, bundles):
-    from types import SimpleNamespace
-
     model, *_ = bundle(bundles, "Wan")
     session = session_of(patched(pack, model))
     seen = []

@@ -405,7 +405,12 @@ def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack
     meta = priors.meta
     assert meta["policy"]["mode"] == "plan" and "searched plan for 3x" in text and "#" in text
     report = meta["report"]
-    assert abs(report["plan_calibration_fraction"] - 1 / 3) <= 0.05 / 3
+    at_most = 1 / 3 * (1 + 1e-9)  # never above the target by the FLOP count
+    assert report["plan_predicted_fraction"] <= at_most and report["plan_file_fraction"] <= at_most
+    assert "target at most 0.333" in text and f"{report['plan_file_fraction']:.3f} measured" in text
+    assert "MiB of tables" in text and report["plan_search_bytes"] > 0
+    assert f"TCC priors (drift) {'kept' if report['plan_priors'] else 'dropped'}: " in text
+    assert "leave Apply's priors empty" not in text and "verify is off" in text
     assert meta["seeds"] == [0, 1] and meta["held_out_seeds"] == [2]
     name = priors.name
     patched = pack[1].execute(model, prior_file=name).result[0]
@@ -416,9 +421,70 @@ def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack
     cached = run_sampler(patched, positive, negative, latent, steps=12, cfg=2.0, seed=2)
     expected = report["held_out_after"] if report["plan_priors"] else report["held_out_before"]
     assert rel_l2(cached, full) == pytest.approx(expected, rel=1e-4)
-    assert abs(session.last_report["compute_fraction"] - 1 / 3) <= 0.05 / 3
+    assert session.last_report["compute_fraction"] <= at_most
+    # the file a fit writes when it drops the priors: the plan alone, which Apply runs with nothing correcting
+    package = pack[2].__module__.rsplit(".", 2)[0]
+    alone = importlib.import_module(f"{package}.calibration.tcc").TccPriors({}, "drift")
+    importlib.import_module(f"{package}.priors").save_priors(folders["cache_priors"] / "plan-alone.tcc.safetensors",
+                                                            alone, meta)
+    plain = pack[1].execute(model, prior_file="plan-alone.tcc.safetensors").result[0]
+    assert session_of(plain).calibrator is None and session_of(plain).policy.tag() == meta["policy_tag"]
+    uncorrected = run_sampler(plain, positive, negative, latent, steps=12, cfg=2.0, seed=2)
+    assert rel_l2(uncorrected, full) == pytest.approx(report["held_out_before"], rel=1e-4)
+    assert session_of(plain).last_report["compute_fraction"] <= at_most
     with pytest.raises(ValueError, match="fitted for another model"):  # the plan's file belongs to its model
         pack[1].execute(wan[0], prior_file=name)
+
+
+def test_a_target_speedup_fit_says_what_its_file_holds_and_that_verify_cannot_skip_the_fitting_seeds(pack):
+    """Priors that gained 0.7% on the fitting seeds and lost 0.8% held out (the scenes 4x fit) are dropped: the node
+    says the file holds the plan alone instead of advising to leave Apply's priors empty, which a plan file cannot
+    do. The fitting seeds' error decides that, so a target speedup measures it even with verify off, and says so."""
+    fit_node = importlib.import_module(pack[2].__module__)
+    package = pack[2].__module__.rsplit(".", 2)[0]
+    plan_policy = importlib.import_module(f"{package}.calibration.speed_fit").plan_policy
+    BlockPlan = importlib.import_module(f"{package}.calibration.plan").BlockPlan
+    priors = importlib.import_module(f"{package}.calibration.tcc").TccPriors({}, "trend")
+    policy = plan_policy(fit_node.CachePolicy(granularity="block"),
+                         BlockPlan((1.0, 0.75, 0.5, 0.25, 0.0), ("1000", "1000")))
+    report = {"plan_predicted_fraction": 0.2497, "plan_calibration_fraction": 0.2481, "plan_file_fraction": 0.2481,
+              "plan_refine_runs": 3, "plan_searched_error": 0.18, "plan_calibration_error": 0.175,
+              "plan_search_s": 0.2, "plan_search_bytes": 3 * 2**20, "plan_runs": 40, "plan_priors": 0.0,
+              "plan_priors_margin": 0.02, "sites": 12, "in_sample_before": 0.17501, "in_sample_after": 0.17376,
+              "held_out_before": 0.16054, "held_out_after": 0.16190}
+    fitted = fit_node.SpeedFit(policy, priors, report)
+    seeds = {fit_node.FIT: [0, 1], fit_node.HELD_OUT: [2]}
+    off, on = (fit_node.target_text(fitted, 4.0, seeds, "p", None, verify) for verify in (False, True))
+    assert "compute fraction 0.248 measured on the fitting seeds as saved (4.03x" in off
+    assert "target at most 0.250" in off
+    assert "search 0.20 s and 3.0 MiB of tables" in off
+    assert ("TCC priors (trend) dropped: -0.7% on the fitting seeds, not the 2% gain required, and +0.8% on the "
+            "held-out seeds") in off
+    assert "The file holds the plan alone" in off and "leave Apply's priors empty" not in off
+    assert "verify is off, but a target speedup measures the fitting seeds anyway" in off
+    assert "verify is off" not in on and off.endswith("saved to p") and on.endswith("saved to p")
+
+
+def test_a_plan_file_that_replaces_a_connected_policy_says_so_on_the_node_and_in_the_run_report(pack, folders, flux,
+                                                                                              caplog):
+    """The plan's priors belong to the plan, so it wins; but a user who connected a Cache Policy expects it to act,
+    and must be told it did not: a warning in the log, the node's text (its panel) and every run report."""
+    model, positive, negative, latent = flux
+    planned = fit(pack, flux, samples=2, steps=6, target_speedup=2.0).result[0]
+    connected = policy_of(pack)
+    with caplog.at_level(logging.WARNING, logger="calibrated_cache"):
+        out = pack[1].execute(model, connected, prior_file=planned.name)
+    (note,) = out.ui.as_dict()["text"]
+    assert note.startswith(f"the connected Cache Policy ({connected.tag()}) was replaced by the plan of prior file {planned.name} "
+                           f"({planned.meta['policy_tag']})"), note
+    assert "disconnect the policy to keep the plan, or choose a prior file without a plan" in note
+    assert f"calibrated_cache: {note}" in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    session = session_of(out.result[0])
+    assert session.policy.tag() == planned.meta["policy_tag"]
+    run_sampler(out.result[0], positive, negative, latent, steps=6, cfg=2.0)
+    assert session.last_report["notes"] == [note] and session.last_report["uncached"] is None
+    alone = pack[1].execute(model, prior_file=planned.name)  # no policy connected: nothing replaced, nothing said
+    assert alone.ui is None and session_of(alone.result[0]).notes == []
 
 
 def test_apply_without_a_policy_or_a_plan_file_names_the_fix(pack, flux):

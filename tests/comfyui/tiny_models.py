@@ -746,7 +746,7 @@ def cache_block_by_block(monkeypatch, model_patcher) -> None:
     class BlockByBlock(module.RunState):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.spans = False
+            self.caches_spans = False
 
     monkeypatch.setattr(module, "RunState", BlockByBlock)
 
