@@ -221,6 +221,31 @@ ORACLE: list[Column] = [("target", lambda r: r["target"]), ("aligned plans", lam
                         ("oracle change", lambda r: r["oracle_change"])]
 
 
+def mib(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r[key] / 2 ** 20:.1f}" if r[key] < 2 ** 30 else f"{r[key] / 2 ** 30:.1f} Gi"
+
+
+SEARCH_MEMORY: list[Column] = [("steps", lambda r: str(r["steps"])), ("forecaster", lambda r: r["forecaster"]),
+                               ("search (s)", number("seconds", 2)), ("tables (MiB)", mib("tables_bytes")),
+                               ("bound (MiB)", mib("bound_bytes")), ("peak RSS added (MiB)", mib("rss_added_bytes")),
+                               ("dense tables before (MiB, arithmetic)", mib("dense_bytes"))]
+
+
+def guard_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row: the computed call's median time with and without the spans run, and their paired ratio."""
+    by = {r["config"]: r for r in report["rows"]}
+    low, high = report["ratio_spread"]
+    return [{"stack": f"width {report['stack']['width']}, depth {report['stack']['depth']}, "
+                      f"{report['stack']['tokens']} tokens", "full": by["full"]["median_call_s"] * 1e3,
+             "spans": by["spans"]["median_call_s"] * 1e3,
+             "ratio": f"{report['ratio_median']:.3f} ({low:.3f}–{high:.3f})"}]
+
+
+SPANS_GUARD: list[Column] = [("stack", lambda r: r["stack"]), ("full computed call (ms)", number("full", 1)),
+                             ("spans computed call (ms)", number("spans", 1)),
+                             ("spans / full, paired by round (min–max)", lambda r: r["ratio"])]
+
+
 def scenes_plan_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Per target: the searched plan as fitted, the best uniform row at no more compute, the dynamic policy and
     LazyCache tuned to the plan's compute (studies/scenes_plans.py)."""
@@ -278,6 +303,9 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "scenes-plans": ("scenes_plans.json", "", scenes_plan_rows, SCENES_PLANS),
     "scenes-plans-30": ("scenes_plans_30.json", "", scenes_plan_rows, SCENES_PLANS),
     "testbed-plan-oracle": ("plan_oracle.json", "", oracle_rows, ORACLE),
+    "search-memory": ("search_memory.json", "python studies/search_memory.py --steps 20 50 100 --json "
+                      "benchmarks/results/search_memory.json", lambda r: r["rows"], SEARCH_MEMORY),
+    "spans-guard": ("spans_guard.json", "", guard_rows, SPANS_GUARD),
 }
 
 

@@ -270,7 +270,7 @@ class FitTccPriorsNode(io.ComfyNode):
                                tooltip="0: fit priors for the connected policy. Above 1: search which steps compute, "
                                        "the forecaster and the priors for this many times fewer FLOPs (the policy "
                                        "input only gives the granularity); Apply Calibrated Cache then needs only "
-                                       "the file. Costs about 43–67 samplings of one seed (probes, candidates, "
+                                       "the file. Costs about 37–60 samplings of one seed (probes, candidates, "
                                        "refinement)."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],

@@ -198,6 +198,10 @@ def plan_study_change(speedup: float) -> float:
     return r["plan"]["with_tcc"]["rel_l2"] / r["best_uniform"]["rel_l2"] - 1
 
 
+def variant_row(plan: str) -> dict[str, Any]:
+    return one(result("plan_variants.json")["rows"], plan=plan)
+
+
 def oracle(speedup: float) -> dict[str, Any]:
     return one(result("plan_oracle.json")["rows"], target=speedup)
 
@@ -267,12 +271,13 @@ FIGURES = [
                              for n in INTERVALS], 2)]),
     # README: calibrate for a speed target
     Figure("README.md",
-           "the searched plan's rel_l2 is {} below the best uniform policy at 2× and {} at 4× (euler 20), {} at 3× and "
-           "{} at interval 6's compute (euler 30)",
+           "the searched plan's rel_l2 is {} below the best uniform policy at 2× (euler 20), {} at 3× and {} at "
+           "interval 6's compute (euler 30), and at 4× {} below interval 4's best, which spends {} more",
            "scenes_plans.json targets 2 and 4, scenes_plans_30.json targets 3 and 5.6: plan+tcc rel_l2 against "
-           "best_uniform",
-           lambda: [plan_change(SP, 2), plan_change(SP, 4),
-                    plan_change(SP30, 3), plan_change(SP30, 5.6)]),
+           "best_uniform (at 4×: the interval-4 row of lowest rel_l2 without a warm-up step)",
+           lambda: [plan_change(SP, 2), plan_change(SP30, 3), plan_change(SP30, 5.6),
+                    below(plan_row(SP, 4)["rel_l2"], best_uniform(SP, 4, warmup=0)["rel_l2"]),
+                    above(best_uniform(SP, 4, warmup=0)["compute_fraction"], plan_row(SP, 4)["compute_fraction"])]),
     Figure("README.md", "at 6× it loses detail (FD {} at 30 steps, {} at 5.6×). A fit costs {} samplings",
            "scenes_plans_30.json: plan+tcc fd at targets 6 and 5.6; scenes_plans.json: fit_cost_samplings",
            lambda: [fixed(plan_row(SP30, 6)["fd"], 1),
@@ -318,8 +323,7 @@ FIGURES = [
                     for m in ("dmd", "taylor2")]),
     # methods.md: what a fit costs
     Figure("docs/methods.md",
-           "On the tiny ComfyUI models that is {} samplings of one seed at the default 3 seeds ({} on Flux, the "
-           "largest)",
+           "On the tiny ComfyUI models that is {} samplings of one seed at the default 3 seeds ({} on Flux)",
            "comfyui_fit_cost.json: samplings, all rows and Flux's",
            lambda: [spread(fit_cost(), 1), fixed(min(r["samplings"] for r in result("comfyui_fit_cost.json")["rows"]
                                                    if r["family"] == "Flux"), 1)]),
@@ -329,10 +333,34 @@ FIGURES = [
            + [fixed(fit_samples("fora N=3 + drift", 1)["no_priors"], 4)]),
     # methods.md: searched plans on the testbed
     Figure("docs/methods.md",
-           "The searched plan is {} below the best uniform policy at 3× and {} below at 6×, {} at 4× and {} at 2×",
-           "plans.json: plan.with_tcc rel_l2 against best_uniform rel_l2",
-           lambda: [f"{-plan_study_change(s):.0%}" for s in (3, 6, 4)]
-           + ["level" if abs(plan_study_change(2)) < 0.025 else f"{-plan_study_change(2):.0%} below"]),
+           "The searched plan is {} below the best uniform policy at 3× and {} above it at 2×, {} at 4× and {} at 6×, "
+           "where the uniform row computes {} more than the plan",
+           "plans.json: plan.with_tcc rel_l2 against best_uniform rel_l2, and their fractions",
+           lambda: [f"{-plan_study_change(3):.0%}"] + [f"{plan_study_change(s):.0%}" for s in (2, 4, 6)]
+           + [percents([plan_study(s)["best_uniform"]["fraction"] / plan_study(s)["plan"]["with_tcc"]["fraction"] - 1
+                        for s in (2, 3, 4, 6)])]),
+    Figure("docs/methods.md", "The measured compute fractions are {} at 2× / 3× / 4× / 6×, each at or below 1/S",
+           "plans.json: plan.with_tcc fraction",
+           lambda: [slashed([plan_study(s)["plan"]["with_tcc"]["fraction"] for s in (2, 3, 4, 6)], 3)]),
+    Figure("docs/methods.md", "Over the {} searched candidates of the four fits",
+           "plans.json: report.plan_candidates, summed",
+           lambda: [f"{sum(r['report']['plan_candidates'] for r in result('plans.json')['rows']):.0f}"]),
+    Figure("docs/methods.md",
+           "at the 4× plan {} against Taylor-1's {}, at interval 4 {} against Taylor-2's {}",
+           "plan_variants.json: rows 'searched 4x' and 'interval 4', fitted weights against Taylor",
+           lambda: [spread([variant_row("searched 4x")[f"fitted, {n} anchors"] for n in (1, 2, 3)], 3),
+                    fixed(variant_row("searched 4x")["taylor1"], 3),
+                    spread([variant_row("interval 4")[f"fitted, {n} anchors"] for n in (1, 2, 3)], 3),
+                    fixed(variant_row("interval 4")["taylor2"], 3)]),
+    Figure("docs/methods.md",
+           "(Taylor-2: {} alone, {} with priors), and at 4× they moved it by at most {} either way (Taylor-2: {} alone, "
+           "{} with priors)",
+           "plan_variants.json: rows 'searched 6x' and 'searched 4x', taylor2 with and without TCC",
+           lambda: [fixed(variant_row("searched 6x")["taylor2"], 4),
+                    spread([variant_row("searched 6x")[f"taylor2+{v}"] for v in ("drift", "trend", "mm")], 4),
+                    f"{max(abs(variant_row('searched 4x')[f'{f}+{v}'] / variant_row('searched 4x')[f] - 1) for f in ('taylor1', 'taylor2') for v in ('drift', 'trend', 'mm')):.0%}",
+                    fixed(variant_row("searched 4x")["taylor2"], 4),
+                    spread([variant_row("searched 4x")[f"taylor2+{v}"] for v in ("drift", "trend", "mm")], 4)]),
     Figure("docs/methods.md", "The search itself takes {} s",
            "plans.json: search_s", lambda: [spread([r["search_s"] for r in result("plans.json")["rows"]], 1)]),
     Figure("docs/methods.md", "ranks the measured one with Spearman {}",
@@ -351,56 +379,55 @@ FIGURES = [
            "plan_oracle.json: target 4, oracle rel_l2 against uniform",
            lambda: [below(oracle(4)["oracle"]["rel_l2"], oracle(4)["uniform"]["rel_l2"])]),
     # methods.md: searched plans in ComfyUI, 20 steps
-    Figure("docs/methods.md", "the first two blocks of one more ({} of the compute, {} below 1/3;",
+    Figure("docs/methods.md", "the first two blocks of one more ({} of the compute, {} below 1/3).",
            "scenes_plans.json: target 3, plan+tcc compute_fraction",
            lambda: [fixed(plan_row(SP, 3)["compute_fraction"], 3),
                     f"{1 - 3 * plan_row(SP, 3)['compute_fraction']:.0%}"]),
     Figure("docs/methods.md",
-           "at 3× the plan's {} is below every interval-3 policy's error (the best, FORA + TCC drift with a warm-up "
-           "step, {}, spends {}); at 6× its {} is {} above interval 6's best (FORA + TCC mm, {}), which spends {} more",
-           "scenes_plans.json: targets 3 and 6, plan+tcc against the uniform row of lowest rel_l2",
+           "At 3× the plan's {} is below every interval-3 policy's error (the best, FORA + TCC drift with a warm-up "
+           "step, {}, spends {}); at 4× its {} is {} below interval 4's best without a warm-up step (Taylor-2 + TCC "
+           "mm, {}), which spends {} more (with a warm-up step FORA + TCC drift reaches {} at {}); at 6× its {} is {} "
+           "above interval 6's best (FORA + TCC mm, {}), which spends {} more",
+           "scenes_plans.json: targets 3, 4 and 6, plan+tcc against the uniform rows of lowest rel_l2",
            lambda: [fixed(plan_row(SP, 3)["rel_l2"], 3),
                     fixed(best_uniform(SP, 3)["rel_l2"], 3),
                     fixed(best_uniform(SP, 3)["compute_fraction"], 3),
+                    fixed(plan_row(SP, 4)["rel_l2"], 3),
+                    below(plan_row(SP, 4)["rel_l2"], best_uniform(SP, 4, warmup=0)["rel_l2"]),
+                    fixed(best_uniform(SP, 4, warmup=0)["rel_l2"], 3),
+                    above(best_uniform(SP, 4, warmup=0)["compute_fraction"], plan_row(SP, 4)["compute_fraction"]),
+                    fixed(best_uniform(SP, 4, warmup=1)["rel_l2"], 3),
+                    fixed(best_uniform(SP, 4, warmup=1)["compute_fraction"], 3),
                     fixed(plan_row(SP, 6)["rel_l2"], 3),
                     above(plan_row(SP, 6)["rel_l2"], best_uniform(SP, 6)["rel_l2"]),
                     fixed(best_uniform(SP, 6)["rel_l2"], 3),
-                    above(best_uniform(SP, 6)["compute_fraction"],
-                           plan_row(SP, 6)["compute_fraction"])]),
+                    above(best_uniform(SP, 6)["compute_fraction"], plan_row(SP, 6)["compute_fraction"])]),
     Figure("docs/methods.md",
-           "So on this model the searched plan is {} below the best uniform policy at 2×, {} at 4× and {} at 0.21, "
-           "with better adherence at each ({} against {} and {}, {} against {}), a lower FD at 2× and 4× ({} and {} "
-           "against {}) and an FD {} above the uniform row's at 0.21",
-           "scenes_plans.json: targets 2, 4 and 4.75, plan+tcc against best_uniform",
-           lambda: [plan_change(SP, s) for s in (2, 4, 4.75)]
-           + [same(*(fixed(plan_row(SP, s)["adherence"], 2) for s in (2, 4)))]
-           + [fixed(target(SP, s)["best_uniform"]["adherence"], 2) for s in (2, 4)]
-           + [fixed(plan_row(SP, 4.75)["adherence"], 2),
-              fixed(target(SP, 4.75)["best_uniform"]["adherence"], 2)]
-           + [fixed(plan_row(SP, s)["fd"], 1) for s in (2, 4)]
-           + [same(*(fixed(target(SP, s)["best_uniform"]["fd"], 1) for s in (2, 4))),
-              fixed(plan_row(SP, 4.75)["fd"] - target(SP, 4.75)["best_uniform"]["fd"],
-                    1)]),
+           "So on this model the searched plan is {} below the best uniform policy at 2× and {} above it at 0.21 "
+           "(interval 5's compute), with adherence {} against {} at 2× and {} against {} at 0.21, and an FD of {} "
+           "against {} at 2× and {} above the uniform row's at 0.21",
+           "scenes_plans.json: targets 2 and 4.75, plan+tcc against best_uniform",
+           lambda: [plan_change(SP, 2), above(plan_row(SP, 4.75)["rel_l2"], target(SP, 4.75)["best_uniform"]["rel_l2"])]
+           + [fixed(v, 2) for s_ in (2, 4.75) for v in (plan_row(SP, s_)["adherence"],
+                                                       target(SP, s_)["best_uniform"]["adherence"])]
+           + [fixed(plan_row(SP, 2)["fd"], 1), fixed(target(SP, 2)["best_uniform"]["fd"], 1),
+              fixed(plan_row(SP, 4.75)["fd"] - target(SP, 4.75)["best_uniform"]["fd"], 1)]),
     Figure("docs/methods.md",
            "The fit costs {} samplings of one seed (the node reports it), against {} for Fit TCC Priors on a given "
            "policy",
            "scenes_plans.json: fit_cost_samplings; comfyui_fit_cost.json: samplings",
            lambda: [spread(fit_samplings(SP), 0), spread(fit_cost(), 1)]),
     Figure("docs/methods.md",
-           "held-out rel_l2 went from 0.048 to {} at 2×, 0.141 to {} at 3×, 0.152 to {} at 4×, 0.249 to {} at 0.21 and "
-           "0.347 to {} at 6×, and FD from 92.1 to {} at 0.21 and 90.8 to {} at 6×; at 30 steps (next table, before: "
-           "commit 64bac42) 0.071 to {} at 3× and 0.293 to {} at 6×",
-           "scenes_plans.json and scenes_plans_30.json: plan+tcc rel_l2 and fd",
-           lambda: [fixed(plan_row(SP, s)["rel_l2"], 3) for s in (2, 3, 4, 4.75, 6)]
-           + [fixed(plan_row(SP, s)["fd"], 1) for s in (4.75, 6)]
-           + [fixed(plan_row(SP30, s)["rel_l2"], 3) for s in (3, 6)]),
+           "the 4× fit's own held-out seed went from {} without them to {} with them",
+           "scenes_plans.json: target 4, fit_report held_out_before and held_out_after",
+           lambda: [fixed(target(SP, 4)["fit_report"][k], 3) for k in ("held_out_before", "held_out_after")]),
     # methods.md: searched plans in ComfyUI, 30 steps
     Figure("docs/methods.md",
            "The plan is {} below the best uniform policy at 3× ({} against {}, with a better FD, {} against {} and {} "
            "for full computation) and {} below at interval 6's compute ({} against FORA + TCC trend's {}, adherence {} "
            "against {}, FD {} against {}). At 6× itself ({}) its rel_l2 ({}) is below that of every interval-6 policy "
-           "without a warm-up step (the best, {}, spends {}; with one, FORA + TCC drift gives {} at {}), but its FD is "
-           "the worst of the plans ({})",
+           "without a warm-up step (the best, {}, spends {}; with one, FORA + TCC drift gives {} at {}), but its FD "
+           "({}) and the 5.6× plan's ({}) are the worst of the plans",
            "scenes_plans_30.json: targets 3, 5.6 and 6, plan+tcc against best_uniform and the uniform rows",
            lambda: [plan_change(SP30, 3),
                     fixed(plan_row(SP30, 3)["rel_l2"], 3),
@@ -423,6 +450,7 @@ FIGURES = [
                               warmup=1)["rel_l2"], 3),
                     fixed(one(target(SP30, 6)["rows"], method="fora+tcc drift",
                               warmup=1)["compute_fraction"], 3),
+                    fixed(plan_row(SP30, 6)["fd"], 1),
                     fixed(max(plan_row(SP30, t["target"])["fd"] for t in result(SP30)["targets"]), 1)]),
     Figure("docs/methods.md",
            "on the fit's own held-out seed they lower the plan's error by {}, {} and {}. A fit costs {} samplings of "
