@@ -26,7 +26,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .testbed.results import committed, write_result
 
     tree = committed(args.allow_dirty) if args.json else None
-    report = run_benchmark(args.quick, args.samples, args.flux, args.device, args.skip_quality, args.shift)
+    report = run_benchmark(args.quick, args.samples, args.flux, args.device, args.skip_quality, args.shift,
+                           args.skip_speed)
     print(format_tables(report))
     if tree:
         write_result(args.json, report, tree)
@@ -203,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--flux", action="store_true", help="speed section on a Flux-sized block stack (GPU only)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--skip-quality", action="store_true", help="run the speed section only")
+    bench.add_argument("--skip-speed", action="store_true", help="run the quality section only (no timing: it may "
+                                                                  "share the machine with other work)")
     bench.add_argument("--shift", type=float, default=1.0, help="σ-schedule shift of the quality runs (default 1)")
     add_allow_dirty(bench)
     bench.set_defaults(run=_bench)

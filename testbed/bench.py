@@ -210,14 +210,14 @@ def quality_methods(quick: bool) -> list[Method]:
     return methods + icc_methods((0.5,) if quick else (0.5, 0.33))
 
 
-def planned_rows(quick: bool, skip_quality: bool) -> int:
+def planned_rows(quick: bool, skip_quality: bool, skip_speed: bool = False) -> int:
     """The rows a run measures, for its progress bar: quality (with the dynamic rows, the ablation and the transfer
-    table as one) and speed."""
+    table as one) and speed (full computation counted as a row: it is timed as often as each configuration)."""
     quality = len(quality_methods(quick)) + len(INTERVALS)
     if not quick:
         quality += len(ablation_methods()) + len(tcc_ablation_methods()) + len(schedule_methods()) + 1
         quality += len(granularity_methods())
-    return (0 if skip_quality else quality) + SPEED_ROWS
+    return (0 if skip_quality else quality) + (0 if skip_speed else SPEED_ROWS)
 
 
 def quality_section(samples: int, quick: bool, shift: float, progress: Progress | None = None) -> dict[str, Any]:
@@ -354,10 +354,11 @@ def speed_policies(width: int) -> list[tuple[str, dict[str, Any], CachePolicy]]:
     return rows
 
 
-SPEED_ROWS = len(speed_policies(256)) * 2  # the testbed and the stack
+SPEED_ROWS = (len(speed_policies(256)) + 1) * 2  # full computation and each configuration; the testbed and the stack
 
 
-def paired_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def paired_times(runs: dict[str, Callable[[], Any]], repeats: int,
+                 on_run: Callable[[str], None] = lambda name: None) -> dict[str, list[float]]:
     """Wall times of every configuration, `repeats` rounds, the configurations interleaved within each round (after
     one warm-up each), so that a slow phase of the machine weighs on every configuration of a round alike."""
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -366,6 +367,7 @@ def paired_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
+            on_run(name)
     return times
 
 
@@ -385,11 +387,19 @@ def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float
     configs = speed_policies(model.config.width)
     fora = CachePolicy(interval=4, warmup_steps=0)
 
+    def advance(name: str) -> None:
+        """Each configuration (and full computation) is one row of the bar, run once to warm up and `repeats` times
+        timed: the bar moves with every run, since the rows' figures only come after the last round."""
+        if progress is not None:
+            progress.advance(1 / (repeats + 1), f"speed: {name}")
+
     def calibration_run(calibrator: Calibrator | None, step: FitRun) -> Tensor:
         return sample(model, labels, noise, steps, cfg, policy=fora if step.cached else None, calibrator=calibrator)[0]
 
     priors, _ = fit_tcc(calibration_run, held_out=False)  # on the timed request itself: only its cost matters here
     runs: dict[str, Callable[[], Any]] = {"full": lambda: run(None)}
+    run(None)
+    advance("full")
     first: dict[str, tuple[float, int]] = {}
     states: dict[str, Any] = {}
     for name, params, policy in configs:
@@ -402,8 +412,9 @@ def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float
         runs[key]()  # the warm-up; a first ICC run at a new rank factorises every Linear
         if factor_cache.factorized > before:
             first[key] = (time.perf_counter() - start, factor_cache.factorized - before)
+        advance(key)
     full_out = run(None)[0]
-    times = paired_times(runs, repeats)
+    times = paired_times(runs, repeats, advance)
     rows = []
     for name, params, policy in configs:
         key = f"{name} {params}"
@@ -422,8 +433,6 @@ def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float
             rows_per_call = 2 * labels.shape[0] * model.config.tokens
             row["node_refuses"] = icc_too_small(rows_per_call, model.config.width, device) is not None
         rows.append(row)
-        if progress is not None:
-            progress.advance(1, f"speed: {name} {','.join(f'{k}={v}' for k, v in params.items())}")
     return rows
 
 
@@ -479,18 +488,21 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def run_benchmark(quick: bool = False, samples: int | None = None, flux: bool = False, device: str | None = None,
-                  skip_quality: bool = False, shift: float = 1.0) -> dict[str, Any]:
+                  skip_quality: bool = False, shift: float = 1.0, skip_speed: bool = False) -> dict[str, Any]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if flux and device == "cpu":
         raise SystemExit("--flux needs a GPU: a Flux-sized block stack takes hours on a CPU")
     report: dict[str, Any] = {"schema": SCHEMA, "version": __version__, "quick": quick, "machine": machine(device),
                               **provenance()}
-    progress = Progress(planned_rows(quick, skip_quality), "bench")
+    if skip_quality and skip_speed:
+        raise SystemExit("--skip-quality and --skip-speed leave nothing to run: drop one of them")
+    progress = Progress(planned_rows(quick, skip_quality, skip_speed), "bench")
     samples = samples or (64 if quick else 256)
     try:
         if not skip_quality:
             report["quality"] = quality_section(samples, quick, shift, progress)
-        report["speed"] = speed_section(quick, flux, device, 2 if quick else 5, samples, progress)
+        if not skip_speed:
+            report["speed"] = speed_section(quick, flux, device, 2 if quick else 5, samples, progress)
     finally:
         progress.close()
     return report
@@ -521,7 +533,7 @@ def format_tables(report: dict[str, Any]) -> str:
                       f"{'steps':>5} {'method':<14} {'compute':>7} {'rel_l2':>7} {'fd':>7}"]
             lines += [f"{r['steps']:>5} {r['method']:<14} {r['compute_fraction']:>7.3f} {r['rel_l2']:>7.4f} "
                       f"{r['fd']:>7.3f}" for r in t["rows"]]
-    s = report["speed"]
+    s = report.get("speed", {})
     for name in ("testbed", "stack"):
         if name not in s:
             continue

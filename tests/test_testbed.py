@@ -106,3 +106,33 @@ def test_classifier_training_is_seeded_reproducible(tmp_path) -> None:
     a, _ = load_classifier(tmp_path / "0.safetensors")
     b, _ = load_classifier(tmp_path / "1.safetensors")
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_the_speed_sections_progress_bar_moves_with_every_run_not_only_after_the_last_round():
+    from calibrated_cache.testbed.bench import speed_policies, speed_rows
+    from calibrated_cache.testbed.model import DiT, DiTConfig
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[tuple[float, str]] = []
+
+        def advance(self, amount: float = 1.0, note: str | None = None) -> None:
+            self.steps.append((amount, note or ""))
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(image_size=4, width=48, depth=2, heads=2)).eval()
+    labels, noise = torch.zeros(1, dtype=torch.long), torch.randn(1, 1, 4, 4)
+    bar, repeats = Recorder(), 2
+    rows = speed_rows(model, labels, noise, 4, 2.0, "cpu", repeats, bar)
+    runs = len(speed_policies(48)) + 1  # full computation is timed as often as each configuration
+    assert len(rows) == runs - 1
+    assert len(bar.steps) == runs * (repeats + 1)
+    assert sum(amount for amount, _ in bar.steps) == pytest.approx(runs)
+    assert bar.steps[0][1] == "speed: full"
+
+
+def test_a_benchmark_asked_to_skip_both_sections_says_so_instead_of_writing_an_empty_report():
+    from calibrated_cache.testbed.bench import run_benchmark
+
+    with pytest.raises(SystemExit, match="drop one of them"):
+        run_benchmark(quick=True, skip_quality=True, skip_speed=True)
