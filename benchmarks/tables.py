@@ -173,6 +173,7 @@ FAMILY_TABLE: list[Column] = [("tiny model", lambda r: r["family"]), ("cached as
                               ("skipped blocks", lambda r: str(r["blocks_skipped"])),
                               ("FORA rel_l2", number("fora_rel_l2", 4)), ("Taylor-2 rel_l2", number("taylor2_rel_l2", 4)),
                               ("FORA wall speedup (min–max)", speedup)]
+FAMILY_TABLE_080: list[Column] = FAMILY_TABLE + [("spans", lambda r: "yes" if r["spans"] else "no")]
 MODULE_SITES: list[Column] = [("forecaster", lambda r: r["forecaster"]), ("interval", lambda r: str(r["interval"])),
                               ("sites", lambda r: r["level"]), ("compute fraction", number("compute_fraction", 3)),
                               ("rel_l2", number("rel_l2", 4)),
@@ -296,6 +297,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "spans-testbed": ("spans.json", "", lambda r: r["rows"], SPANS),
     "spans-profile": ("spans.json", "", profile_rows, PROFILE),
     "families": ("families.json", "", lambda r: r["rows"], FAMILY_TABLE),
+    "families-080": ("families_080.json", "", lambda r: r["rows"], FAMILY_TABLE_080),
     "flux-module-sites": ("flux_module_sites.json", "", lambda r: r["rows"], MODULE_SITES),
     "comfyui-fit-cost": ("comfyui_fit_cost.json", "", lambda r: r["rows"], FIT_COST),
     "testbed-fit-samples": ("fit_samples.json", "", lambda r: r["rows"], FIT_SAMPLES),
@@ -309,10 +311,14 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
 }
 
 
+class MissingResult(Exception):
+    """A table's result file is not there yet: its block is left as it is, and the run fails at the end."""
+
+
 def load(name: str) -> dict[str, Any]:
     path = RESULTS / name
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: run the command that writes it (see {Path(__file__).name}'s TABLES)")
+        raise MissingResult(f"{path} is missing: run the command that writes it (see {Path(__file__).name}'s TABLES)")
     return json.loads(path.read_text())
 
 
@@ -321,6 +327,8 @@ def caption(report: dict[str, Any], command: str) -> str:
     where = f"{m['processor']}, {m['cpu_count']} CPU cores, torch {m['torch']}, device {m['device']}"
     if m.get("gpu"):
         where += f" ({m['gpu']})"
+    if report.get("comfyui"):
+        where += f", ComfyUI {report['comfyui']}"
     commit = f"{report.get('commit') or 'unknown'}{' with uncommitted changes' if report.get('dirty') else ''}"
     return (f"Command: `{command or report['command']}`. Measured {report.get('date', 'on an unknown date')}, "
             f"commit {commit}, on {where}.")
@@ -335,12 +343,20 @@ def render(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def regenerate(text: str) -> str:
+def regenerate(text: str, missing: list[str] | None = None) -> str:
+    """The page with every table block rendered anew; a block whose result file is missing stays as it was and its
+    message is appended to `missing` (every other table is still refreshed)."""
     def replace(match: re.Match) -> str:
         name = match["name"]
         if name not in TABLES:
             raise SystemExit(f"unknown table {name!r}: the names are {', '.join(TABLES)}")
-        return match.group(1) + render(name) + match.group(4)
+        try:
+            return match.group(1) + render(name) + match.group(4)
+        except MissingResult as err:
+            if missing is None:
+                raise SystemExit(str(err)) from None
+            missing.append(str(err))
+            return match.group(0)
     return BLOCK.sub(replace, text)
 
 
@@ -349,18 +365,23 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
     parser.add_argument("--docs", type=Path, default=DOCS)
     args = parser.parse_args()
-    stale = []
+    stale: list[str] = []
+    missing: list[str] = []
     for page in [args.docs.parent / "README.md", *sorted(args.docs.glob("*.md"))]:
         text = page.read_text()
-        new = regenerate(text)
+        new = regenerate(text, missing)
         if new != text:
             stale.append(page.name)
             if not args.check:
                 partial = page.with_suffix(".md.partial")
                 partial.write_text(new)
                 partial.replace(page)  # atomic: an interrupted run leaves the page as it was
+    for message in dict.fromkeys(missing):
+        print(message, file=sys.stderr)
     if args.check and stale:
         print(f"out of date: {', '.join(stale)}; run python benchmarks/tables.py", file=sys.stderr)
+        return 1
+    if missing:
         return 1
     print(("checked" if args.check else "regenerated") + f" the tables in {args.docs}")
     return 0

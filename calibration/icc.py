@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Hashable, Iterator, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,6 +80,17 @@ class IccSettings:
 def token_wise(x: Tensor) -> bool:
     """Inputs with a token axis; (batch, channels) modulation inputs are not cached."""
     return x.dim() >= 3 and x.shape[-2] > 1
+
+
+def parallel_parts(out_features: int, hidden: int, mlp: int) -> tuple[int, ...] | None:
+    """The parts of a parallel (single-stream) block's fused first Linear, factored separately: q, k and v of
+    `hidden` outputs each, then the MLP input of `mlp` per part: one part (Flux), or the gate and the up projection of
+    a gated MLP (Flux 2's SiLU-gated MLP, Ovis' gate and up halves: 3·hidden + 2·mlp). None for any other width: the
+    Linear is then factored whole."""
+    rest = out_features - 3 * hidden
+    if hidden < 1 or mlp < 1 or rest < 1 or rest % mlp or rest // mlp > 2:
+        return None
+    return (hidden,) * 3 + (mlp,) * (rest // mlp)
 
 
 @dataclass(frozen=True)
@@ -262,26 +274,39 @@ def checksum(weight: Tensor) -> tuple[float, ...]:
     return tuple(torch.stack([w.sum(), w.square().sum(), (w @ probe) @ ramp]).double().tolist())
 
 
+HeldFactors = tuple[tuple[np.ndarray, np.ndarray], ...]  # one Linear's (A, B) per output chunk, float32
+
+
+def host_array(values: Tensor) -> np.ndarray:
+    """A tensor's values as a host array of their own, viewing no tensor (float32)."""
+    return values.detach().to("cpu", torch.float32).numpy().copy()
+
+
 class FactorCache:
     """Low-rank factors per Linear, computed on first use from the weight as it is then, and kept across runs while
     the weight is unchanged (its checksum is compared at the start of every run): factorising once per model, not
-    once per prompt, is what makes ICC affordable for large models."""
+    once per prompt, is what makes ICC affordable for large models.
+
+    It outlives runs, so it holds host arrays, not tensors: factors and channel statistics. Each run moves the factors
+    it uses to its device and drops them at its end, so nothing of ICC stays on the device between runs, where ComfyUI
+    pages weights in and out and may unload the model."""
 
     def __init__(self, channels: ChannelTable | None = None) -> None:
-        self.channels = channels
-        self._entries: dict[tuple, tuple[tuple, LayerFactors]] = {}
+        self.channels = None if channels is None else {
+            key: (host_array(inputs), host_array(outputs)) for key, (inputs, outputs) in channels.items()}
+        self._entries: dict[tuple, tuple[tuple, HeldFactors]] = {}
         self.factorized = 0  # layers factorised so far: tests and logs read it
 
     def factors(self, layer: IccLinear, like: Tensor, settings: IccSettings) -> LayerFactors:
+        """The layer's factors on `like`'s device and in its dtype (an IccRun keeps them for its run)."""
         weight = layer.weight(like)
         key, identity = (layer.key, settings, like.dtype, like.device), (checksum(weight), tuple(weight.shape))
         known = self._entries.get(key)
-        if known is not None and known[0] == identity:
-            return known[1]
-        factors = LayerFactors.of(self._factorize(layer, weight, settings), like)
-        self._entries[key] = (identity, factors)
-        self.factorized += 1
-        return factors
+        if known is None or known[0] != identity:
+            parts = tuple((host_array(f.a), host_array(f.b)) for f in self._factorize(layer, weight, settings))
+            known = self._entries[key] = (identity, parts)
+            self.factorized += 1
+        return LayerFactors.of([Factors(torch.from_numpy(a), torch.from_numpy(b)) for a, b in known[1]], like)
 
     def _factorize(self, layer: IccLinear, weight: Tensor, settings: IccSettings) -> list[Factors]:
         out_features, in_features = weight.shape
@@ -295,7 +320,7 @@ class FactorCache:
                 raise ValueError(f"the channel statistics have no entry for Linear {layer.key}: it did not run "
                                  "during the calibration runs, or they were recorded on another model. Refit them "
                                  "for this model, or set ICC svd to plain.")
-            in_w, out_w = channel_weights(stats[0]), channel_weights(stats[1])
+            in_w, out_w = (channel_weights(torch.from_numpy(side)) for side in stats)
             if in_w.numel() != in_features or out_w.numel() != out_features:
                 raise ValueError(f"the channel statistics of Linear {layer.key} are for a {out_w.numel()}×"
                                  f"{in_w.numel()} layer, not {out_features}×{in_features}: the prior file belongs to "

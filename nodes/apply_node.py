@@ -16,7 +16,7 @@ from ..priors import check_model, check_policy
 from ..priors.validate import IDENTITY
 from . import folders
 from .families import FAMILIES, UnsupportedModel, detect
-from .fitted import FittedPriors, TccPriorsType, fingerprint, load
+from .fitted import FittedPriors, TccPriorsType, comfyui_version, fingerprint, load
 from .linears import factor_cache, route_linears
 from .policy_node import CATEGORY, CachePolicyType
 from .session import HAS_PREDICT_NOISE, KEY, CacheSession, dit_patch, forward_patch
@@ -57,7 +57,8 @@ def patch_model(model: ModelPatcher, policy: CachePolicy, node_id: str | None = 
                     "by name.", family.classes[0], len(blocks), blocks[0].segment.attr)
     if policy.icc is not None and factors is None:
         factors = FactorCache()
-    session = CacheSession(block_policy(policy), family, blocks, node_id, priors, factors, memory)
+    held = priors.held() if priors is not None else None
+    session = CacheSession(block_policy(policy), family, blocks, node_id, held, factors, memory)
     if policy.icc is not None:
         route_linears(m, blocks, session.linear_target)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, session.outer_sample)
@@ -163,7 +164,7 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
         if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
             # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
             parts = IDENTITY if tcc is not None else ("family", "architecture")
-            check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name, parts)
+            check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name, parts, comfyui_version())
             session.prior_check = f"{', '.join(parts)} match the model"
         if tcc is not None:
             check_policy(tcc.meta, session.policy, tcc.name)

@@ -16,11 +16,14 @@ from torch import nn
 class Segment:
     """One block list: `attr` under diffusion_model; `replace` is its dit-replace name, or None for object patches.
     An object-patched block's stream is its first tensor argument, unless `kwargs` names the keyword arguments that
-    are its streams, in the order it returns them (HiDream's blocks take keywords and return a tuple)."""
+    are its streams, in the order it returns them (HiDream's blocks take keywords and return a tuple). A dit-replaced
+    block's streams are its "img" and "txt" tensors, unless `packed` names the items of a tuple its "img" holds, which
+    it returns as a tuple in that order (LTX-2's video and audio)."""
 
     attr: str
     replace: str | None
     kwargs: tuple[str, ...] = ()
+    packed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("AuraFlow", ("MMDiT",), (Segment("double_layers", "double_block"), Segment("single_layers", "single_block"))),
     Family("Wan", ("WanModel",), (Segment("blocks", "double_block"),)),
     Family("Qwen-Image", ("QwenImageTransformer2DModel",), (Segment("transformer_blocks", "double_block"),)),
+    # LTX-2 (audio and video) subclasses LTXV; detection meets its own class first in the class hierarchy.
+    Family("LTX-2", ("LTXAVModel",), (Segment("transformer_blocks", "double_block", packed=("video", "audio")),)),
     Family("LTXV", ("LTXVModel",), (Segment("transformer_blocks", "double_block"),)),
     Family("PixArt", ("PixArtMS",), (Segment("blocks", None),)),
     Family("Lumina2", ("NextDiT",), (Segment("layers", None),)),
@@ -59,6 +64,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Hunyuan3D 2.1", ("HunYuanDiTPlain",), (Segment("blocks", None),), chained=False),
     Family("OmniGen2", ("OmniGen2Transformer2DModel",), (Segment("layers", None),)),
     Family("ACE-Step", ("ACEStepTransformer2DModel",), (Segment("transformer_blocks", None),)),
+    # Its dit-replace path calls the blocks with keywords they do not take (ComfyUI 0.8.0), so its visual blocks are
+    # object-patched; the text blocks before them refine the prompt and run every step.
+    Family("Kandinsky 5", ("Kandinsky5",), (Segment("visual_transformer_blocks", None),)),
 )
 
 UNSUPPORTED = {

@@ -39,7 +39,7 @@ from ..calibration.tcc import VARIANTS, resolve_variant
 from ..priors import save_priors
 from . import folders
 from .apply_node import MAX_RANK, WrappersMP, block_policy, patch_model, with_icc
-from .fitted import FittedPriors, TccPriorsType, fingerprint
+from .fitted import FittedPriors, TccPriorsType, comfyui_version, fingerprint
 from .linears import record_linears
 from .policy_node import CATEGORY, CachePolicyType
 from .session import KEY, CacheSession, send_event
@@ -78,7 +78,8 @@ def prior_meta(model: ModelPatcher, family: str, checkpoint: str, policy: CacheP
             "sigmas": sigmas.flatten().tolist(), "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
             "cfg": cfg, "samples": len(seeds[FIT]), "seeds": seeds[FIT], "held_out": len(seeds[HELD_OUT]),
             "held_out_seeds": seeds[HELD_OUT], "pack_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report}
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "report": report,
+            **({"comfyui_version": comfyui} if (comfyui := comfyui_version()) else {})}
 
 
 def sigmas_for(model: ModelPatcher, sampler_name: str, scheduler: str, steps: int) -> Tensor:
@@ -324,7 +325,7 @@ class FitTccPriorsNode(io.ComfyNode):
                                "in_sample_after": report.get("in_sample_after"), "fitted_seeds": fitted,
                                "held_out_seeds": seeds[HELD_OUT], "sites": report["sites"], "path": path,
                                "elapsed_s": elapsed, "cost_samplings": cost})
-        return io.NodeOutput(FittedPriors(priors, meta, path, recording.recorder.table()), text,
+        return io.NodeOutput(FittedPriors.output(priors, meta, path, recording.recorder.table()), text,
                              ui=ui.PreviewText(text))
 
 
@@ -386,7 +387,7 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
                            "plan": policy.plan.picture(), "fraction_predicted": report["plan_predicted_fraction"],
                            "fraction_measured": report["plan_calibration_fraction"],
                            "fraction_file": report["plan_file_fraction"], "priors_kept": bool(report["plan_priors"])})
-    return io.NodeOutput(FittedPriors(fitted.priors, meta, path), text, ui=ui.PreviewText(text))
+    return io.NodeOutput(FittedPriors.output(fitted.priors, meta, path), text, ui=ui.PreviewText(text))
 
 
 def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], path: str, cost: float | None,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import numpy as np
+import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 from torch import Tensor, nn
 
-from ..calibration.icc import ChannelTable
-from ..calibration.tcc import TccPriors
+from ..calibration.icc import ChannelTable, host_array
+from ..calibration.tcc import SiteKey, SitePrior, TccPriors
 from ..priors import load_priors, model_fingerprint
 from ..priors.fingerprint import tensor_sample
 
@@ -35,6 +37,45 @@ class FittedPriors:
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
+
+    @classmethod
+    def output(cls, priors: TccPriors, meta: dict[str, Any], path: str,
+               channels: ChannelTable | None = None) -> FittedPriors:
+        """What Fit TCC Priors outputs, which ComfyUI keeps between prompts: the priors' values, without what the fit's
+        own runs derived from them (their stacks on the device)."""
+        return cls(TccPriors(priors.priors, priors.variant), meta, path, channels)
+
+    def held(self) -> HeldPriors:
+        """What a patched model keeps of these priors (their channel statistics go to ICC's factor cache)."""
+        sites = {key: {f.name: host_array(v) if isinstance(v := getattr(prior, f.name), Tensor) else v
+                       for f in fields(prior) if f.init}
+                 for key, prior in self.priors.priors.items()}
+        return HeldPriors(self.meta, self.path, self.priors.variant, sites)
+
+
+@dataclass(frozen=True)
+class HeldPriors:
+    """TCC priors as a patched model holds them between runs: their provenance and their values as host arrays, no
+    tensors (newer ComfyUI pages weights in and out and moves what patches hold). Each run builds its own TccPriors
+    from them, which take what they correct with to the run's device and are dropped at its end."""
+
+    meta: dict[str, Any]
+    path: str
+    variant: str
+    sites: dict[SiteKey, dict[str, Any]]  # each site's SitePrior fields, its tensors as arrays
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def calibrator(self) -> TccPriors | None:
+        """One run's priors (CPU tensors viewing the arrays); None where the file holds none (a searched plan whose
+        priors did not help: nothing corrects)."""
+        if not self.sites:
+            return None
+        return TccPriors({key: SitePrior(**{name: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                                            for name, v in values.items()})
+                          for key, values in self.sites.items()}, self.variant)
 
 
 def load(path: str) -> FittedPriors:
@@ -60,6 +101,18 @@ def _patch_sample(patch: object, depth: int = 0) -> str:
     if depth < 4 and weights is not None:
         return type(patch).__name__ + _patch_sample(weights, depth + 1)
     return type(patch).__name__
+
+
+def comfyui_version() -> str | None:
+    """The running ComfyUI's version (its root's comfyui_version module), recorded with every fit: another version
+    can load the same checkpoint into other tensors, so a file whose model identity no longer matches is told to
+    refit on this ComfyUI. None where the checkout has no such module, or no version a prior file can hold."""
+    try:
+        from comfyui_version import __version__
+    except ImportError:
+        return None
+    valid = isinstance(__version__, str) and 0 < len(__version__) <= 64 and __version__.isprintable()
+    return __version__ if valid else None
 
 
 def fingerprint(model: ModelPatcher, family: str) -> dict[str, str]:

@@ -1,9 +1,12 @@
 """ICC in ComfyUI: every Linear inside the hooked blocks is object-patched to pass through the session's current
 target (the run's increments, or a calibration run's statistics recorder); with no target it is the layer itself.
 
-The weights ICC factorises are read the way the layer computes with them: ComfyUI's casting Linears (manual cast,
-fp8, lowvram) cast and patch their weight per call, so `comfy.ops.cast_bias_weight` gives the weight after LoRAs and
-other patches, dequantised; scaled fp8 layers multiply by their weight scale.
+Linears are recognised by what they do, not by class: ComfyUI's mixed-precision Linears, which load quantized
+checkpoints (scaled fp8 ones too, since ComfyUI 0.8), are cast-weight ops but not `nn.Linear`. The weights ICC
+factorises are read the way the layer computes with them: ComfyUI's casting Linears (manual cast, fp8, lowvram,
+quantized) cast and patch their weight per call, so `comfy.ops.cast_bias_weight` gives the weight after LoRAs and other
+patches; a quantized weight it leaves quantized (same dtype as the input) is dequantised here, and the scaled fp8
+Linears of earlier ComfyUI multiply by their weight scale.
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from torch import Tensor, nn
 
-from ..calibration.icc import ChannelTable, FactorCache, IccLinear, LinearTarget, StatsRecorder
+from ..calibration.icc import ChannelTable, FactorCache, IccLinear, LinearTarget, StatsRecorder, parallel_parts
 from .families import BlockSite
+
+try:  # ComfyUI's quantized weights (fp8, nvfp4), where it has them: a tensor subclass that dequantises on request
+    from comfy.quant_ops import QuantizedTensor
+except ImportError:
+    QuantizedTensor = ()  # isinstance(x, ()) is False
 
 KEY = "calibrated_cache.stats"
 _factor_caches: WeakKeyDictionary[nn.Module, dict[str, FactorCache]] = WeakKeyDictionary()
@@ -27,8 +35,8 @@ _factor_caches: WeakKeyDictionary[nn.Module, dict[str, FactorCache]] = WeakKeyDi
 
 def factor_cache(model: ModelPatcher, channels: ChannelTable | None) -> FactorCache:
     """One factor cache per diffusion model and set of statistics, shared by every Apply node and re-run on it: a LoRA
-    or a re-queued graph then refactorises only the Linears whose weights changed. The factors live on the model's
-    device as long as the model does, offloaded or not."""
+    or a re-queued graph then refactorises only the Linears whose weights changed. It lives as long as the model and
+    holds its factors in host memory: each run takes the ones it uses to the device."""
     per_model = _factor_caches.setdefault(model.get_model_object("diffusion_model"), {})
     digest = hashlib.sha256()
     for key in sorted(channels or {}):
@@ -38,19 +46,35 @@ def factor_cache(model: ModelPatcher, channels: ChannelTable | None) -> FactorCa
     return per_model.setdefault(digest.hexdigest() if channels else "", FactorCache(channels))
 
 
-def effective_weight(module: nn.Linear, like: Tensor) -> Tensor:
-    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None):
+def is_linear(module: nn.Module) -> bool:
+    """A Linear by what it does: `nn.Linear`, or one of ComfyUI's cast-weight ops with an (out_features ×
+    in_features) weight. Its mixed-precision Linear is a bare Module; embeddings and convolutions are not matched."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    return isinstance(module, comfy.ops.CastWeightBiasOp) and isinstance(weight, Tensor) and weight.dim() == 2 \
+        and tuple(weight.shape) == shape
+
+
+def effective_weight(module: nn.Module, like: Tensor) -> Tensor:
+    weight = module.weight
+    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) \
+            or isinstance(weight, QuantizedTensor):
         weight = comfy.ops.cast_bias_weight(module, like)[0]
-    else:
-        weight = module.weight.to(like.device, like.dtype)
+    if isinstance(weight, QuantizedTensor):
+        weight = weight.dequantize()
+    weight = weight.to(like.device, like.dtype)
     scale = getattr(module, "scale_weight", None)
     return weight if scale is None else weight * scale.to(weight.device, weight.dtype)
 
 
-def output_chunks(block: nn.Module, name: str, module: nn.Linear) -> tuple[int, ...] | None:
+def output_chunks(block: nn.Module, name: str, module: nn.Module) -> tuple[int, ...] | None:
     """Fused outputs factored per part, as ICC factors q, k and v separately: a qkv projection (grouped-query
-    attention included), and the single-stream blocks' first Linear (q, k, v and the MLP input)."""
-    parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+    attention included), the single-stream blocks' first Linear (q, k, v and the MLP input, whose gated form has a
+    gate and an up part), and a gated MLP's first Linear (gate and up: twice as wide as the next Linear's input)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
     if name.endswith("qkv"):
         heads, kv_heads, dim = (getattr(parent, a, None) for a in ("n_local_heads", "n_local_kv_heads", "head_dim"))
         if heads and kv_heads and dim and (heads + 2 * kv_heads) * dim == module.out_features:
@@ -58,8 +82,12 @@ def output_chunks(block: nn.Module, name: str, module: nn.Linear) -> tuple[int, 
         if module.out_features % 3 == 0:
             return (module.out_features // 3,) * 3
     hidden, mlp = getattr(block, "hidden_size", None), getattr(block, "mlp_hidden_dim", None)
-    if name == "linear1" and hidden and mlp and 3 * hidden + mlp == module.out_features:
-        return hidden, hidden, hidden, mlp
+    if name == "linear1" and isinstance(hidden, int) and isinstance(mlp, int):
+        return parallel_parts(module.out_features, hidden, mlp)
+    if isinstance(parent, nn.Sequential) and leaf.isdigit():
+        following = [m for m in list(parent)[int(leaf) + 1:] if is_linear(m)]
+        if following and 2 * following[0].in_features == module.out_features:
+            return following[0].in_features, following[0].in_features
     return None
 
 
@@ -70,7 +98,7 @@ def route_linears(model: ModelPatcher, blocks: list[BlockSite], target: Callable
     for site in blocks:
         block = diffusion_model.get_submodule(site.segment.attr)[site.position]
         for name, module in block.named_modules():
-            if not isinstance(module, nn.Linear):
+            if not is_linear(module):
                 continue
             path = f"diffusion_model.{site.segment.attr}.{site.position}.{name}.forward"
             layer = IccLinear(site.index, name, lambda like, m=module: effective_weight(m, like),

@@ -9,7 +9,9 @@ the uuids; the block hooks read it. Block hooks are plain closures, because Comf
 clone and must not copy the session with them.
 
 A session may carry a calibrator: TCC priors from a file (checked against each run's schedule before it samples), or
-the fit that Fit TCC Priors sets for each of its runs.
+the fit that Fit TCC Priors sets for each of its runs. It holds no tensors between runs (newer ComfyUI pages weights in
+and out and moves what patches hold): priors and ICC's factors are kept as host arrays, and each run builds its
+corrector and caches on the compute device and drops them at its end.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..priors import PriorMismatch, check_schedule, run_warnings
 from .compiled import BlockRunner, block_compiler
 from .families import BlockSite, Family, UnsupportedModel
 from .flops import FlopCounter
-from .fitted import FittedPriors
+from .fitted import HeldPriors
 from .schedules import sampler_name, scheduler_name
 
 log = logging.getLogger("calibrated_cache")
@@ -49,14 +51,13 @@ def _has_control(guider) -> bool:
 
 class CacheSession:
     def __init__(self, policy: CachePolicy, family: Family, blocks: list[BlockSite], node_id: str | None = None,
-                 priors: FittedPriors | None = None, factors: FactorCache | None = None,
+                 priors: HeldPriors | None = None, factors: FactorCache | None = None,
                  memory: CacheMemory | None = None):
         self.policy = policy
         self.memory = memory
         self.factors = factors  # ICC's factors: they outlive runs while the weights are unchanged
         self.priors = priors
-        # Fit sets it per run; a searched plan's file may hold no priors (they did not help), and then nothing corrects
-        self.calibrator: Calibrator | None = priors.priors if priors is not None and priors.priors.priors else None
+        self.calibrator: Calibrator | None = None  # Fit TCC Priors sets it per run; runs with priors build their own
         self.family = family
         self.blocks = blocks
         self.node_id = node_id
@@ -74,6 +75,7 @@ class CacheSession:
         self.prior_notes: list[str] = []  # how this run differs from the fit's settings
         self.notes: list[str] = []  # what Apply Calibrated Cache set aside (a connected policy a plan replaced)
         self.compiled: BlockRunner | None = None  # runs a computed block compiled, under TorchCompileModel
+        self.plain: set[int] = set()  # this run's blocks that gave no stream to cache, so ran plainly
 
     def outer_sample(self, executor, *args, **kwargs):
         guider, sigmas = executor.class_obj, args[3]
@@ -86,8 +88,9 @@ class CacheSession:
         if guider.model_options.get("context_handler") is not None:
             return self._uncached("context windows are active", lambda: executor(*args, **kwargs))
         schedule = sigmas.flatten().tolist()
+        calibrator = self.calibrator if self.priors is None else self.priors.calibrator()  # this run's own
         try:
-            run = RunState(self.policy, schedule, len(self.blocks), self.calibrator, self.factors, self.memory)
+            run = RunState(self.policy, schedule, len(self.blocks), calibrator, self.factors, self.memory)
         except PolicyError as err:  # settings this model cannot take (a plan for another block count): the fix
             raise ValueError(f"calibrated_cache: {err}") from None
         except ValueError as err:  # FlipSigmas (ascending) or SplitSigmas leaving one sigma: nothing to fix
@@ -99,7 +102,7 @@ class CacheSession:
         if self.priors is not None:
             cfg = getattr(guider, "cfg", None)  # CFGGuider's; other guiders have none to compare
             self._check_priors(guider, schedule, cfg if isinstance(cfg, (int, float)) else None, args[2])
-        self.run, self.hooked, self.compiled = run, 0, block_compiler(guider.model_options)
+        self.run, self.hooked, self.compiled, self.plain = run, 0, block_compiler(guider.model_options), set()
         start = time.perf_counter()
         try:
             return executor(*args, **kwargs)
@@ -213,6 +216,15 @@ class CacheSession:
         out, computed = call.model(value, lambda: self._model_flops.get(key, 1.0), x)
         return denoised[-1] if computed else x - scale * out
 
+    def plain_block(self, site: BlockSite, args: dict) -> None:
+        """A hooked block that passed no tensor stream the pack can cache runs as it is; the log says so once a run."""
+        if not self.plain:
+            given = ", ".join(f"{k}: {type(v).__name__}" for k, v in args.items() if k != "transformer_options")
+            log.warning("calibrated_cache: block %d of %s passed no stream the pack can cache (its arguments: %s); "
+                        "such blocks run uncached in this run. Please report the model so it can be supported.",
+                        site.index, self.family.name, given)
+        self.plain.add(site.index)
+
     @torch.compiler.disable
     def cached_block(self, site: BlockSite, streams: dict[str, torch.Tensor], run: Callable[[], dict]) -> dict:
         """Run one block through the engine; its FLOPs are measured on its first computation for a shape (eagerly:
@@ -252,7 +264,7 @@ class CacheSession:
             raise ValueError(f"calibrated_cache: {reason}")
 
     def _report(self, stats: RunStats, wall: float) -> None:
-        if self.hooked == 0 and self.policy.granularity != "step":  # whole steps run their blocks plainly
+        if self.hooked == 0 and not self.plain and self.policy.granularity != "step":  # step: blocks run plainly
             log.warning("calibrated_cache: no %s block ran through the cache in this run; nothing was skipped. "
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
@@ -272,6 +284,7 @@ class CacheSession:
 
 def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None) -> Callable:
     """A `patches_replace["dit"]` entry; it calls a patch another node set earlier on the same block, if any."""
+    packed = site.segment.packed
 
     def patch(args: dict, extra: dict) -> dict:
         def run() -> dict:
@@ -279,10 +292,34 @@ def dit_patch(session: CacheSession, site: BlockSite, previous: Callable | None)
 
         if session.call is None:
             return run()
+        if packed:
+            return _packed_block(session, site, args, run)
         streams = {k: args[k] for k in STREAMS if isinstance(args.get(k), torch.Tensor)}
+        if not streams:
+            session.plain_block(site, args)
+            return run()
         return session.cached_block(site, streams, run)
 
     return patch
+
+
+def _packed_block(session: CacheSession, site: BlockSite, args: dict, run: Callable[[], dict]) -> dict:
+    """A block whose "img" is a tuple of streams (LTX-2: video and audio, of different lengths), each cached on its
+    own and returned as a tuple again. An empty stream (LTX-2 sampled without audio) has nothing to cache and passes
+    through as given."""
+    names, items = site.segment.packed, args.get("img")
+    tensors = isinstance(items, (tuple, list)) and len(items) == len(names) and \
+        all(isinstance(v, torch.Tensor) for v in items)
+    streams = {k: v for k, v in zip(names, items) if v.numel()} if tensors else {}
+    if not streams:
+        session.plain_block(site, args)
+        return run()
+
+    def unpacked() -> dict:
+        return {k: v for k, v in zip(names, run()["img"]) if k in streams}
+
+    out = session.cached_block(site, streams, unpacked)
+    return {"img": tuple(out.get(k, v) for k, v in zip(names, items))}
 
 
 def forward_patch(session: CacheSession, site: BlockSite, original: Callable) -> Callable:

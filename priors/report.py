@@ -15,6 +15,8 @@ def summarize(prior: PriorFile, per_site: bool = False) -> str:
     lines = [f"{k:<13} {meta[k] if k not in ('sigmas',) else _sigmas(meta[k])}" for k in
              ("method", "variant", "policy_tag", "sampler", "scheduler", "steps", "sigmas", "cfg", "samples",
               "pack_version", "created")]
+    if meta.get("comfyui_version"):  # the ComfyUI the fit ran on (older files do not record it)
+        lines.append(f"{'comfyui':<13} {meta['comfyui_version']}")
     lines.append(f"{'model':<13} " + ", ".join(f"{k} {v}" for k, v in meta["model"].items()))
     lines += _errors(meta)
     if meta.get("report"):

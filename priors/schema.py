@@ -168,6 +168,7 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "cfg": (False, number),
     "samples": (False, lambda v: integer(v, 1, 4096)),
     "pack_version": (False, lambda v: text(v, 64)),
+    "comfyui_version": (False, lambda v: text(v, 64)),  # the ComfyUI the fit ran on; older files lack it
     "created": (False, created),
     "report": (True, report),
     "seeds": (True, seeds),

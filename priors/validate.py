@@ -27,14 +27,28 @@ def describe_model(fp: dict[str, Any]) -> str:
 IDENTITY = ("family", "architecture", "weights", "patches")
 
 
-def check_model(meta: dict[str, Any], model: dict[str, Any], file: str, parts: tuple[str, ...] = IDENTITY) -> None:
-    """`parts`: which parts of the identity must match (ICC's channel statistics only need the architecture)."""
+def check_model(meta: dict[str, Any], model: dict[str, Any], file: str, parts: tuple[str, ...] = IDENTITY,
+                comfyui: str | None = None) -> None:
+    """`parts`: which parts of the identity must match (ICC's channel statistics only need the architecture).
+    `comfyui`: the running ComfyUI's version. ComfyUI versions can load one checkpoint into other tensors (0.8 loads
+    scaled-fp8 files as quantized weights, under other names), so a file fitted on another version whose identity
+    no longer matches is told to refit on this ComfyUI rather than to look for another model's priors."""
     fitted = meta["model"]
     keys = [k for k in parts if fitted.get(k) != model.get(k)]
-    if keys:
-        raise PriorMismatch(f"{file} was fitted for another model ({describe_model(fitted)}); the selected model is "
-                            f"{describe_model(model)} (differs in {', '.join(keys)}). Choose priors fitted for this "
-                            "model, or fit new ones with Fit TCC Priors.")
+    if not keys:
+        return
+    sides = (f"({describe_model(fitted)}); the selected model is {describe_model(model)} (differs in "
+             f"{', '.join(keys)})")
+    fitted_on = meta.get("comfyui_version")
+    if comfyui and fitted_on and fitted_on != comfyui:
+        raise PriorMismatch(f"{file} was fitted on ComfyUI {fitted_on} {sides}. This is ComfyUI {comfyui}, which can "
+                            "load the same checkpoint into other tensors, so the model's identity no longer matches: "
+                            "refit on this ComfyUI with Fit TCC Priors (or choose priors fitted for this model here).")
+    unknown = "" if fitted_on or not comfyui else (
+        f" If it was fitted on a ComfyUI other than this {comfyui} (the file does not record which), refit on this "
+        "ComfyUI: ComfyUI versions can load the same checkpoint into other tensors.")
+    raise PriorMismatch(f"{file} was fitted for another model {sides}. Choose priors fitted for this model, or fit new "
+                        f"ones with Fit TCC Priors.{unknown}")
 
 
 def check_policy(meta: dict[str, Any], policy: CachePolicy, file: str) -> None:

@@ -1,9 +1,11 @@
 """Every family's tiny model of the ComfyUI tier (real ComfyUI classes, random weights) through the pack: exactness at
 interval 1, and FORA and Taylor-2 at interval 3 after one warm-up step (20 Euler steps, cfg 2): compute fraction,
-skipped blocks, rel_l2 against full computation, and the wall speedup of FORA (median of paired, interleaved ratios).
-The README's family table comes from it.
+skipped blocks, rel_l2 against full computation, the wall speedup of FORA (median of paired, interleaved ratios), and
+whether the family's blocks may be cached in spans. The families are those of the ComfyUI it runs on: on 0.8.0 also
+the ones ComfyUI added by then (tests/comfyui/tiny_models_2026.py). The family tables of docs/families.md come from it.
 
     COMFYUI_PATH=… python studies/family_table.py [--repeats 3] [--json benchmarks/results/families.json]
+    (ComfyUI 0.8.0: --json benchmarks/results/families_080.json)
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"))
 
 from tiny_models import FAMILIES, load_pack, run_sampler, session_of  # noqa: E402  (boots ComfyUI)
+import tiny_models_2026  # noqa: E402
 
+import comfyui_version  # noqa: E402  (the ComfyUI checkout's, first on sys.path)
 import torch  # noqa: E402
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
@@ -25,11 +29,12 @@ from calibrated_cache.testbed.results import add_allow_dirty, committed, write_r
 POLICY = dict(mode="fixed", forecaster="reuse", interval=3, warmup_steps=1, start=0.0, end=1.0, first_blocks=0,
               last_blocks=0, threshold=0.1, max_skips=3, order=2, time_unit="step", foca_lambda=1.0)
 STEPS = 20
+ALL_FAMILIES = {**FAMILIES, **{name: tiny_models_2026.FAMILIES[name] for name in tiny_models_2026.available()}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES), choices=list(ALL_FAMILIES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     add_allow_dirty(parser)
@@ -43,18 +48,18 @@ def main() -> int:
 
     rows = []
     print(f"{'family':<22} {'exact':>5} {'compute':>7} {'skipped':>7} {'fora rel_l2':>11} {'taylor2 rel_l2':>14} "
-          f"{'wall speedup':>22}")
+          f"{'wall speedup':>22} {'spans':>5}")
     for family in args.families:
-        model, positive, negative, latent = FAMILIES[family]()
+        model, positive, negative, latent = ALL_FAMILIES[family]()
 
-        def sample(m):
-            return run_sampler(m, positive, negative, latent, steps=STEPS, cfg=2.0)
+        def sample(m):  # one tensor: LTX-2's video and audio parts flattened and joined
+            return tiny_models_2026.flat(run_sampler(m, positive, negative, latent, steps=STEPS, cfg=2.0))
 
         full = sample(model)
         exact = bool(torch.equal(sample(patched(model, interval=1)), full))
         fora, taylor = patched(model), patched(model, forecaster="taylor")
         fora_out, taylor_out = sample(fora), sample(taylor)
-        report = session_of(fora).last_report
+        report, pack_family = session_of(fora).last_report, session_of(fora).family
         times: dict[str, list[float]] = {"full": [], "fora": []}
         for _ in range(args.repeats):
             for name, m in (("full", model), ("fora", fora)):
@@ -68,15 +73,15 @@ def main() -> int:
                "fora_rel_l2": ((fora_out - full).norm() / full.norm()).item(),
                "taylor2_rel_l2": ((taylor_out - full).norm() / full.norm()).item(),
                "wall_speedup": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
-               "full_s": statistics.median(times["full"])}
+               "full_s": statistics.median(times["full"]), "spans": pack_family.chained}
         rows.append(row)
         print(f"{family:<22} {'yes' if exact else 'NO':>5} {row['compute_fraction']:>7.3f} {row['blocks_skipped']:>7} "
               f"{row['fora_rel_l2']:>11.4f} {row['taylor2_rel_l2']:>14.4f} {row['wall_speedup']:>6.2f}x "
-              f"({min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
+              f"({min(ratios):.2f}-{max(ratios):.2f}x) {'yes' if row['spans'] else 'no':>5}", flush=True)
     if tree:
         command = "COMFYUI_PATH=… python " + " ".join(sys.argv)
         write_result(args.json, {"study": "families", "steps": STEPS, "command": command, "machine": machine("cpu"),
-                                 **provenance(), "rows": rows}, tree)
+                                 "comfyui": comfyui_version.__version__, **provenance(), "rows": rows}, tree)
     return 0
 
 

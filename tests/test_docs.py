@@ -378,6 +378,12 @@ FIGURES = [
     Figure("docs/methods.md", "At 4× the best plan the oracle found is {} below",
            "plan_oracle.json: target 4, oracle rel_l2 against uniform",
            lambda: [below(oracle(4)["oracle"]["rel_l2"], oracle(4)["uniform"]["rel_l2"])]),
+    Figure("docs/methods.md", "and the searched plan is {} below it: when the fit could spend",
+           "plan_oracle.json: target 6, searched plan rel_l2 against uniform",
+           lambda: [below(oracle(6)["searched"]["rel_l2"], oracle(6)["uniform"]["rel_l2"])]),
+    Figure("docs/methods.md", "so not a proof), and the searched plan is {} below.",
+           "plan_oracle.json: target 4, searched plan rel_l2 against uniform",
+           lambda: [below(oracle(4)["searched"]["rel_l2"], oracle(4)["uniform"]["rel_l2"])]),
     # methods.md: searched plans in ComfyUI, 20 steps
     Figure("docs/methods.md", "the first two blocks of one more ({} of the compute, {} below 1/3).",
            "scenes_plans.json: target 3, plan+tcc compute_fraction",

@@ -1,12 +1,14 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from calibrated_cache.calibration import CachePolicy, PolicyError, RunState
 from calibrated_cache.calibration.icc import (ChannelStats, FactorCache, Factors, IccLinear, IccRun, IccSettings,
-                                              LayerFactors, StatsRecorder, channel_weights, factorize, increment)
+                                              LayerFactors, StatsRecorder, channel_weights, factorize, increment,
+                                              parallel_parts)
 from calibrated_cache.priors import PriorFileError, load_priors, save_priors
 from calibrated_cache.priors.report import summarize
 from calibrated_cache.testbed.evaluate import bench_inputs
@@ -109,13 +111,36 @@ def test_factor_rank_is_validated_and_the_increment_cost_counts_both_products_pe
     assert factors.increment_flops(10) == 10 * (2 * 8 * 16 + 8 + 2 * 4 * 8 + 2 * 4 * 16 + 24)
 
 
+@pytest.mark.parametrize("mlp_parts", [1, 2])
+def test_a_parallel_blocks_fused_linear_is_factored_as_q_k_v_and_each_mlp_input_part(mlp_parts):
+    """Flux's single-stream linear1 is q, k, v and the MLP input; Flux 2's gated MLP adds a second MLP part (gate and
+    up): each part gets its own rank-r factors, the best rank-r approximation of its own rows."""
+    hidden, mlp, rank = 8, 12, 3
+    chunks = parallel_parts(3 * hidden + mlp_parts * mlp, hidden, mlp)
+    assert chunks == (hidden,) * 3 + (mlp,) * mlp_parts
+    lin = layer(sum(chunks), hidden)
+    w = lin.weight.detach()
+    factors = FactorCache().factors(IccLinear(0, "linear1", lambda like: w.to(like), chunks), torch.zeros(1, 2, hidden),
+                                    IccSettings(rank, "plain"))
+    assert [a.shape[0] for a in factors.a] == list(chunks)
+    start = 0
+    for i, size in enumerate(chunks):
+        part = factors.a[i] @ factors.b[i * rank:(i + 1) * rank]
+        best = torch.linalg.svdvals(w[start:start + size])[:rank]
+        assert torch.allclose(torch.linalg.svdvals(part)[:rank], best, rtol=1e-4), i
+        start += size
+    assert parallel_parts(3 * hidden + 3 * mlp, hidden, mlp) is None  # no such layout: factored whole
+    assert parallel_parts(3 * hidden + mlp + 1, hidden, mlp) is None
+
+
 def test_the_factor_cache_refactorises_when_a_lora_patches_the_weight_and_only_then():
     lin = layer()
     cache, settings = FactorCache(), IccSettings(4, "plain")
     linear = IccLinear(0, "fc", lambda like: lin.weight.detach().to(like))
     like = torch.zeros(1, 2, 16)
     before = cache.factors(linear, like, settings)
-    assert cache.factors(linear, like, settings) is before and cache.factorized == 1
+    again = cache.factors(linear, like, settings)  # the held factors, not a new factorisation
+    assert cache.factorized == 1 and torch.equal(again.b, before.b) and torch.equal(again.a[0], before.a[0])
     assert before.b.shape == (4, 16) and [a.shape for a in before.a] == [(24, 4)]
     with torch.no_grad():  # a LoRA: W + s·up·down, in place, as ComfyUI patches weights
         lin.weight.add_(0.3 * torch.randn(24, 2) @ torch.randn(2, 16))
@@ -124,6 +149,18 @@ def test_the_factor_cache_refactorises_when_a_lora_patches_the_weight_and_only_t
     assert not torch.allclose(before.a[0] @ before.b, after.a[0] @ after.b)
     exact = factorize(lin.weight, 4)
     assert torch.allclose(after.a[0] @ after.b, exact.a @ exact.b, atol=1e-5)
+
+
+def test_the_factor_cache_holds_host_arrays_between_runs_and_no_tensor():
+    """It outlives runs (ComfyUI keeps it with the model), where a tensor would stay on the device while ComfyUI pages
+    the weights out: factors and channel statistics are arrays of their own, and each call gives tensors anew."""
+    lin = layer()
+    cache = FactorCache({"0/fc": (torch.rand(16), torch.rand(24))})
+    factors = cache.factors(IccLinear(0, "fc", lambda like: lin.weight.detach().to(like)), torch.zeros(1, 2, 16),
+                            IccSettings(4))
+    assert factors.b.shape == (4, 16) and [a.shape for a in factors.a] == [(24, 4)]
+    held = [*cache.channels["0/fc"], *(x for _, parts in cache._entries.values() for part in parts for x in part)]
+    assert len(held) == 4 and all(isinstance(x, np.ndarray) and x.base is None for x in held)
 
 
 def test_channel_aware_factors_refuse_statistics_of_another_model_with_the_fix():

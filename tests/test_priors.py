@@ -104,6 +104,28 @@ def test_priors_of_another_model_are_refused_naming_both(fitted):
     assert mine["weights"] in text and dit_fingerprint(other)["weights"] in text and "tuned dit" in text
 
 
+def test_a_file_whose_identity_changed_under_another_comfyui_is_refused_with_refit_on_this_comfyui(fitted, tmp_path):
+    """ComfyUI 0.8 loads scaled-fp8 checkpoints into other tensors than 0.3.64 did: a file fitted on another ComfyUI
+    that no longer matches says to refit here; one fitted here that does not match belongs to another model; one that
+    does not record its ComfyUI says both."""
+    model, priors, meta = fitted
+    elsewhere = load_priors(save_priors(tmp_path / "p.safetensors", priors, {**meta, "comfyui_version": "0.3.64"}))
+    assert elsewhere.meta["comfyui_version"] == "0.3.64"
+    mine = dit_fingerprint(model)
+    changed = {**mine, "architecture": "0123456789abcdef"}
+    check_model(elsewhere.meta, mine, "p.safetensors", comfyui="0.8.0")  # the same identity: accepted on any version
+    with pytest.raises(PriorMismatch, match=r"fitted on ComfyUI 0\.3\.64 .*differs in architecture\)\. This is "
+                                            r"ComfyUI 0\.8\.0.*refit on this ComfyUI with Fit TCC Priors"):
+        check_model(elsewhere.meta, changed, "p.safetensors", comfyui="0.8.0")
+    with pytest.raises(PriorMismatch) as here:
+        check_model(elsewhere.meta, changed, "p.safetensors", comfyui="0.3.64")
+    assert "fitted for another model" in str(here.value) and "refit on this ComfyUI" not in str(here.value)
+    assert "comfyui_version" not in meta  # the testbed's fit, like files older packs wrote, records no ComfyUI
+    with pytest.raises(PriorMismatch, match=r"other than this 0\.8\.0 \(the file does not record which\), refit "
+                                            "on this ComfyUI"):
+        check_model(meta, changed, "p.safetensors", comfyui="0.8.0")
+
+
 def test_priors_of_another_policy_or_a_dynamic_policy_are_refused(fitted):
     meta = fitted[2]
     check_policy(meta, FORA, "p")

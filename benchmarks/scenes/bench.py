@@ -39,6 +39,7 @@ import torch
 from . import flux  # boots ComfyUI (CPU mode) before anything imports comfy
 
 import comfy.samplers  # noqa: E402
+import comfyui_version  # noqa: E402  (the ComfyUI checkout's, first on sys.path)
 import comfy.utils  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
 from tiny_models import comfyui_nodes, load_pack, session_of  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
@@ -303,7 +304,8 @@ def main() -> int:
     h = Harness(n_eval, 8 if args.quick else 16)
     report: dict[str, Any] = {"schema": "calibrated_cache.scenes/1", "command": "COMFYUI_PATH=… python -m "
                               "benchmarks.scenes.bench " + " ".join(sys.argv[1:]), "quick": args.quick,
-                              "machine": machine("cpu"), **provenance(), "prompts": n_eval, "rows": []}
+                              "machine": machine("cpu"), **provenance(), "comfyui": comfyui_version.__version__,
+                              "prompts": n_eval, "rows": []}
     real, real_specs = scenes(512, EVAL_PROMPTS + 10)
     real_adherence = adherence(h.reader, real, real_specs)
     report["real"] = {"adherence": real_adherence, "fd": frechet(read(h.reader, real)[2], h.real_mean, h.real_cov)}

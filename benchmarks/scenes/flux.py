@@ -24,15 +24,17 @@ bootstrap_comfy()
 import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+from tiny_models import FLUX_PARAMS, with_declared_fields  # noqa: E402  (tests/comfyui, on sys.path above)
 
 from .codec import CONTEXT_DIM, LATENT_CHANNELS  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "scenes_flux.safetensors"
-UNET_CONFIG = {
+# The fields later ComfyUI versions' FluxParams require are added with the values that keep this architecture.
+UNET_CONFIG = with_declared_fields(FLUX_PARAMS, {
     "image_model": "flux", "guidance_embed": False, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
     "patch_size": 2, "vec_in_dim": CONTEXT_DIM, "context_in_dim": CONTEXT_DIM, "hidden_size": 128, "mlp_ratio": 4.0,
     "num_heads": 4, "depth": 2, "depth_single_blocks": 4, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-}
+})
 
 
 def model_config():

@@ -129,10 +129,10 @@ def test_a_lora_patched_weight_is_refactorised_and_an_unchanged_one_is_not(pack,
     patched.add_patches({QKV: (delta,)}, 1.0)
     sample(patched, flux, steps=4)
     assert factors.factorized == first + 1  # only the patched Linear
-    entry = next(v for (key, settings, *_), v in factors._entries.items()
-                 if key == "0/img_attn.qkv" and settings.rank == 16)[1]  # q's factors: rank 16 of the patched weight
+    (a, b), *_ = next(v for (key, settings, *_), v in factors._entries.items()  # q's: rank 16 of the patched weight
+                      if key == "0/img_attn.qkv" and settings.rank == 16)[1]
     expected = torch.linalg.svdvals((original + delta)[:WIDTH])[:16]
-    got = torch.linalg.svdvals((entry.a[0] @ entry.b[:16]).float())[:16]
+    got = torch.linalg.svdvals(torch.from_numpy(a @ b))[:16]
     assert torch.allclose(got, expected, rtol=1e-4)
 
 
@@ -144,13 +144,13 @@ def test_fit_records_channel_statistics_and_channel_aware_icc_uses_them_with_or_
     assert fitted.meta["icc_stats"]["source"] == "delta_mag"
     path = fitted.path
     aware = apply(pack, model, fora(pack), prior_file=path.rsplit("/", 1)[-1], icc_rank=16)
-    assert session_of(aware).calibrator is None  # priors fitted without ICC: only their statistics are used
+    assert session_of(aware).priors is None  # priors fitted without ICC: only their statistics are used
     alone = sample(aware, flux)
     assert 0 < rel_l2(alone, full) < rel_l2(sample(apply(pack, model, fora(pack)), flux), full)
     with_tcc = fit(pack, flux, fora(pack), icc_rank=16, overwrite=True).result[0]
     assert with_tcc.meta["policy_tag"].endswith("_ICC16")
     both = apply(pack, model, fora(pack), priors=with_tcc, icc_rank=16)
-    assert session_of(both).calibrator is not None
+    assert session_of(both).priors.calibrator() is not None
     assert not torch.equal(sample(both, flux), alone)  # the priors fitted on ICC's output are applied
 
 
@@ -179,9 +179,9 @@ def test_every_family_routes_its_block_linears_and_full_rank_icc_is_full_computa
     factors = {key: f for (key, *_), (_, f) in session_of(exact).factors._entries.items()}
     assert factors and not any(key.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) for key in factors)
     for key, f in factors.items():
-        assert len(f.a) == {"qkv": 3, "to_qkv": 3, "linear1": 4}.get(key.rsplit(".", 1)[-1].rsplit("/", 1)[-1], 1), key
+        assert len(f) == {"qkv": 3, "to_qkv": 3, "linear1": 4}.get(key.rsplit(".", 1)[-1].rsplit("/", 1)[-1], 1), key
         if family == "Lumina2" and key.endswith("qkv"):  # 2 query heads, 1 key/value head: q is twice k and v
-            q, k, v = (a.shape[0] for a in f.a)
+            q, k, v = (a.shape[0] for a, _ in f)
             assert q == 2 * k == 2 * v, key
     low = apply(pack, model, fora(pack), icc_rank=4, icc_svd="plain")
     assert rel_l2(sample(low, bundle), full) > 1e-4  # the increments really are low-rank, so the routing is live

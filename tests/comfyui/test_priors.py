@@ -416,7 +416,7 @@ def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack
     patched = pack[1].execute(model, prior_file=name).result[0]
     session = session_of(patched)
     assert session.policy.tag() == meta["policy_tag"]
-    assert (session.calibrator is None) == (not report["plan_priors"])  # dropped priors: nothing corrects
+    assert (session.priors.calibrator() is None) == (not report["plan_priors"])  # dropped priors: nothing corrects
     full = run_sampler(model, positive, negative, latent, steps=12, cfg=2.0, seed=2)
     cached = run_sampler(patched, positive, negative, latent, steps=12, cfg=2.0, seed=2)
     expected = report["held_out_after"] if report["plan_priors"] else report["held_out_before"]
@@ -428,7 +428,7 @@ def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack
     importlib.import_module(f"{package}.priors").save_priors(folders["cache_priors"] / "plan-alone.tcc.safetensors",
                                                             alone, meta)
     plain = pack[1].execute(model, prior_file="plan-alone.tcc.safetensors").result[0]
-    assert session_of(plain).calibrator is None and session_of(plain).policy.tag() == meta["policy_tag"]
+    assert session_of(plain).priors.calibrator() is None and session_of(plain).policy.tag() == meta["policy_tag"]
     uncorrected = run_sampler(plain, positive, negative, latent, steps=12, cfg=2.0, seed=2)
     assert rel_l2(uncorrected, full) == pytest.approx(report["held_out_before"], rel=1e-4)
     assert session_of(plain).last_report["compute_fraction"] <= at_most

@@ -1,5 +1,6 @@
 """Smoke tests of the tiny ComfyUI model fixtures: every family samples, deterministically, with the expected blocks."""
 
+import dataclasses
 import json
 import os
 import time
@@ -35,6 +36,23 @@ def test_families_cover_brief():
     assert set(tiny_models.SPECS) == set(FAMILY_NAMES)
 
 
+def test_a_field_a_later_comfyui_requires_goes_only_to_the_classes_that_declare_it():
+    """One tiny config serves every ComfyUI version: what the installed params dataclass declares decides."""
+
+    @dataclasses.dataclass
+    class Older:
+        in_channels: int
+
+    @dataclasses.dataclass
+    class Later:
+        in_channels: int
+        txt_ids_dims: list
+
+    assert tiny_models.with_declared_fields(Older, {"in_channels": 16}) == {"in_channels": 16}
+    assert tiny_models.with_declared_fields(Later, {"in_channels": 16}) == {"in_channels": 16, "txt_ids_dims": []}
+    assert tiny_models.with_declared_fields(Later, {"in_channels": 16, "txt_ids_dims": [3]})["txt_ids_dims"] == [3]
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_family_samples(name, tiny_bundle, record_property):
     spec = tiny_models.SPECS[name]
@@ -60,11 +78,12 @@ def test_family_samples(name, tiny_bundle, record_property):
         if isinstance(value, int) and not isinstance(value, bool):
             assert tuple(extra[key].shape) == (1, value)
     assert tuple(latent.shape) == spec.latent_shape
+    out_shape = tiny_models.sampled_shape(model_patcher, spec.latent_shape)
 
     t0 = time.perf_counter()
     out = tiny_models.run_sampler(model_patcher, positive, negative, latent, steps=6, cfg=2.0)
     cfg2_s = time.perf_counter() - t0
-    assert tuple(out.shape) == spec.latent_shape
+    assert tuple(out.shape) == out_shape
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
     assert out.std() > 0
@@ -77,7 +96,7 @@ def test_family_samples(name, tiny_bundle, record_property):
     t0 = time.perf_counter()
     out1 = tiny_models.run_sampler(model_patcher, positive, negative, latent, steps=6, cfg=1.0)
     cfg1_s = time.perf_counter() - t0
-    assert tuple(out1.shape) == spec.latent_shape
+    assert tuple(out1.shape) == out_shape
     assert torch.isfinite(out1).all()
     assert not torch.equal(out1, out), "cfg 1 and cfg 2 gave the same latent: the negative has no effect"
     assert torch.equal(out1, tiny_models.run_sampler(model_patcher, positive, negative, latent, steps=6, cfg=1.0))
@@ -85,7 +104,7 @@ def test_family_samples(name, tiny_bundle, record_property):
     # Partial schedule (KSamplerAdvanced style) runs and differs from the full one.
     part = tiny_models.run_sampler(model_patcher, positive, negative, latent, steps=6, cfg=2.0, start_step=0,
                                    last_step=3)
-    assert tuple(part.shape) == spec.latent_shape and torch.isfinite(part).all()
+    assert tuple(part.shape) == out_shape and torch.isfinite(part).all()
     assert not torch.equal(part, out)
 
     record_property("cfg2_wall_s", cfg2_s)

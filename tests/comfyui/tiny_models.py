@@ -20,11 +20,16 @@ so they are built directly from ``comfy.supported_models`` configs with a small 
 
 Weights are random (not trained): outputs are meaningless as images, but finite, deterministic, and every block
 contributes (no zero-initialised gates or output layers), so block skipping and caching change the result.
+
+One spec serves every ComfyUI version (0.3.64 and 0.8.0 are tested): a field a later version's model class requires
+is added only where the installed class declares it (`with_declared_fields`), and a latent format that repacks the
+model's output is read from the installed ComfyUI (`sampled_shape`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import atexit
 import functools
@@ -53,6 +58,10 @@ COMFYUI_DIR = comfy_boot.bootstrap_comfy()
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
+import comfy.ldm.chroma.model  # noqa: E402
+import comfy.ldm.chroma_radiance.model  # noqa: E402
+import comfy.ldm.flux.model  # noqa: E402
+import comfy.ldm.hunyuan_video.model  # noqa: E402
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
@@ -258,6 +267,25 @@ def build_via_loader(spec: FamilySpec, models_dir: str | None = None, seed: int 
 # ----------------------------------------------------------------------------------------------------------------------
 # Family specs. Token counts are small; widths are those of the family's real text encoder.
 
+# Required fields later ComfyUI versions added to the params dataclasses of these families, each with the value
+# ComfyUI's detection gives a checkpoint without the feature (so the model is the one older versions build).
+LATER_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "use_x0": False, "use_cond_type_embedding": False,
+                "vision_in_dim": None, "meanflow_sum": False}
+
+
+def with_declared_fields(params_class: type, unet_config: dict) -> dict:
+    """`unet_config` plus those of LATER_FIELDS that the installed ComfyUI's `params_class` (the dataclass the model's
+    constructor fills from the config) declares and the config lacks: one config serves every ComfyUI version, by
+    what each version's class accepts rather than by its version number."""
+    declared = {field.name for field in dataclasses.fields(params_class)}
+    return {**{k: v for k, v in LATER_FIELDS.items() if k in declared and k not in unet_config}, **unet_config}
+
+
+FLUX_PARAMS, CHROMA_PARAMS = comfy.ldm.flux.model.FluxParams, comfy.ldm.chroma.model.ChromaParams
+RADIANCE_PARAMS = comfy.ldm.chroma_radiance.model.ChromaRadianceParams
+HUNYUAN_PARAMS = comfy.ldm.hunyuan_video.model.HunyuanVideoParams
+
+
 TOKENS = 16
 # ComfyUI's Hunyuan3D 2.1 swaps cond and uncond context inside one batch: it cannot sample at cfg 1 or with CFG split.
 BATCHED_CFG_ONLY = {"Hunyuan3D21"}
@@ -304,12 +332,12 @@ SPECS: dict[str, FamilySpec] = {
     # HunyuanVideo: heads = hidden // 128, axes_dim [16, 56, 56] are what detection infers.
     "HunyuanVideo": FamilySpec(
         name="HunyuanVideo",
-        unet_config={
+        unet_config=with_declared_fields(HUNYUAN_PARAMS, {
             "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
             "vec_in_dim": 768, "axes_dim": [16, 56, 56], "meanflow": False, "context_in_dim": 4096,
             "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 2, "depth_single_blocks": 2,
             "theta": 256, "qkv_bias": True, "byt5": False, "guidance_embed": False,
-        },
+        }),
         block_lists={"double_blocks": 2, "single_blocks": 2},
         latent_shape=(1, 16, 2, 16, 16),
         context_shape=(1, TOKENS, 4096),
@@ -319,11 +347,11 @@ SPECS: dict[str, FamilySpec] = {
     # Flux dev (guidance-distilled): T5-XXL context 4096, CLIP-L pooled 768.
     "Flux": FamilySpec(
         name="Flux",
-        unet_config={
+        unet_config=with_declared_fields(FLUX_PARAMS, {
             "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
             "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2,
             "depth": 2, "depth_single_blocks": 4, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-        },
+        }),
         block_lists={"double_blocks": 2, "single_blocks": 4},
         latent_shape=(1, 16, 32, 32),
         context_shape=(1, TOKENS, 4096),
@@ -376,12 +404,12 @@ SPECS: dict[str, FamilySpec] = {
     # ComfyUI's Flux base still reads a pooled vector, which Chroma ignores. in_channels is the patchified 16 x 2 x 2.
     "Chroma": FamilySpec(
         name="Chroma",
-        unet_config={
+        unet_config=with_declared_fields(CHROMA_PARAMS, {
             "image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2, "context_in_dim": 4096,
             "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
             "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": 128,
             "hidden_dim": 256, "n_layers": 2,
-        },
+        }),
         block_lists={"double_blocks": 2, "single_blocks": 2},
         latent_shape=(1, 16, 32, 32),
         context_shape=(1, TOKENS, 4096),
@@ -462,12 +490,13 @@ SPECS: dict[str, FamilySpec] = {
     # Chroma Radiance: Chroma's loop in pixel space, with a NeRF head after the blocks.
     "ChromaRadiance": FamilySpec(
         name="ChromaRadiance",
-        unet_config={"image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "patch_size": 16,
+        unet_config=with_declared_fields(RADIANCE_PARAMS, {
+                     "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "patch_size": 16,
                      "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
                      "depth_single_blocks": 2, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
                      "in_dim": 64, "out_dim": 128, "hidden_dim": 256, "n_layers": 2, "nerf_hidden_size": 32,
                      "nerf_mlp_ratio": 4, "nerf_depth": 2, "nerf_max_freqs": 8, "nerf_tile_size": 32,
-                     "nerf_final_head_type": "conv", "nerf_embedder_dtype": torch.float32},
+                     "nerf_final_head_type": "conv", "nerf_embedder_dtype": torch.float32}),
         block_lists={"double_blocks": 2, "single_blocks": 2}, latent_shape=(1, 3, 128, 128),
         context_shape=(1, TOKENS, 4096), cond_extras={"pooled_output": 768},
         via_loader=False, detected_as="ChromaRadiance", model_class="ChromaRadiance",
@@ -548,20 +577,22 @@ SPECS: dict[str, FamilySpec] = {
     # HunyuanImage 2.1 and its refiner: ComfyUI's HunyuanVideo class (meanflow, byT5), loaded through detection.
     "HunyuanImage21": FamilySpec(
         name="HunyuanImage21",
-        unet_config={"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+        unet_config=with_declared_fields(HUNYUAN_PARAMS, {
+                     "image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
                      "vec_in_dim": None, "axes_dim": [64, 64], "meanflow": True, "context_in_dim": 3584,
                      "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 2, "depth_single_blocks": 2,
-                     "theta": 256, "qkv_bias": True, "byt5": True, "guidance_embed": True},
+                     "theta": 256, "qkv_bias": True, "byt5": True, "guidance_embed": True}),
         block_lists={"double_blocks": 2, "single_blocks": 2}, latent_shape=(1, 64, 16, 16),
         context_shape=(1, TOKENS, 3584), cond_extras={},
         via_loader=True, detected_as="HunyuanImage21", model_class="HunyuanVideo",
     ),
     "HunyuanImage21Refiner": FamilySpec(
         name="HunyuanImage21Refiner",
-        unet_config={"image_model": "hunyuan_video", "in_channels": 128, "out_channels": 64, "patch_size": [1, 1, 1],
+        unet_config=with_declared_fields(HUNYUAN_PARAMS, {
+                     "image_model": "hunyuan_video", "in_channels": 128, "out_channels": 64, "patch_size": [1, 1, 1],
                      "vec_in_dim": None, "axes_dim": [16, 56, 56], "meanflow": False, "context_in_dim": 3584,
                      "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 2, "depth_single_blocks": 2,
-                     "theta": 256, "qkv_bias": True, "byt5": False, "guidance_embed": True},
+                     "theta": 256, "qkv_bias": True, "byt5": False, "guidance_embed": True}),
         block_lists={"double_blocks": 2, "single_blocks": 2}, latent_shape=(1, 64, 1, 16, 16),
         context_shape=(1, TOKENS, 3584), cond_extras={},
         via_loader=True, detected_as="HunyuanImage21Refiner", model_class="HunyuanVideo",
@@ -713,6 +744,13 @@ def run_sampler(model_patcher, positive, negative, latent, steps: int = 6, cfg: 
                                denoise=denoise, disable_noise=not add_noise, start_step=start_step,
                                last_step=last_step, force_full_denoise=force_full_denoise, noise_mask=noise_mask,
                                callback=callback, disable_pbar=True, seed=seed)
+
+
+def sampled_shape(model_patcher, latent_shape: tuple) -> tuple:
+    """Shape of the latent that sampling a `latent_shape` latent returns: the latent format's `process_out` may repack
+    the model's output (HunyuanImage 2.1's refiner, where ComfyUI's latent format folds frame pairs into channels)."""
+    latent_format = model_patcher.get_model_object("latent_format")
+    return tuple(latent_format.process_out(torch.zeros(latent_shape)).shape)
 
 
 def diffusion_model(model_patcher) -> torch.nn.Module:
