@@ -18,7 +18,10 @@ they run (they skip whole evaluations; their own bookkeeping is not counted).
 ComfyUI 0.3.64's EasyCache cannot sample a latent batch of more than one image per prompt: on a skipped step it adds
 one image's cached difference to the whole batch (`x += diff`, a shape error), and both peers decide their skips from
 the whole batch. So the peers sample one prompt at a time, as users run them, with the very noise the batched runs get
-(`batch_index`), and their speed is measured against full computation sampled the same way.
+(`batch_index`), and their speed is measured against full computation sampled the same way. ComfyUI 0.8.0's EasyCache
+slices per prompt; the runs stay the same on both versions, so their rows compare. On a skipped step EasyCache adds
+in place to the model's input, which in float32 is the tensor the denoised latent is computed from
+(studies/easycache_alias.py): its rows here measure that too.
 """
 
 from __future__ import annotations
