@@ -344,7 +344,7 @@ def render(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def regenerate(text: str, missing: list[str] | None = None) -> str:
+def regenerate(text: str, missing: list[str]) -> str:
     """The page with every table block rendered anew; a block whose result file is missing stays as it was and its
     message is appended to `missing` (every other table is still refreshed)."""
     def replace(match: re.Match) -> str:
@@ -354,8 +354,6 @@ def regenerate(text: str, missing: list[str] | None = None) -> str:
         try:
             return match.group(1) + render(name) + match.group(4)
         except MissingResult as err:
-            if missing is None:
-                raise SystemExit(str(err)) from None
             missing.append(str(err))
             return match.group(0)
     return BLOCK.sub(replace, text)
