@@ -79,6 +79,10 @@ class Calibrator(ABC):
     def start(self) -> None:
         """A sampling run begins: drop whatever was derived for the previous one (a calibrator outlives runs)."""
 
+    def forget(self, roles: tuple[str, ...]) -> None:
+        """ComfyUI regrouped these roles' branches: the run's values for every call holding one of them restart, so
+        drop what was derived from them."""
+
     def observe(self, site: Site, value: Tensor) -> None:
         """The full-computation value at a site the policy reuses (reference runs only)."""
 

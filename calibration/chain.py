@@ -47,6 +47,10 @@ class Chain(Calibrator):
         for link in self.links:
             link.start()
 
+    def forget(self, roles: tuple[str, ...]) -> None:
+        for link in self.links:
+            link.forget(roles)
+
     def observe(self, site: Site, value: Tensor) -> None:
         for link in self.links:
             link.observe(site, value)

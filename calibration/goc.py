@@ -127,6 +127,10 @@ class GocCorrector(Calibrator):
     def start(self) -> None:
         self._tracks, self.nbytes = {}, 0
 
+    def forget(self, roles: tuple[str, ...]) -> None:
+        for key in [k for k in self._tracks if set(k[0]) & set(roles)]:
+            self.nbytes -= self._tracks.pop(key).nbytes()
+
     def calibrate(self, sites: list[Site], reused: Reused) -> Tensor:
         track = self._tracks.setdefault(track_key(sites), Track())
         anchor = tuple(s.anchor_sigma for s in sites)

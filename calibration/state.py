@@ -5,8 +5,9 @@ once, batched in one model call or spread over several. Rounds are detected from
 branch seen again), so Heun's two evaluations at one σ are two rounds. Caches are kept per *group*: the branches of a
 model call, in order. ComfyUI batches cond and uncond the same way through a run, so a group's values are stored as the
 call's own tensors and forecast in one operation; every forecaster works per row, so a group forecasts each branch
-exactly as it would alone. A group whose input changes shape, dtype or device starts afresh; a branch met in another
-group (a run that switches between batched and split calls) is computed until that group has its own anchors.
+exactly as it would alone. A group whose input changes shape, dtype or device starts afresh, and so do the groups a
+branch leaves and joins when ComfyUI switches between batched and split calls (it decides by the memory it finds
+free): their values predate the branch's newest computation.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class RunState:
         self.history = max(history(policy), self.calibrator.anchors if self.calibrator else 0)
         self.reserved: dict[tuple[int, str], int] = {}  # bytes each cached site may reach, under a limit
         self.groups: dict[Group, GroupCache] = {}
+        self.homes: dict[Hashable, Group] = {}  # each branch's group at its newest call
         self.probe_refs: dict[Hashable, tuple[Tensor, ...]] = {}  # dynamic: each branch's probe residuals, by stream
         self.round: Round | None = None
         self._skips_in_row = 0
@@ -131,21 +133,49 @@ class RunState:
         group = tuple(branches)
         chunk = x.shape[0] // len(branches)
         signature = (chunk, *x.shape[1:], x.dtype, x.device)
-        cache = self.groups.get(group)
-        if cache is None or cache.signature != signature:
-            if cache is not None:
-                self.stats.add_cache_bytes(-cache.nbytes)
-                if self.icc is not None:
-                    held = self.icc.nbytes
-                    for b in group:
-                        self.icc.forget(b)
-                    self.stats.add_cache_bytes(self.icc.nbytes - held)
-            cache = self.groups[group] = GroupCache(signature)
-        self.stats.model_calls += 1
         roles = [str(b) for b in branches] if roles is None else [str(x) for x in roles]
         if len(roles) != len(branches):
             raise ValueError(f"{len(branches)} branches need {len(branches)} roles (got {len(roles)})")
+        self._regroup(group, roles)
+        cache = self.groups.get(group)
+        if cache is None or cache.signature != signature:
+            if cache is not None:
+                self._drop_group(group, forget_icc=True)
+            cache = self.groups[group] = GroupCache(signature)
+        self.stats.model_calls += 1
         return ModelCall(self, r, list(branches), cache, chunk, roles, x.device)
+
+    def _regroup(self, group: Group, roles: Sequence[str]) -> None:
+        """ComfyUI batches cond and uncond by the memory it finds free, so a run may switch between batched and split
+        calls at any step. A group's values are only as new as the last call of that group: once one of its branches
+        is computed in another group they are stale, so the groups a branch leaves and the group it joins start
+        afresh (computed until they have anchors again)."""
+        left = {self.homes[b] for b in group if self.homes.get(b, group) != group}
+        for b in group:
+            self.homes[b] = group
+        if not left:
+            return
+        if not self.stats.regroupings:
+            log.warning("calibrated_cache: ComfyUI changed how it batches the conditionings mid-run (free memory "
+                        "decides it); caches of the regrouped branches restart, so this run computes more than "
+                        "planned. Freeing memory or a smaller batch keeps the batching steady.")
+        self.stats.regroupings += 1
+        for stale in left | {group}:
+            if stale in self.groups:
+                self._drop_group(stale, forget_icc=False)
+        if self.calibrator is not None:
+            self.calibrator.forget(tuple(roles))
+
+    def _drop_group(self, group: Group, forget_icc: bool) -> None:
+        """Release a group's cache; ICC's per-branch values too when the input layout changed (`forget_icc`), not
+        when the branches only moved to another call (ICC keeps them per branch, fresh from wherever computed)."""
+        cache = self.groups.pop(group)
+        self.stats.add_cache_bytes(-cache.nbytes)
+        if forget_icc and self.icc is not None:
+            held = self.icc.nbytes
+            for b in group:
+                self.icc.forget(b)
+            self.stats.add_cache_bytes(self.icc.nbytes - held)
 
     def end_spans(self) -> None:
         """Cache block by block from here on: the host said it changes streams between blocks in place (a
@@ -242,6 +272,7 @@ class RunState:
     def finish(self) -> RunStats:
         """Release every cache; the statistics stay."""
         self.groups.clear()
+        self.homes.clear()
         self.probe_refs.clear()
         if self.icc is not None:
             self.icc.clear()

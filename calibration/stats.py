@@ -24,6 +24,7 @@ class RunStats:
     cache_offloaded: bool = False  # the caches lived in CPU memory
     cache_limit_bytes: int | None = None
     blocks_over_limit: int = 0  # blocks computed every step because caching them would pass the limit
+    regroupings: int = 0  # model calls whose branches ComfyUI had batched differently before (their caches restart)
     block_flops: dict[int, float] = field(default_factory=dict)  # per sample: each block computed in full
     skipped_flops: dict[int, float] = field(default_factory=dict)  # per sample: each block filled in (last seen)
     outside_flops: float = 0.0  # per sample and model call, the work outside the blocks (embedders, final layer)
@@ -49,6 +50,7 @@ class RunStats:
             f"estimated speedup {self.estimated_speedup:.2f}x, peak cache {self.peak_cache_bytes / 2**20:.1f} MiB"
             + (" (offloaded to CPU)" if self.cache_offloaded else "")
             + (f", {self.blocks_over_limit} blocks over the cache limit" if self.blocks_over_limit else "")
+            + (f", caches restarted {self.regroupings}x as ComfyUI regrouped cond/uncond" if self.regroupings else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,4 +68,5 @@ class RunStats:
             "cache_offloaded": self.cache_offloaded,
             "cache_limit_bytes": self.cache_limit_bytes,
             "blocks_over_limit": self.blocks_over_limit,
+            "regroupings": self.regroupings,
         }

@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "comfyui"
 
 import tiny_models  # noqa: E402  (boots ComfyUI)
 
-import comfy.patcher_extension  # noqa: E402
 import comfyui_version  # noqa: E402  (the ComfyUI checkout's, first on sys.path)
 import torch  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
@@ -32,15 +31,9 @@ from calibrated_cache.testbed.results import add_allow_dirty, committed, write_r
 FAMILY, STEPS, THRESHOLDS, SEEDS = "Flux", 20, (0.5, 3.0), (1, 2, 3, 4)
 
 
-def copied_input(executor, *args, **kwargs):
-    """Hands the wrappers inside it a copy of the model's input, as the cast of a half-precision model does."""
-    return executor(args[0].clone(), *args[1:], **kwargs)
-
-
 def easycache(model, threshold: float, copy: bool):
     if copy:
-        model = model.clone()
-        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "copied_input", copied_input)
+        model = tiny_models.with_copied_input(model)
     result = EasyCacheNode.execute(model, threshold, 0.15, 0.95, False)
     return (result.result if hasattr(result, "result") else result)[0]
 

@@ -17,6 +17,7 @@ from .linears import routed_linears
 from .model import DiT
 
 Velocity = Callable[[Tensor, float], Tensor]
+Batching = bool | Callable[[float], bool]  # cond and uncond in one call: always, never, or per σ
 COND, UNCOND = "cond", "uncond"
 
 
@@ -27,9 +28,10 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> Tensor:
 
 
 class GuidedVelocity:
-    """CFG velocity v_u + w·(v_c − v_u); cond and uncond run batched in one call or as two calls (cond first)."""
+    """CFG velocity v_u + w·(v_c − v_u); cond and uncond run batched in one call or as two calls (cond first), or
+    either at each σ as `batched(σ)` says (ComfyUI decides by the memory it finds free)."""
 
-    def __init__(self, model: DiT, labels: Tensor, cfg: float, batched: bool = True, run: RunState | None = None,
+    def __init__(self, model: DiT, labels: Tensor, cfg: float, batched: Batching = True, run: RunState | None = None,
                  recorder: StatsRecorder | None = None):
         self.model, self.labels, self.cfg, self.batched, self.run = model, labels, cfg, batched, run
         self.recorder = recorder
@@ -48,7 +50,7 @@ class GuidedVelocity:
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         if self.cfg == 1.0:
             return self._call(x, sigma, self.labels, [COND])
-        if self.batched:
+        if self.batched(sigma) if callable(self.batched) else self.batched:
             v_c, v_u = self._call(torch.cat([x, x]), sigma, torch.cat([self.labels, self.null]), [COND, UNCOND]).chunk(2)
         else:
             v_c = self._call(x, sigma, self.labels, [COND])
@@ -86,7 +88,7 @@ def sample(
     cfg: float,
     sampler: str = "euler",
     policy: CachePolicy | None = None,
-    batched: bool = True,
+    batched: Batching = True,
     shift: float = 1.0,
     sigmas: Tensor | None = None,
     calibrator: Calibrator | None = None,

@@ -122,6 +122,20 @@ def test_start_forgets_the_previous_run():
     assert goc.nbytes == 0
 
 
+def test_forgetting_a_role_restarts_its_push_as_a_new_run_would_and_releases_its_tracks():
+    """ComfyUI regrouped cond's calls: what GOC derived from them is stale, so the push restarts from fresh anchors."""
+    goc = GocCorrector(GocSettings(1.0, "off"))
+    for sigma, anchor, value in ((0.75, 1.0, torch.zeros(1, 2)), (0.25, 0.5, torch.ones(1, 2))):
+        reuse(goc, sigma, anchor, value)
+    assert goc.nbytes > 0
+    goc.forget(("uncond",))
+    assert goc.nbytes > 0  # another role's calls keep theirs
+    goc.forget(("cond", "uncond"))
+    assert goc.nbytes == 0
+    later = torch.full((1, 2), 3.0)
+    assert torch.equal(reuse(goc, -0.25, 0.0, later), later)  # one anchor since the restart: nothing to push with
+
+
 def test_a_chain_corrects_in_order_and_settles_the_final_value():
     seen = []
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from calibrated_cache.calibration import CachePolicy, RunState
+from calibrated_cache.calibration.calibrator import Calibrator
 from calibrated_cache.testbed.sampling import flow_sigmas, sample
 
 STEPS, CFG = 12, 3.0
@@ -258,3 +259,28 @@ def test_the_dynamic_change_is_one_scalar_the_largest_over_images_branches_and_s
     assert change.dim() == 0 and change.item() == pytest.approx(0.1)
     assert run.probe_change([uncond, cond], ["uncond", "cond"]).item() == pytest.approx(0.1)
     assert run.probe_change([cond], ["other"]).item() == float("inf")  # no reference: the round computes
+
+
+class _Staleness(Calibrator):
+    """Uses the policy's values unchanged and records how many steps old each reused value is."""
+
+    def __init__(self) -> None:
+        self.stale: list[int] = []
+
+    def calibrate(self, sites, reused):
+        self.stale += [s.stale_steps for s in sites]
+        return reused.value
+
+
+@pytest.mark.parametrize("name", ["fora", "taylor", "block"])
+def test_a_run_whose_batching_switches_mid_run_never_reuses_values_older_than_the_policy_allows(random_dit, name):
+    """ComfyUI batches cond and uncond by the memory it finds free, so a run may go split → batched → split. The
+    split calls' old caches predate the batched steps: reusing them served values many steps stale."""
+    policy, sigmas = POLICIES[name], flow_sigmas(STEPS).tolist()
+    switching = lambda sigma: 3 <= sigmas.index(sigma) < 7  # split, batched for steps 3-6, split again
+    seen = _Staleness()
+    _, run = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=policy, batched=switching, calibrator=seen)
+    _, alone = sample(random_dit, LABELS, noise(), STEPS, CFG, policy=policy, batched=False)
+    assert seen.stale and max(seen.stale) < policy.interval
+    assert run.stats.regroupings == 3  # cond and uncond join, then each leaves
+    assert 0 < run.stats.blocks_skipped < alone.stats.blocks_skipped  # the restarted groups compute until anchored

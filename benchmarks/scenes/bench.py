@@ -20,8 +20,10 @@ one image's cached difference to the whole batch (`x += diff`, a shape error), a
 the whole batch. So the peers sample one prompt at a time, as users run them, with the very noise the batched runs get
 (`batch_index`), and their speed is measured against full computation sampled the same way. ComfyUI 0.8.0's EasyCache
 slices per prompt; the runs stay the same on both versions, so their rows compare. On a skipped step EasyCache adds
-in place to the model's input, which in float32 is the tensor the denoised latent is computed from
-(studies/easycache_alias.py): its rows here measure that too.
+in place to the model's input, which in float32 (this model) is the tensor the denoised latent is computed from
+(studies/easycache_alias.py); a bf16 or fp8 model, as users run, hands it a copy. So EasyCache gets a copy here too:
+a diffusion-model wrapper registered before its own clones the input (`with_copied_input`), and its rows measure the
+method, not the aliasing (the clone's cost is in its time).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ import comfy.samplers  # noqa: E402
 import comfyui_version  # noqa: E402  (the ComfyUI checkout's, first on sys.path)
 import comfy.utils  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
-from tiny_models import comfyui_nodes, load_pack, session_of  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
+from tiny_models import (  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
+    comfyui_nodes, load_pack, session_of, with_copied_input)
 
 from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
 from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
@@ -145,6 +148,12 @@ class Harness:
     def report(self, model) -> dict:
         return session_of(model).last_report
 
+    def peer(self, name: str, threshold: float):
+        """ComfyUI's EasyCache (given a copy of its input, see the module's docstring) or LazyCache at a threshold."""
+        if name == "easycache":
+            return EasyCacheNode.execute(with_copied_input(self.model), threshold, 0.15, 0.95, False).result[0]
+        return LazyCacheNode.execute(self.model, threshold, 0.15, 0.95, False).result[0]
+
 
 def tune(run: Callable[[float], float], target: float, low: float, high: float, iters: int) -> float:
     """A threshold meeting `target` (compute fraction falls as the threshold rises), by bisection on a log scale."""
@@ -198,7 +207,7 @@ def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: lis
     euler, once per step count) to the compute fraction the fixed FORA policy of each interval reaches there, so that
     every row of an interval spends about the same compute."""
     tune_setting = Setting("euler", setting.steps)
-    peers = {"easycache": EasyCacheNode, "lazycache": LazyCacheNode}
+    peers = ("easycache", "lazycache")
 
     def dynamic(threshold: float):
         return h.apply(h.policy(mode="dynamic", threshold=threshold, max_skips=8))
@@ -211,17 +220,16 @@ def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: lis
         h.sample(model, tune_setting, h.cal, CAL_SEED)
         return h.report(model)["compute_fraction"]
 
-    configs = [] if quick else [Config(f"{name}-default", {"reuse_threshold": 0.2}, None,
-                                       node.execute(h.model, 0.2, 0.15, 0.95, False).result[0], per_prompt=True)
-                                for name, node in peers.items()]  # as the node comes
+    configs = [] if quick else [Config(f"{name}-default", {"reuse_threshold": 0.2}, None, h.peer(name, 0.2),
+                                       per_prompt=True) for name in peers]  # as the node comes
     for n in intervals:
         key = (setting.steps, n)
         if key not in h.tuned:
             fraction = pack_fraction(h.apply(h.policy(interval=n)))
             found = {"fbcache": tune(lambda t: pack_fraction(dynamic(t)), fraction, 0.005, 2.0, 5 if quick else 7)}
-            for name, node in peers.items():
-                def peer_fraction(threshold: float, node=node) -> float:
-                    model = node.execute(h.model, threshold, 0.15, 0.95, False).result[0]
+            for name in peers:
+                def peer_fraction(threshold: float, name=name) -> float:
+                    model = h.peer(name, threshold)
                     return h.counted(model, tune_setting, h.cal, CAL_SEED, per_prompt=True)[1] / full_calls()
 
                 found[name] = tune(peer_fraction, fraction, 0.005, 3.0, 5 if quick else 7)
@@ -232,9 +240,9 @@ def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: lis
         model = dynamic(found["fbcache"])
         configs.append(Config("fbcache", {"threshold": round(found["fbcache"], 4), "max_skips": 8}, TARGETS[n], model,
                               lambda m=model: h.report(m)["compute_fraction"]))
-        for name, node in peers.items():
+        for name in peers:
             configs.append(Config(name, {"reuse_threshold": round(found[name], 4)}, TARGETS[n],
-                                  node.execute(h.model, found[name], 0.15, 0.95, False).result[0], per_prompt=True))
+                                  h.peer(name, found[name]), per_prompt=True))
     return configs
 
 

@@ -84,6 +84,26 @@ def test_split_cfg_under_low_memory_matches_batched_cfg(pack, bundles, family, m
     assert ((split - batched).norm() / batched.norm()).item() < 1e-5
 
 
+def test_batching_that_memory_flips_mid_run_restarts_the_regrouped_caches(pack, bundles, monkeypatch):
+    """ComfyUI batches cond and uncond when its estimate fits the free memory, asked anew at every step: here memory
+    runs short for a few steps. The regrouped branches' caches restart rather than serve values from before."""
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    cached_model = patched(pack, model, interval=3)
+    run_sampler(cached_model, positive, negative, latent, steps=9, cfg=2.0)
+    steady = session_of(cached_model).last_report
+    asked = iter(range(10**6))
+
+    def free_memory(dev=None, torch_free_too=False):
+        free = 0 if 3 <= next(asked) < 9 else 2**40  # short for a few of the sampler's questions
+        return (free, free) if torch_free_too else free
+
+    monkeypatch.setattr(sys.modules["comfy.model_management"], "get_free_memory", free_memory)
+    run_sampler(cached_model, positive, negative, latent, steps=9, cfg=2.0)
+    report = session_of(cached_model).last_report
+    assert report["model_calls"] > steady["model_calls"] and report["regroupings"] >= 2
+    assert 0 < report["blocks_skipped"] < steady["blocks_skipped"]
+
+
 def test_cfg_one_runs_a_single_branch(pack, bundles):
     model, positive, negative, latent = bundle(bundles, "Flux")
     cached_model = patched(pack, model)

@@ -173,6 +173,21 @@ def make_conditioning(context_shape, extras: dict, seed: int = 1234) -> tuple[li
 _TMP_DIR: str | None = None
 
 
+def _copied_input(executor, *args, **kwargs):
+    return executor(args[0].clone(), *args[1:], **kwargs)
+
+
+def with_copied_input(model):
+    """A clone whose diffusion-model wrappers added after this one get a copy of the model's input, as a
+    half-precision model's cast gives them: ComfyUI's EasyCache adds to that input in place, which in float32 is the
+    very tensor the denoised latent is computed from (studies/easycache_alias.py)."""
+    import comfy.patcher_extension
+
+    model = model.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "copied_input", _copied_input)
+    return model
+
+
 def force_split_cfg(monkeypatch) -> None:
     """Report no free memory, as a busy GPU would: ComfyUI then evaluates cond and uncond in separate calls."""
     monkeypatch.setattr(comfy.model_management, "get_free_memory",
