@@ -378,6 +378,11 @@ class ModelCall:
         stats, n, branches = self.state.stats, self.chunk * len(self.branches), len(self.branches)
         stats.flops_full += full_flops * n
         stats.flops_computed += spent_flops * n
+        if computed:
+            stats.flops_blocks += full_flops * n
+        else:
+            stats.flops_filled += spent_flops * n
+            stats.calls_skipped += block is None
         if block is not None:  # a plan search reads what a block costs computed, and filled in
             self.block_flops += full_flops
             stats.block_flops[block] = full_flops

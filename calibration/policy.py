@@ -92,10 +92,13 @@ class CachePolicy:
             raise PolicyError(f"plan must be a searched BlockPlan or None (got {self.plan!r})")
         if self.plan is not None and self.time_unit != "step":
             raise PolicyError("a searched plan forecasts in steps, as it was searched: set time_unit to step")
-        if self.granularity == "step" and (self.mode != "fixed" or self.first_blocks or self.last_blocks):
+        if self.granularity == "step" and (self.mode == "dynamic" or self.first_blocks or self.last_blocks):
             raise PolicyError("whole-step forecasting skips every block of a step, so it needs a fixed interval and no "
                               "first_blocks or last_blocks (the dynamic mode decides from its first block): set those "
                               "to 0 and the mode to fixed, or forecast block by block")
+        if self.granularity == "step" and self.plan is not None and len(set(self.plan.rows)) > 1:
+            raise PolicyError("whole-step forecasting computes all blocks of a step or none, so its plan must compute "
+                              "every block at the same steps: forecast block by block for this plan")
         if self.icc is not None and self.granularity == "step":
             raise PolicyError("ICC recomputes skipped blocks from their Linears' increments, and whole-step "
                               "forecasting runs no block on a skipped step: forecast block by block, or set the ICC "

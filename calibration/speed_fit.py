@@ -1,15 +1,23 @@
 """Calibrate for a speed target: one fit that chooses the plan, the forecaster and the TCC priors.
 
-The runs, in order, all on the calibration (fitting) seeds but the held-out ones of the last step:
+With a round timer (the ComfyUI node always has one) the target is wall-clock time on this machine: the fit times the
+rounds of its own runs and fits what a step costs (`step_costs.py`: outside the blocks, per computed block, per
+forecast, and a step whose model call is forecast whole); every budget below is in those seconds, and the compute
+fraction is reported beside it. Without one (the testbed's reproducible tables) the budget is in FLOPs.
+
+The runs, in order, all on the calibration (fitting) seeds but the held-out ones of the last two steps:
 
 1. one reference run that records every block's trajectory (`trajectories.py`); its output is full computation;
 2. one run computing every block once (FORA): what a filled-in block still costs (an adaLN block's modulation);
    then probe runs that skip one group of blocks, or every block within one window of steps, alone: they fit how much
-   an error there weighs in the output (`search.gains`);
-3. the search, per forecaster and error aggregate, then one run of each distinct searched plan: the plan with the
-   least measured error wins (the model ranks plans; a run decides between close ones);
-4. a local search from it (`_refine`): computed steps moved by one, kept where they measure better, within a budget
-   of runs;
+   an error there weighs in the output (`search.gains`); timed, one whole-step run (TaylorSeer-2 forecasting the
+   model's output at a uniform interval), which also times a forecast step;
+3. the search, per forecaster and error aggregate, then one run of each distinct searched plan; timed, also the
+   whole-step schedules with the most computed calls the wall budget allows (`whole_step_candidates`). Of the
+   candidates within the budget, the least measured error wins (the model ranks plans; a run decides between close
+   ones), so the choice is never worse on the fitting seeds than the uniform whole-step and searched block policies;
+4. a local search from a block plan (`_refine`): computed steps moved by one, kept where they measure better, within
+   a budget of runs;
 5. TCC priors fitted for the winning plan (`fitting.fit_tcc`: one fitting run, then full, uncalibrated and calibrated
    runs on the held-out seeds, which no step above has seen, and the same on the fitting seeds). With variant "auto"
    each variant (drift, trend, mm) is fitted, the full and uncalibrated runs shared, and the one with the least error
@@ -17,13 +25,17 @@ The runs, in order, all on the calibration (fitting) seeds but the held-out ones
    on every measured plan. The priors are kept only if they lower the error on the fitting seeds by PRIORS_MARGIN
    and the held-out seeds do not say they raise it (`keep_priors`); otherwise the file holds the plan alone, which
    Apply runs uncorrected (in spans). The held-out seeds can only drop priors, never choose them: their figure stays
-   a fair verdict on the plan alone, and for kept priors it is one they passed, not an unbiased estimate.
+   a fair verdict on the plan alone, and for kept priors it is one they passed, not an unbiased estimate;
+6. timed, the chosen policy's wall speedup on the held-out seeds: full and cached runs interleaved
+   (`measure_speedup`), reported beside the prediction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,12 +44,13 @@ from torch import Tensor
 
 from .calibrator import Calibrator
 from .errors import PolicyError
-from .fitting import AFTER, BEFORE, FIT, FULL, FitRun, fit_plan, fit_tcc, rel_l2
+from .fitting import AFTER, BEFORE, FIT, FULL, HELD_OUT, FitRun, fit_plan, fit_tcc, rel_l2
 from .plan import BlockPlan
 from .policy import CachePolicy
 from .registry import make_forecaster
-from .search import AGGREGATES, Costs, Probe, SearchTooLarge, check_size, gains, search, step_errors
+from .search import AGGREGATES, SLACK, Costs, Probe, SearchTooLarge, check_size, gains, search, step_errors
 from .stats import RunStats
+from .step_costs import RoundTimer, StepCosts, fit_step_costs
 from .tcc import FLOPS as TCC_FLOPS, VARIANTS, TccPriors, check_variant
 from .trajectories import TrajectoryRecorder
 
@@ -48,6 +61,8 @@ FORECASTERS = (("reuse", 1), ("taylor", 1), ("taylor", 2))
 PROBE_GROUPS = 8
 PROBE_WINDOWS = 4
 REFINE_RUNS = 24
+WHOLE_STEP = "whole-step"
+TIMING_PAIRS = 2  # held-out full and cached runs, interleaved, for the measured wall speedup
 # Relative gain on the fitting seeds that priors must show to be kept: on two seeds, the 0.7% (scenes Flux, 4x) and
 # 1.5% (testbed, 3x) gains measured there came with higher held-out errors (docs/methods.md, "Searched plans").
 PRIORS_MARGIN = 0.02
@@ -56,11 +71,11 @@ PRIORS_MARGIN = 0.02
 @dataclass
 class Candidate:
     policy: CachePolicy
-    aggregate: str
-    predicted: float  # the model's squared relative error of the output
-    fraction: float  # predicted compute fraction
+    aggregate: str  # the search's error aggregate, or WHOLE_STEP for a uniform whole-step policy
+    predicted: float  # the model's squared relative error of the output (NaN: not modelled)
+    fraction: float  # predicted fraction of full computation's cost: wall time where timed, else FLOPs
     error: float = math.nan  # measured rel_l2 on the calibration seeds
-    measured_fraction: float = math.nan
+    measured_fraction: float = math.nan  # measured compute fraction (FLOPs)
 
 
 @dataclass
@@ -81,9 +96,12 @@ def tcc_variants(variant: str) -> tuple[str, ...]:
 
 
 def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS,
-             forecasters: int = len(FORECASTERS), variant: str = "auto") -> list[tuple[str, bool]]:
+             forecasters: int = len(FORECASTERS), variant: str = "auto", timed: bool = False
+             ) -> list[tuple[str, bool]]:
     """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
     runs = [(FIT, True)] * (2 + groups + windows + REFINE_RUNS) + [(FIT, True)] * forecasters * len(AGGREGATES)
+    if timed:  # the whole-step probe and candidates, and the held-out timing pairs
+        runs += [(FIT, True)] * 3 + ([(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]) * held_out
     if tcc:
         steps = fit_plan("drift", 1, held_out, verify=True)
         runs += [(s.part, s.cached) for s in steps]
@@ -105,12 +123,17 @@ def uniform_row(steps: int, interval: int) -> str:
 def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int, speedup: float,
                   forecasters: tuple[tuple[str, int], ...] = FORECASTERS, variant: str = "auto", tcc: bool = True,
                   held_out: bool = True, groups: int = PROBE_GROUPS, windows: int = PROBE_WINDOWS,
-                  refine: int = REFINE_RUNS) -> SpeedFit:
-    """The plan, forecaster and priors for `speedup` (a target compute fraction of 1 / speedup); see the module."""
+                  refine: int = REFINE_RUNS, timer: RoundTimer | None = None,
+                  fewer_steps: Callable[[int], Tensor] | None = None) -> SpeedFit:
+    """The plan, forecaster and priors for `speedup`; see the module. With a `timer` (the runs' rounds are timed on
+    this machine) the speedup is a wall-clock one: the search budgets in measured seconds, uniform whole-step
+    policies are candidates beside the searched block plans, and the chosen policy's wall speedup is measured on the
+    held-out seeds against full computation. Without one it is a compute fraction of 1 / speedup, in FLOPs.
+    `fewer_steps(k)`: full computation of the held-out seeds at k steps, the honest floor the chosen policy is
+    compared with at its measured speed."""
     if not speedup > 1:
         raise PolicyError(f"the target speedup must be above 1 (got {speedup}); 1 computes everything")
-    if base.granularity == "step":
-        raise PolicyError("a searched plan decides block by block: forecast block by block (granularity block)")
+    base = dataclasses.replace(base, granularity="block")  # the candidates set their own granularity
     steps = len(sigmas) - 1
     everything_once = BlockPlan(tuple(sigmas), ("1" + "0" * (steps - 1),) * blocks)
     methods, skipped = {}, []
@@ -134,34 +157,59 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
 
     weights, probes = _gains(run, base, sigmas, blocks, speedup, grams, reference, groups, windows)
     candidates: list[Candidate] = []
+    whole_probe = whole_step_policy(base, steps, max(2, min(round(speedup), steps)))
+    if timer is not None:  # a whole-step run times what forecasting a model call costs, and is a candidate
+        candidates.append(_measured(run, Candidate(whole_probe, WHOLE_STEP, math.nan, math.nan), reference))
+    computed = [recorded.block_flops.get(b, 0.0) for b in range(blocks)]
+    timed = fit_step_costs(timer.rounds) if timer is not None else None
     seconds, nbytes = 0.0, 0
     for (forecaster, order), (method, history) in methods.items():
         overhead = (2.0 * history if history > 1 else 0.0) + (TCC_FLOPS if tcc else 0.0)
-        costs = Costs(tuple(recorded.block_flops.get(b, 0.0) for b in range(blocks)),
-                      tuple(once.skipped_flops.get(b, 0.0) + overhead * elements.get(b, 0) for b in range(blocks)),
-                      recorded.outside_flops)
+        filled = [once.skipped_flops.get(b, 0.0) + overhead * elements.get(b, 0) for b in range(blocks)]
+        costs = timed.costs(computed, filled) if timed else Costs(tuple(computed), tuple(filled),
+                                                                  recorded.outside_flops)
         for aggregate in AGGREGATES:
-            found = search([grams.get(b) for b in range(blocks)], weights, sigmas, costs, 1.0 / speedup, method,
-                           history, aggregate)
+            try:
+                found = search([grams.get(b) for b in range(blocks)], weights, sigmas, costs, 1.0 / speedup, method,
+                               history, aggregate)
+            except PolicyError as err:  # no block plan this fast: whole steps may still be
+                if timed is None or timed.whole is None:
+                    raise
+                skipped.append(err)
+                continue
             seconds, nbytes = seconds + found.seconds, max(nbytes, found.nbytes)
             policy = plan_policy(base, found.plan, forecaster, order)
             if any(c.policy == policy for c in candidates):
                 continue
-            candidates.append(Candidate(policy, aggregate, found.predicted, found.fraction))
-    for c in candidates:
-        out, stats = run(c.policy, None, FIT)
-        c.error, c.measured_fraction = rel_l2(out, reference), stats.compute_fraction
-    searched = min(candidates, key=lambda c: c.error)
-    best, moves = _refine(run, searched, reference, refine)
+            candidates.append(_measured(run, Candidate(policy, aggregate, found.predicted, found.fraction), reference))
+    if timed is not None and timed.whole is not None:
+        candidates = [_whole_fraction(c, timed, computed, steps) for c in candidates]
+        for whole in whole_step_candidates(base, sigmas, speedup, timed, computed):
+            candidates.append(_measured(run, whole, reference))
+    within = [c for c in candidates if c.fraction <= (1.0 / speedup) * (1 + SLACK)]
+    if not within:
+        fastest = min(candidates, key=lambda c: c.fraction)
+        raise PolicyError(f"no plan reaches {speedup:g}x on this machine: the fastest found, {fastest.policy.tag()}, "
+                          f"is predicted at {1 / fastest.fraction:.2f}x: choose a target speedup of at most "
+                          f"{math.floor(10 / fastest.fraction) / 10:g}")
+    searched = min(within, key=lambda c: c.error)
+    best, moves = _refine(run, searched, reference, refine) if searched.aggregate != WHOLE_STEP else (searched, 0)
     report: dict[str, float] = {
         "target_speedup": float(speedup), "plan_predicted_fraction": searched.fraction,
         "plan_calibration_fraction": best.measured_fraction, "plan_calibration_error": best.error,
         "plan_searched_error": searched.error, "plan_predicted_error": math.sqrt(searched.predicted),
         "plan_candidates": len(candidates), "plan_refine_runs": moves,
-        "plan_rank_correlation": rank_correlation([c.predicted for c in candidates], [c.error for c in candidates]),
+        "plan_rank_correlation": rank_correlation([c.predicted for c in candidates if c.aggregate != WHOLE_STEP],
+                                                  [c.error for c in candidates if c.aggregate != WHOLE_STEP]),
         "plan_search_s": seconds, "plan_search_bytes": float(nbytes), "plan_forecasters_skipped": float(len(skipped)),
         "plan_runs": 2 + probes + len(candidates) + moves, "plan_priors": 0.0,
-        "plan_file_fraction": best.measured_fraction}
+        "plan_file_fraction": best.measured_fraction, "plan_whole_steps": float(searched.aggregate == WHOLE_STEP),
+        "plan_wall_timed": float(timed is not None)}
+    if timed is not None:
+        report.update({"cost_outside_s": timed.outside, "cost_per_gflop_s": timed.per_flop * 1e9,
+                       "cost_per_fill_gflop_s": timed.per_fill * 1e9, "cost_rounds": float(timed.rounds),
+                       "plan_predicted_speedup": 1.0 / searched.fraction, "cost_full_step_s": timed.step(computed),
+                       **({"cost_whole_step_s": timed.whole} if timed.whole is not None else {})})
     variants = tcc_variants(variant)
     priors = TccPriors({}, variants[0])
     if tcc:
@@ -195,7 +243,86 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
             report["plan_file_fraction"] = fractions.get(fitted.variant, math.nan)
         else:  # the plan runs uncorrected, and in spans
             priors = TccPriors({}, fitted.variant)
+    if timed is not None and held_out:
+        measured, spread, full, cached = measure_speedup(run, best.policy, priors if priors.priors else None)
+        report.update({"plan_measured_speedup": measured, "plan_measured_speedup_low": spread[0],
+                       "plan_measured_speedup_high": spread[1], "plan_held_out_error": rel_l2(cached, full)})
+        report["plan_runs"] += 2 * TIMING_PAIRS
+        if fewer_steps is not None:  # the honest floor: full computation at the steps that take the same time
+            k = max(1, min(steps - 1, round(steps / measured)))
+            report.update({"fewer_steps": float(k), "fewer_steps_error": rel_l2(fewer_steps(k), full)})
+            report["plan_runs"] += 1
     return SpeedFit(best.policy, priors, report, candidates, [str(err) for err in skipped])
+
+
+def whole_step_policy(base: CachePolicy, steps: int, interval: int) -> CachePolicy:
+    """A uniform whole-step policy: after one computed step, every `interval`-th model call computed and the others
+    forecast whole by TaylorSeer order 2 (granularity step)."""
+    return dataclasses.replace(base, mode="fixed", granularity="step", forecaster="taylor", order=2,
+                               interval=max(2, min(interval, steps)), warmup_steps=1, start=0.0, end=1.0,
+                               first_blocks=0, last_blocks=0, time_unit="step", goc=None, icc=None, plan=None)
+
+
+def whole_step_rows(steps: int, computed: int) -> list[str]:
+    """Schedules computing `computed` of `steps` model calls whole, the rest forecast: steps 0 and 1 (TaylorSeer's
+    first anchors), then either spread evenly to the last step or every interval-th as a fixed policy does."""
+    rows = []
+    if computed >= 3:
+        spread = {0} | {1 + round(i * (steps - 2) / (computed - 2)) for i in range(computed - 1)}
+        rows.append("".join("1" if s in spread else "0" for s in range(steps)))
+    for interval in range(2, steps):
+        row = "1" + "".join("1" if (s - 1) % interval == 0 else "0" for s in range(1, steps))
+        if row.count("1") <= computed:
+            rows.append(row)
+            break
+    return list(dict.fromkeys(r for r in rows if r.count("1") >= 2))
+
+
+def whole_step_candidates(base: CachePolicy, sigmas: list[float], speedup: float, timed: StepCosts,
+                          computed: list[float]) -> list[Candidate]:
+    """Whole-step schedules with the most computed calls whose predicted wall time meets the target (TaylorSeer
+    order 2 forecasts the model's output in between)."""
+    steps, blocks = len(sigmas) - 1, len(computed)
+    count = max((k for k in range(2, steps) if (timed.whole_step_fraction(computed, "1" * k + "0" * (steps - k))
+                                                or math.inf) <= (1.0 / speedup) * (1 + SLACK)), default=None)
+    if count is None:
+        return []
+    out = []
+    for row in whole_step_rows(steps, count):
+        plan = BlockPlan(tuple(sigmas), (row,) * blocks)
+        policy = dataclasses.replace(plan_policy(base, plan, "taylor", 2), granularity="step")
+        out.append(Candidate(policy, WHOLE_STEP, math.nan, timed.whole_step_fraction(computed, row)))
+    return out
+
+
+def _whole_fraction(c: Candidate, timed: StepCosts, computed: list[float], steps: int) -> Candidate:
+    """A whole-step candidate's predicted wall fraction, once the cost model is fitted."""
+    if c.aggregate != WHOLE_STEP or not math.isnan(c.fraction):
+        return c
+    row = "1" + "".join("1" if (s - 1) % c.policy.interval == 0 else "0" for s in range(1, steps))
+    fraction = timed.whole_step_fraction(computed, row)
+    return dataclasses.replace(c, fraction=math.nan if fraction is None else fraction)
+
+
+def _measured(run: Run, c: Candidate, reference: Tensor) -> Candidate:
+    out, stats = run(c.policy, None, FIT)
+    c.error, c.measured_fraction = rel_l2(out, reference), stats.compute_fraction
+    return c
+
+
+def measure_speedup(run: Run, policy: CachePolicy, calibrator: Calibrator | None
+                    ) -> tuple[float, list[float], Tensor, Tensor]:
+    """Wall speedup of `policy` on the held-out seeds: full and cached runs interleaved, TIMING_PAIRS of each, the
+    median of the paired ratios and their range; and the last full and cached outputs."""
+    ratios = []
+    for _ in range(TIMING_PAIRS):
+        start = time.perf_counter()
+        full, _ = run(None, None, HELD_OUT)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        cached, _ = run(policy, calibrator, HELD_OUT)
+        ratios.append(seconds / (time.perf_counter() - start))
+    return statistics.median(ratios), [min(ratios), max(ratios)], full, cached
 
 
 def keep_priors(report: dict[str, float], margin: float = PRIORS_MARGIN) -> bool:

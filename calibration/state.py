@@ -32,6 +32,7 @@ from .registry import history, make_forecaster
 from .schedule import StepPlan
 from .spans import Span
 from .stats import RunStats
+from .step_costs import RoundTimer
 
 SiteKey = tuple[int, str]
 Group = tuple[Hashable, ...]
@@ -66,10 +67,11 @@ class RunState:
 
     def __init__(
         self, policy: CachePolicy, sigmas: Sequence[float], blocks: int, calibrator: Calibrator | None = None,
-        factors: FactorCache | None = None, memory: CacheMemory | None = None,
+        factors: FactorCache | None = None, memory: CacheMemory | None = None, timer: RoundTimer | None = None,
     ) -> None:
         """`factors`: ICC's factor cache (it outlives runs; its channel statistics come from a prior file). `memory`:
-        where the caches live and their cap."""
+        where the caches live and their cap. `timer`: times each round for a fit's cost model (runs without a
+        calibrator only: a calibrator's own work is not the plan's)."""
         if blocks < 1:
             raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
         self.icc: IccRun | None = None
@@ -82,6 +84,7 @@ class RunState:
             self.icc = IccRun(policy.icc, factors, self.memory)
         self.policy = policy
         self.blocks = blocks
+        self.timer = timer if calibrator is None else None
         # A policy with GOC attached corrects first; a given calibrator (TCC priors or their fit) sees GOC's output.
         self.calibrator = chained(None if policy.goc is None else GocCorrector(policy.goc), calibrator)
         if self.calibrator is not None:
@@ -143,6 +146,7 @@ class RunState:
                 self._drop_group(group, forget_icc=True)
             cache = self.groups[group] = GroupCache(signature)
         self.stats.model_calls += 1
+        self.stats.evaluations += x.shape[0]
         return ModelCall(self, r, list(branches), cache, chunk, roles, x.device)
 
     def _regroup(self, group: Group, roles: Sequence[str]) -> None:
@@ -199,6 +203,8 @@ class RunState:
         cache.ready.difference_update(range(span.first, span.last + 1))
 
     def _new_round(self, sigma: float) -> Round:
+        if self.timer is not None:
+            self.timer.mark(self.stats)
         step = self.clock.step(sigma)
         time = self.clock.position(sigma) if self.policy.time_unit == "step" else sigma
         if self.policy.mode != "dynamic":  # fixed or plan: the round skips some block (plan: `skips` says which)
@@ -271,6 +277,8 @@ class RunState:
 
     def finish(self) -> RunStats:
         """Release every cache; the statistics stay."""
+        if self.timer is not None:
+            self.timer.mark(self.stats, last=True)
         self.groups.clear()
         self.homes.clear()
         self.probe_refs.clear()

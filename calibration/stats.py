@@ -19,6 +19,11 @@ class RunStats:
     sites_skipped: int = 0
     flops_computed: float = 0.0
     flops_full: float = 0.0
+    # for the wall-clock cost model (`step_costs.py`), every sample of every call: blocks computed, blocks filled in
+    flops_blocks: float = 0.0
+    flops_filled: float = 0.0
+    evaluations: int = 0  # samples the model was called on (a batched cond/uncond call of 2 images counts 4)
+    calls_skipped: int = 0  # whole model calls forecast (granularity step)
     cache_bytes: int = 0
     peak_cache_bytes: int = 0
     cache_offloaded: bool = False  # the caches lived in CPU memory

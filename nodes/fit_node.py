@@ -14,6 +14,7 @@ written once, atomically, at the end, so an interrupted or failed fit leaves not
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ from ..calibration.calibrator import Calibrator
 from ..calibration.icc import SVD_MODES, FactorCache, StatsRecorder
 from ..calibration.fitting import FIT, HELD_OUT, FitRun, fit_plan, fit_tcc
 from ..calibration.search import SLACK
-from ..calibration.speed_fit import SpeedFit, fit_for_speed, fit_runs, priors_verdict
+from ..calibration.speed_fit import WHOLE_STEP, SpeedFit, fit_for_speed, fit_runs, priors_verdict
+from ..calibration.step_costs import RoundTimer
 from ..calibration.tcc import VARIANTS, resolve_variant
 from ..priors import save_priors
 from . import folders
 from .apply_node import MAX_RANK, WrappersMP, block_policy, patch_model, with_icc
+from .device_timing import device_sync, timing_record
 from .fitted import FittedPriors, TccPriorsType, comfyui_version, fingerprint
 from .linears import record_linears
 from .policy_node import CATEGORY, CachePolicyType
@@ -48,6 +51,7 @@ log = logging.getLogger("calibrated_cache")
 BESIDE, IN_FOLDER = "beside checkpoint", "cache_priors folder"
 FIT_EVENT = "calibrated_cache.fit"
 PROGRESS_EVERY_S = 0.25  # the page redraws the node on each event; every step would flood it on fast models
+SHORTFALL = 0.9  # a measured wall speedup below this share of the target is reported as missing it
 DEFAULT_SAMPLES = 3  # 2 fitting seeds and 1 held out: docs/methods.md, "How many calibration seeds"
 
 
@@ -136,7 +140,7 @@ class CalibrationRuns:
             # ICC's channel statistics: one seed's run gives every Linear thousands of token changes per step
             self.recording.on = step.records and i == 0
             try:
-                out.append(self._sample(self.clone if step.cached else self.model, seed))
+                out.append(as_rows(self._sample(self.clone if step.cached else self.model, seed)))
             finally:
                 self.recording.on = False
         if step.part == HELD_OUT and not step.cached:
@@ -145,12 +149,19 @@ class CalibrationRuns:
             self.session.factors = FactorCache(self.recording.recorder.table())
         return torch.cat(out)
 
-    def _sample(self, model: ModelPatcher, seed: int) -> Tensor:
+    def fewer_steps(self, steps: int) -> Tensor:
+        """Full computation of the held-out seeds at `steps` steps of the same sampler and scheduler: the honest floor
+        a policy is compared with at its measured speed."""
+        sigmas = sigmas_for(self.model, self.sampler_name, self.scheduler, steps)
+        return torch.cat([as_rows(self._sample(self.model, seed, sigmas)) for seed in self.seeds[HELD_OUT]])
+
+    def _sample(self, model: ModelPatcher, seed: int, sigmas: Tensor | None = None) -> Tensor:
         self.seed = seed
+        sigmas = self.sigmas if sigmas is None else sigmas
         noise = comfy.sample.prepare_noise(self.image, seed, self.latent.get("batch_index"))
-        return comfy.sample.sample(model, noise, len(self.sigmas) - 1, self.cfg, self.sampler_name, self.scheduler,
+        return comfy.sample.sample(model, noise, len(sigmas) - 1, self.cfg, self.sampler_name, self.scheduler,
                                    self.positive, self.negative, self.image, noise_mask=self.latent.get("noise_mask"),
-                                   sigmas=self.sigmas, callback=self._step, disable_pbar=True, seed=seed)
+                                   sigmas=sigmas, callback=self._step, disable_pbar=True, seed=seed)
 
     def _step(self, step: int, denoised: Tensor, x: Tensor, total: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()  # scripts have no progress hook to do it
@@ -163,6 +174,14 @@ class CalibrationRuns:
             send_event(FIT_EVENT, {"node": self.node_id, "phase": self.phase, "run": self.calls,
                                    "runs": len(self.plan), "seed": self.seed, "done": self.done, "total": self.total,
                                    "elapsed_s": elapsed, "eta_s": elapsed * (self.total - self.done) / self.done})
+
+
+def as_rows(latent: Tensor) -> Tensor:
+    """One row per sample: a nested latent (LTX-2's video and audio) has its parts flattened side by side, so the
+    fit's error counts both."""
+    if getattr(latent, "is_nested", False):
+        return torch.cat([part.flatten(1) for part in latent.unbind()], dim=1)
+    return latent
 
 
 def split_seeds(seed: int, samples: int, held_out: int) -> dict[str, list[int]]:
@@ -268,11 +287,13 @@ class FitTccPriorsNode(io.ComfyNode):
                                          "speedup it is always measured, whatever this says: it chooses the TCC "
                                          "variant and whether the priors are kept (the report says so)."),
                 io.Float.Input("target_speedup", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
-                               tooltip="0: fit priors for the connected policy. Above 1: search which steps compute, "
-                                       "the forecaster and the priors for this many times fewer FLOPs (the policy "
-                                       "input only gives the granularity); Apply Calibrated Cache then needs only "
-                                       "the file. Costs about 37–60 samplings of one seed (probes, candidates, "
-                                       "refinement)."),
+                               tooltip="0: fit priors for the connected policy. Above 1: make sampling this many "
+                                       "times faster by the clock on this machine: the fit times its own runs, "
+                                       "chooses between searched block plans and whole-step forecasts, fits the "
+                                       "priors, then measures the speedup reached and full computation with fewer "
+                                       "steps on the held-out seed. Apply Calibrated Cache then needs only the "
+                                       "file. Costs about 37–60 samplings of one seed, and up to 11 more for the "
+                                       "timing runs."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
@@ -342,8 +363,6 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     if base.icc is not None or base.goc is not None:
         raise ValueError("a target speedup chooses the schedule and forecaster itself, without ICC or GOC: set "
                          "icc_rank to 0 and connect a Cache Policy without a GOC Corrector")
-    if base.granularity == "step":
-        raise ValueError("a searched plan decides block by block: set the Cache Policy granularity to block")
     check_unpatched(model)
     seeds = split_seeds(seed, samples, held_out)
     # named after the target, not the plan (known only at the end), so an existing file is refused before the fit
@@ -353,10 +372,11 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
         raise ValueError(f"{path} already exists. Enable overwrite to refit it, or rename the existing file to "
                          "keep it.")
     sigmas = sigmas_for(model, sampler_name, scheduler, steps)
-    clone, session = patch_model(model, base)
+    clone, session = patch_model(model, block_policy(base))
+    session.timer = RoundTimer(sync=device_sync(model.load_device))
     node_id = getattr(cls.hidden, "unique_id", None)
     schedule = [FitRun(part, cached, "plan search")
-                for part, cached in fit_runs(held_out=True, variant=variant)]
+                for part, cached in fit_runs(held_out=True, variant=variant, timed=True)]
     runs = CalibrationRuns(model.clone(), clone, session, positive, negative, latent, sigmas, cfg, sampler_name,
                            scheduler, seeds, schedule, Recording(StatsRecorder()), node_id)
 
@@ -368,7 +388,7 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
 
     try:
         fitted = fit_for_speed(run, base, sigmas.flatten().tolist(), len(session.blocks), speedup,
-                               variant=variant)
+                               variant=variant, timer=session.timer, fewer_steps=runs.fewer_steps)
     except PolicyError as err:
         raise ValueError(str(err)) from None
     policy = fitted.policy
@@ -376,15 +396,18 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     cost = elapsed / runs.full_seconds if runs.full_seconds else None
     report = {**fitted.report, "fit_s": elapsed, **({"fit_cost_samplings": cost} if cost is not None else {})}
     fitted_seeds = seeds[FIT]
-    meta = prior_meta(model, session.family.name, checkpoint, policy, sigmas, steps, sampler_name, scheduler, cfg,
-                      seeds, report)
+    meta = {**prior_meta(model, session.family.name, checkpoint, policy, sigmas, steps, sampler_name, scheduler, cfg,
+                         seeds, report),
+            **({"timing": timing_record(model.load_device, report)} if "cost_full_step_s" in report else {})}
     save_priors(path, fitted.priors, meta)
     text = target_text(fitted, speedup, seeds, path, cost, verify)
     send_event(FIT_EVENT, {"node": node_id, "finished": True, "error_on": "held-out",
                            "error_before": report["held_out_before"], "error_after": report["held_out_after"],
                            "fitted_seeds": fitted_seeds, "held_out_seeds": seeds[HELD_OUT],
                            "sites": report["sites"], "path": path, "elapsed_s": elapsed, "cost_samplings": cost,
-                           "plan": policy.plan.picture(), "fraction_predicted": report["plan_predicted_fraction"],
+                           "plan": policy.plan.picture() if policy.plan is not None else policy.tag(),
+                           "fraction_predicted": report["plan_predicted_fraction"],
+                           "speedup_measured": report.get("plan_measured_speedup"),
                            "fraction_measured": report["plan_calibration_fraction"],
                            "fraction_file": report["plan_file_fraction"], "priors_kept": bool(report["plan_priors"])})
     return io.NodeOutput(FittedPriors.output(fitted.priors, meta, path), text, ui=ui.PreviewText(text))
@@ -392,24 +415,46 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
 
 def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], path: str, cost: float | None,
                 verify: bool) -> str:
-    """The node's report of a speed fit: the plan and what it achieved against the target (never above it by the
-    FLOP count), the search's cost, and what the file holds, priors or the plan alone, and why."""
+    """The node's report of a speed fit: the policy it chose for the wall-clock target, its predicted and measured
+    wall speedup (and a plain word where the measurement falls short), the candidates, the cost model, the search's
+    cost, and what the file holds, priors or the policy alone, and why."""
     report, policy = fitted.report, fitted.policy
-    target, achieved = 1 / speedup, report["plan_file_fraction"]
+    whole = bool(report["plan_whole_steps"])
+    measured = report.get("plan_measured_speedup")
     lines = [
-        f"searched plan for {speedup:g}x: {policy.tag()}, compute fraction {achieved:.3f} measured on the fitting "
-        f"seeds as saved ({1 / achieved:.2f}x; predicted {report['plan_predicted_fraction']:.3f}, the plan without "
-        f"priors {report['plan_calibration_fraction']:.3f}); target at most {target:.3f}"
-        + ("" if achieved <= target * (1 + SLACK) else
-           "; ABOVE it: the search undercounted what this model's filled-in blocks cost (please report it)"),
-        policy.plan.picture(),
-        *(f"candidate {c.policy.tag()}: rel L2 {c.error:.4f} on the fitting seeds (predicted {c.predicted ** 0.5:.4f})"
-          for c in fitted.candidates),
-        f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} -> "
-        f"{report['plan_calibration_error']:.4f} on the fitting seeds",
-        f"search {report['plan_search_s']:.2f} s and {report['plan_search_bytes'] / 2**20:.1f} MiB of tables, "
-        f"{int(report['plan_runs'])} samplings of the fitting seeds",
-        *(f"not searched: {note}" for note in fitted.skipped)]
+        f"chosen for {speedup:g}x wall-clock on this machine: {policy.tag()} "
+        f"({'whole steps forecast, no block plan' if whole else 'searched block plan'}), predicted "
+        f"{1 / report['plan_predicted_fraction']:.2f}x, compute fraction {report['plan_file_fraction']:.3f}"]
+    if measured is not None:
+        low, high = report["plan_measured_speedup_low"], report["plan_measured_speedup_high"]
+        lines.append(f"measured {measured:.2f}x (paired runs {low:.2f}-{high:.2f}x) against full computation on the "
+                     f"held-out seeds")
+        if measured < SHORTFALL * speedup:
+            lines.append(f"BELOW the target: this is the fastest policy the fit found within its cost model, and it "
+                         f"measured {measured:.2f}x here; a target of at most {math.floor(10 * measured) / 10:g} is "
+                         "one this machine keeps")
+    if "fewer_steps" in report:
+        k, floor, own = int(report["fewer_steps"]), report["fewer_steps_error"], report["plan_held_out_error"]
+        lines.append(f"full computation at {k} steps takes about the same time: rel L2 {floor:.4f} on the held-out "
+                     f"seeds against this policy's {own:.4f}"
+                     + (f"; FEWER STEPS DO AS WELL OR BETTER here: sample {k} steps without the cache"
+                        if floor <= own else ""))
+    if policy.plan is not None:
+        lines.append(policy.plan.picture())
+    lines += [f"candidate {c.policy.tag()} ({'whole steps' if c.aggregate == WHOLE_STEP else 'block plan'}): "
+              f"predicted {1 / c.fraction:.2f}x, rel L2 {c.error:.4f} on the fitting seeds" for c in fitted.candidates]
+    if "cost_outside_s" in report:
+        lines.append(f"cost model from {int(report['cost_rounds'])} timed steps, per sample: outside the blocks "
+                     f"{report['cost_outside_s'] * 1e3:.3g} ms, computed blocks {report['cost_per_gflop_s'] * 1e3:.3g} "
+                     f"ms/GFLOP, forecasts {report['cost_per_fill_gflop_s'] * 1e3:.3g} ms/GFLOP"
+                     + (f", a step forecast whole {report['cost_whole_step_s'] * 1e3:.3g} ms"
+                        if "cost_whole_step_s" in report else ""))
+    if not whole:
+        lines.append(f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} "
+                     f"-> {report['plan_calibration_error']:.4f} on the fitting seeds")
+    lines += [f"search {report['plan_search_s']:.2f} s and {report['plan_search_bytes'] / 2**20:.1f} MiB of tables, "
+              f"{int(report['plan_runs'])} samplings of the fitting seeds",
+              *(f"not searched: {note}" for note in fitted.skipped)]
     # the verdict says what the file holds, where a fixed policy's fit would advise leaving Apply's priors empty
     fit = [line for line in report_text(report, fitted.priors.variant, policy.tag(), seeds, path, cost).splitlines()
            if line != NO_GAIN]

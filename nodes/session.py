@@ -28,6 +28,8 @@ import torch
 from ..calibration import CacheMemory, CachePolicy, ModelCall, PolicyError, RunState, RunStats
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import ICC_ANY_SIZE, FactorCache, LinearTarget, icc_too_small
+from ..calibration.step_costs import RoundTimer
+from .device_timing import achieved_speedup, timing_note
 from ..priors import PriorMismatch, check_schedule, run_warnings
 from .compiled import BlockRunner, block_compiler
 from .families import BlockSite, Family, UnsupportedModel
@@ -58,6 +60,8 @@ class CacheSession:
         self.factors = factors  # ICC's factors: they outlive runs while the weights are unchanged
         self.priors = priors
         self.calibrator: Calibrator | None = None  # Fit TCC Priors sets it per run; runs with priors build their own
+        self.timer: RoundTimer | None = None  # a fit for a target speedup times the rounds of its runs
+        self.device: torch.device | None = None  # where the run with priors samples (their timing's device)
         self.family = family
         self.blocks = blocks
         self.node_id = node_id
@@ -90,7 +94,7 @@ class CacheSession:
         schedule = sigmas.flatten().tolist()
         calibrator = self.calibrator if self.priors is None else self.priors.calibrator()  # this run's own
         try:
-            run = RunState(self.policy, schedule, len(self.blocks), calibrator, self.factors, self.memory)
+            run = RunState(self.policy, schedule, len(self.blocks), calibrator, self.factors, self.memory, self.timer)
         except PolicyError as err:  # settings this model cannot take (a plan for another block count): the fix
             raise ValueError(f"calibrated_cache: {err}") from None
         except ValueError as err:  # FlipSigmas (ascending) or SplitSigmas leaving one sigma: nothing to fix
@@ -133,8 +137,10 @@ class CacheSession:
             raise ValueError(str(err)) from None
         used = sampler_name(sampler)
         scheduler = scheduler_name(guider.model_patcher.get_model_object("model_sampling"), schedule, used)
+        self.device = guider.model_patcher.load_device
+        timed = timing_note(meta, self.device)
         self.prior_notes = ([note] if note else []) + run_warnings(meta, cfg=cfg, sampler=used,
-                                                                   scheduler=scheduler)
+                                                                   scheduler=scheduler) + ([timed] if timed else [])
         for warning in self.prior_notes:
             log.warning("calibrated_cache: %s", warning)
 
@@ -269,8 +275,10 @@ class CacheSession:
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
         self.last_stats = stats
+        achieved = None if self.priors is None else achieved_speedup(self.priors.meta, self.device,
+                                                                     stats.evaluations, wall)
         self.last_report = {**self._report_head(), "prior_notes": self.prior_notes, "uncached": None, "wall_s": wall,
-                            **stats.to_dict()}
+                            **stats.to_dict(), "wall_speedup_vs_fit": achieved}
         log.info("calibrated_cache [%s] %s: %s, wall %.2f s%s", self.policy.tag(), self.family.name, stats.summary(),
                  wall, f", priors {priors}" if priors else "")
         send_event("calibrated_cache.stats", self.last_report)

@@ -29,7 +29,7 @@ FORMAT_VERSION = 2
 READS = ("1", "2")
 REQUIRED = ("format", "format_version", "method", "variant", "model", "policy", "policy_tag", "sigmas", "steps",
             "sampler", "scheduler", "cfg", "samples", "pack_version", "created")
-JSON_FIELDS = ("model", "policy", "sigmas", "report", "seeds", "icc_stats")
+JSON_FIELDS = ("model", "policy", "sigmas", "report", "seeds", "icc_stats", "timing")
 PARTS = ("a", "g", "b", "info")
 
 

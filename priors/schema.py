@@ -153,6 +153,21 @@ def icc_stats(value: Any) -> dict[str, Any]:
     return data
 
 
+def timing(value: Any) -> dict[str, Any]:
+    """Where a fit for a wall-clock target read its clock: the device, and the speedups and full-step time there."""
+    data = mapping(value)
+    unknown = sorted(set(data) - {"device", "torch", "predicted_speedup", "measured_speedup", "full_step_s"})
+    if unknown:
+        raise Invalid(f"has unknown keys {unknown}")
+    for key in ("device", "torch"):
+        text(data.get(key), 128)
+    for key in ("predicted_speedup", "full_step_s"):
+        number(data.get(key))
+    if data.get("measured_speedup") is not None:
+        number(data["measured_speedup"])
+    return data
+
+
 Check = Callable[[Any], Any]
 # Metadata strings → typed values; JSON fields are parsed first. `format` and `format_version` are checked before these.
 FIELDS: dict[str, tuple[bool, Check]] = {
@@ -175,6 +190,7 @@ FIELDS: dict[str, tuple[bool, Check]] = {
     "held_out": (False, lambda v: integer(v, 0, 4096)),
     "held_out_seeds": (True, seeds),
     "icc_stats": (True, icc_stats),
+    "timing": (True, timing),  # fits for a wall-clock target only
 }
 
 

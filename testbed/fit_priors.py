@@ -14,6 +14,7 @@ from ..calibration.calibrator import Calibrator
 from ..calibration.icc import ChannelTable, FactorCache, StatsRecorder
 from ..calibration.fitting import FIT, FitRun, fit_plan, fit_tcc
 from ..calibration.speed_fit import FORECASTERS, SpeedFit, fit_for_speed
+from ..calibration.step_costs import RoundTimer
 from ..calibration.tcc import TccPriors, resolve_variant
 from ..priors import model_fingerprint
 from .evaluate import bench_inputs
@@ -92,23 +93,31 @@ def fit_testbed_speed(model: DiT, base: CachePolicy, speedup: float, samples: in
                       sampler: str = "euler", shift: float = 1.0, variant: str = "auto", seed: int = CALIBRATION_SEED,
                       held_out: int = HELD_OUT, tcc: bool = True,
                       forecasters: tuple[tuple[str, int], ...] = FORECASTERS,
-                      progress: Callable[[int, str], None] | None = None) -> tuple[SpeedFit, dict[str, Any]]:
+                      progress: Callable[[int, str], None] | None = None, timed: bool = False
+                      ) -> tuple[SpeedFit, dict[str, Any]]:
     """A searched plan, its forecaster and TCC priors for `speedup` (`calibration/speed_fit.py`) on `samples`
-    calibration requests, with the report's held-out figures on `held_out` other requests; and the prior metadata."""
+    calibration requests, with the report's held-out figures on `held_out` other requests; and the prior metadata.
+    `timed`: the speedup is wall-clock on this machine (the fit times its runs); else a compute fraction, which
+    keeps the testbed's tables the same on every machine."""
     parts = requests(model, samples, seed, held_out)
     sigmas = flow_sigmas(steps, shift)
+    timer = RoundTimer() if timed else None
 
     def run(policy: CachePolicy | None, calibrator: Calibrator | None, part: str) -> tuple[Tensor, RunStats | None]:
         labels, noise = parts[part]
         out, state = sample(model, labels, noise, steps, cfg, sampler=sampler, policy=policy, sigmas=sigmas,
-                            calibrator=calibrator)
+                            calibrator=calibrator, timer=timer)
         if progress is not None:
             progress(len(labels), part)
         return out, state.stats if state is not None else None
 
     start = time.perf_counter()
+    def fewer_steps(k: int) -> Tensor:
+        labels, noise = parts["held_out"]
+        return sample(model, labels, noise, k, cfg, sampler=sampler, sigmas=flow_sigmas(k, shift))[0]
+
     fitted = fit_for_speed(run, base, sigmas.tolist(), len(model.blocks), speedup, forecasters, variant, tcc,
-                           held_out > 0)
+                           held_out > 0, timer=timer, fewer_steps=fewer_steps if timed else None)
     fitted.report = {**fitted.report, "fit_s": time.perf_counter() - start}
     return fitted, prior_meta(model, fitted.policy, sigmas, sampler, shift, cfg, samples, seed, held_out, fitted.report)
 

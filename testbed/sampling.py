@@ -13,6 +13,7 @@ from torch import Tensor
 from ..calibration import CacheMemory, CachePolicy, RunState
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import FactorCache, StatsRecorder
+from ..calibration.step_costs import RoundTimer
 from .linears import routed_linears
 from .model import DiT
 
@@ -95,16 +96,17 @@ def sample(
     factors: FactorCache | None = None,
     recorder: StatsRecorder | None = None,
     memory: CacheMemory | None = None,
+    timer: RoundTimer | None = None,
 ) -> tuple[Tensor, RunState | None]:
     """Sample `labels` from `noise`; with a policy, returns the run state (its stats) next to the samples. A
     calibrator corrects the values the policy reuses (or, in a reference run, observes the full ones). `factors`
     serve a policy with ICC; a `recorder` records the block Linears' channel statistics; `memory` places and caps the
-    caches."""
+    caches; a `timer` times the rounds (a fit's cost model)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {sorted(SAMPLERS)}")
     sigmas = flow_sigmas(steps, shift) if sigmas is None else sigmas
     run = None if policy is None else RunState(policy, sigmas.tolist(), len(model.blocks), calibrator, factors,
-                                                      memory)
+                                                      memory, timer)
     velocity = GuidedVelocity(model, labels, cfg, batched, run, recorder)
     with routed_linears(model, run.icc if run is not None and run.icc is not None else recorder):
         x = SAMPLERS[sampler](velocity, noise * sigmas[0].item(), sigmas)

@@ -1,5 +1,7 @@
 """Bad prior files get a clear message naming the fix, never a traceback from deep inside and never executed code."""
 
+import json
+
 import pytest
 import torch
 
@@ -61,3 +63,22 @@ def test_a_prior_for_another_width_is_refused_when_it_meets_the_model(tmp_path):
     with pytest.raises(ValueError, match="8 channels but the model's value has 16: the priors belong to another "
                                          "model; choose priors fitted for it, or refit"):
         priors.calibrate([site], Reused(value, lambda: None, None))
+
+
+def test_a_wall_clock_fits_timing_round_trips_and_a_malformed_one_is_refused(tmp_path):
+    """The device a wall-clock target was timed on travels with the file; a timing entry that is not the pack's is
+    refused rather than trusted (a run compares devices and speedups from it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = valid_file(tmp_path / "good.tcc.safetensors")
+    with safe_open(str(good), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    timing = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "predicted_speedup": 4.1,
+              "measured_speedup": 3.8, "full_step_s": 0.012}
+    save_file(tensors, str(tmp_path / "timed.tcc.safetensors"), metadata={**meta, "timing": json.dumps(timing)})
+    assert load_priors(tmp_path / "timed.tcc.safetensors").meta["timing"] == timing
+    for bad in ({**timing, "device": ""}, {**timing, "predicted_speedup": "fast"}, {**timing, "host": "x"}):
+        save_file(tensors, str(tmp_path / "bad.tcc.safetensors"), metadata={**meta, "timing": json.dumps(bad)})
+        with pytest.raises(PriorFileError, match="metadata field 'timing'"):
+            load_priors(tmp_path / "bad.tcc.safetensors")

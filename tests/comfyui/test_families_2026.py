@@ -11,12 +11,13 @@ with no family is left undefined rather than given an empty parameter set, which
 from __future__ import annotations
 
 import logging
+import re
 from typing import Callable
 
 import pytest
 import torch
 
-from .test_nodes import patched
+from .test_nodes import SETTINGS, patched
 from .tiny_models import cache_block_by_block, run_sampler, session_of
 from .tiny_models_2026 import SPECS, available, build, flat, parts
 
@@ -221,3 +222,46 @@ def test_a_block_that_passes_no_stream_runs_plainly_and_the_log_says_so_once(pac
     assert warnings == ["calibrated_cache: block 0 of Wan passed no stream the pack can cache (its arguments: x: "
                         "Tensor); such blocks run uncached in this run. Please report the model so it can be "
                         "supported."]
+
+
+@each(["LTX2", "LTX2ImageToVideo"], target=[0.0, 2.0])
+def test_fit_tcc_priors_on_ltx2s_video_and_audio_latent_fits_and_reports_its_held_out_error(
+        pack, bundles, family, target, tmp_path, monkeypatch):
+    """LTX-2 samples a nested latent (video and audio): the fit measures its error over both parts, and the priors
+    it saves (with a searched plan, given a target) apply to the cached run."""
+    import folder_paths
+
+    from .tiny_models import comfyui_nodes
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "cache_priors", ([str(tmp_path)], {".safetensors"}))
+    model, positive, negative, latent = bundle(bundles, family)
+    policy = pack[0].execute(**{**SETTINGS, "interval": 3}).result[0]
+    fit_node = comfyui_nodes().NODE_CLASS_MAPPINGS["CalibratedCache_FitTCCPriors"]
+    priors, text = fit_node.execute(model, policy, positive, negative, latent, samples=2, seed=0, steps=9, cfg=2.0,
+                                    sampler_name="euler", scheduler="simple", variant="drift", checkpoint="none",
+                                    save_to="cache_priors folder", overwrite=False,
+                                    target_speedup=target).result[:2]
+    assert "held-out seeds 1: error against full computation" in text and list(tmp_path.glob("*.safetensors"))
+    full = run_sampler(model, positive, negative, latent, steps=9, cfg=2.0)
+    calibrated = run_sampler(pack[1].execute(model, policy, priors=priors).result[0], positive, negative, latent,
+                             steps=9, cfg=2.0)
+    assert [p.shape for p in parts(calibrated)] == [p.shape for p in parts(full)]
+    assert 0 < rel(calibrated, full) < 0.25
+
+
+@each()
+def test_icc_routes_each_new_familys_block_linears_exact_at_full_rank_and_live_at_low_rank(
+        pack, bundles, family, monkeypatch):
+    """ICC on every 2026 family: its block Linears are routed (modulation ones left exact), at a rank above every
+    layer's the increments are exact, and at rank 4 they are not, so the routing is live."""
+    monkeypatch.setenv("CALIBRATED_CACHE_ICC_ANY_SIZE", "1")  # tiny blocks: proving wiring and accuracy, not speed
+    model, positive, negative, latent = bundle(bundles, family)
+    fora = pack[0].execute(**{**SETTINGS, "interval": 2, "warmup_steps": 0}).result[0]
+    full = run_sampler(model, positive, negative, latent, steps=8, cfg=2.0)
+    exact = pack[1].execute(model, fora, icc_rank=4096, icc_svd="plain").result[0]
+    assert rel(run_sampler(exact, positive, negative, latent, steps=8, cfg=2.0), full) < 1e-4
+    assert session_of(exact).last_report["blocks_skipped"] > 0
+    factored = [key for (key, *_) in session_of(exact).factors._entries]
+    assert factored and not any(re.search(r"(^|[._])(mod|modulation)(\.|$)", key.split("/", 1)[1]) for key in factored)
+    low = pack[1].execute(model, fora, icc_rank=4, icc_svd="plain").result[0]
+    assert rel(run_sampler(low, positive, negative, latent, steps=8, cfg=2.0), full) > 1e-4
