@@ -267,6 +267,33 @@ SCENES_PLANS: list[Column] = [("target", lambda r: r["speedup"]), ("config", lam
                               ("adherence", number("adherence", 2)), ("fd", number("fd", 2))]
 
 
+def wall_target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per target: the wall-clock fit as measured, then the best uniform block policy, whole-step policy and fewer-step
+    run at least as fast (studies/wall_targets.py)."""
+    rows = []
+    for t in report["targets"]:
+        fit = t["fit"]
+        rows.append({**fit, "target": f"{t['target']:g}×", "config": f"fit: {fit['config']} ({fit['granularity']})",
+                     "of_target": f"{fit['wall_speedup'] / t['target']:.2f}"})
+        for kind in ("block", "whole-step", "fewer steps"):
+            best = t[f"best {kind}"]
+            rows.append({**(best or {}), "target": "", "config": f"best {kind}: {best['config'] if best else 'none'}",
+                         "of_target": ""})
+    return rows
+
+
+def maybe(key: str, digits: int) -> Callable[[dict[str, Any]], str]:
+    return lambda r: "" if key not in r else f"{r[key]:.{digits}f}"
+
+
+WALL_TARGETS: list[Column] = [("target", lambda r: r["target"]), ("config", lambda r: r["config"]),
+                              ("wall speedup", lambda r: "" if "wall_speedup" not in r else
+                               f"{r['wall_speedup']:.2f}× ({r['spread'][0]:.2f}–{r['spread'][1]:.2f})"),
+                              ("of target", lambda r: r["of_target"]), ("compute fraction", maybe("compute_fraction", 3)),
+                              ("rel_l2", maybe("rel_l2", 3)), ("adherence", maybe("adherence", 2)),
+                              ("fd", maybe("fd", 2))]
+
+
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
     "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
                                                             "spectrum", "dmd", "fbcache")), QUALITY),
@@ -306,6 +333,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "scenes-plans": ("scenes_plans.json", "", scenes_plan_rows, SCENES_PLANS),
     "scenes-plans-30": ("scenes_plans_30.json", "", scenes_plan_rows, SCENES_PLANS),
     "testbed-plan-oracle": ("plan_oracle.json", "", oracle_rows, ORACLE),
+    "wall-targets": ("wall_targets.json", "", wall_target_rows, WALL_TARGETS),
     "search-memory": ("search_memory.json", "python studies/search_memory.py --steps 20 50 100 --json "
                       "benchmarks/results/search_memory.json", lambda r: r["rows"], SEARCH_MEMORY),
     "spans-guard": ("spans_guard.json", "", guard_rows, SPANS_GUARD),
