@@ -93,9 +93,9 @@ class CachePolicy:
         if self.plan is not None and self.time_unit != "step":
             raise PolicyError("a searched plan forecasts in steps, as it was searched: set time_unit to step")
         if self.granularity == "step" and (self.mode == "dynamic" or self.first_blocks or self.last_blocks):
-            raise PolicyError("whole-step forecasting skips every block of a step, so it needs a fixed interval and no "
-                              "first_blocks or last_blocks (the dynamic mode decides from its first block): set those "
-                              "to 0 and the mode to fixed, or forecast block by block")
+            raise PolicyError("whole-step forecasting skips every block of a step, so it needs a fixed interval (or a "
+                              "plan) and no first_blocks or last_blocks (the dynamic mode decides from its first "
+                              "block): set those to 0 and the mode to fixed, or forecast block by block")
         if self.granularity == "step" and self.plan is not None and len(set(self.plan.rows)) > 1:
             raise PolicyError("whole-step forecasting computes all blocks of a step or none, so its plan must compute "
                               "every block at the same steps: forecast block by block for this plan")

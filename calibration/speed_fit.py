@@ -101,7 +101,7 @@ def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS
     """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
     runs = [(FIT, True)] * (2 + groups + windows + REFINE_RUNS) + [(FIT, True)] * forecasters * len(AGGREGATES)
     if timed:  # the whole-step probe and candidates, and the held-out timing pairs
-        runs += [(FIT, True)] * 3 + ([(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]) * held_out
+        runs += [(FIT, True)] * 4 + ([(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]) * held_out
     if tcc:
         steps = fit_plan("drift", 1, held_out, verify=True)
         runs += [(s.part, s.cached) for s in steps]
@@ -158,7 +158,11 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
     weights, probes = _gains(run, base, sigmas, blocks, speedup, grams, reference, groups, windows)
     candidates: list[Candidate] = []
     whole_probe = whole_step_policy(base, steps, max(2, min(round(speedup), steps)))
-    if timer is not None:  # a whole-step run times what forecasting a model call costs, and is a candidate
+    if timer is not None:
+        # the probes reuse, which costs no arithmetic: a Taylor-2 run filling every block from its third step on
+        # times what forecasts cost; a whole-step run times what forecasting a model call costs, and is a candidate
+        anchored = BlockPlan(tuple(sigmas), ("1" * min(3, steps) + "0" * (steps - min(3, steps)),) * blocks)
+        run(plan_policy(base, anchored, "taylor", 2), None, FIT)
         candidates.append(_measured(run, Candidate(whole_probe, WHOLE_STEP, math.nan, math.nan), reference))
     computed = [recorded.block_flops.get(b, 0.0) for b in range(blocks)]
     timed = fit_step_costs(timer.rounds) if timer is not None else None
@@ -184,14 +188,18 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
             candidates.append(_measured(run, Candidate(policy, aggregate, found.predicted, found.fraction), reference))
     if timed is not None and timed.whole is not None:
         candidates = [_whole_fraction(c, timed, computed, steps) for c in candidates]
+        probe_row = whole_step_row(steps, whole_probe.interval)
         for whole in whole_step_candidates(base, sigmas, speedup, timed, computed):
-            candidates.append(_measured(run, whole, reference))
+            if whole.policy.plan.rows[0] != probe_row:  # the probe ran that schedule already
+                candidates.append(_measured(run, whole, reference))
     within = [c for c in candidates if c.fraction <= (1.0 / speedup) * (1 + SLACK)]
     if not within:
         fastest = min(candidates, key=lambda c: c.fraction)
+        reach = math.floor(10 / fastest.fraction) / 10
         raise PolicyError(f"no plan reaches {speedup:g}x on this machine: the fastest found, {fastest.policy.tag()}, "
-                          f"is predicted at {1 / fastest.fraction:.2f}x: choose a target speedup of at most "
-                          f"{math.floor(10 / fastest.fraction) / 10:g}")
+                          f"is predicted at {1 / fastest.fraction:.2f}x: " +
+                          (f"choose a target speedup of at most {reach:g}" if reach > 1 else
+                           "caching gains this model nothing on this machine"))
     searched = min(within, key=lambda c: c.error)
     best, moves = _refine(run, searched, reference, refine) if searched.aggregate != WHOLE_STEP else (searched, 0)
     report: dict[str, float] = {
@@ -202,7 +210,7 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
         "plan_rank_correlation": rank_correlation([c.predicted for c in candidates if c.aggregate != WHOLE_STEP],
                                                   [c.error for c in candidates if c.aggregate != WHOLE_STEP]),
         "plan_search_s": seconds, "plan_search_bytes": float(nbytes), "plan_forecasters_skipped": float(len(skipped)),
-        "plan_runs": 2 + probes + len(candidates) + moves, "plan_priors": 0.0,
+        "plan_runs": 2 + probes + len(candidates) + moves + (timer is not None), "plan_priors": 0.0,
         "plan_file_fraction": best.measured_fraction, "plan_whole_steps": float(searched.aggregate == WHOLE_STEP),
         "plan_wall_timed": float(timed is not None)}
     if timed is not None:
@@ -271,7 +279,7 @@ def whole_step_rows(steps: int, computed: int) -> list[str]:
         spread = {0} | {1 + round(i * (steps - 2) / (computed - 2)) for i in range(computed - 1)}
         rows.append("".join("1" if s in spread else "0" for s in range(steps)))
     for interval in range(2, steps):
-        row = "1" + "".join("1" if (s - 1) % interval == 0 else "0" for s in range(1, steps))
+        row = whole_step_row(steps, interval)
         if row.count("1") <= computed:
             rows.append(row)
             break
@@ -295,12 +303,16 @@ def whole_step_candidates(base: CachePolicy, sigmas: list[float], speedup: float
     return out
 
 
+def whole_step_row(steps: int, interval: int) -> str:
+    """The model calls a `whole_step_policy` computes: the warm-up step, then every `interval`-th."""
+    return "1" + "".join("1" if (s - 1) % interval == 0 else "0" for s in range(1, steps))
+
+
 def _whole_fraction(c: Candidate, timed: StepCosts, computed: list[float], steps: int) -> Candidate:
     """A whole-step candidate's predicted wall fraction, once the cost model is fitted."""
     if c.aggregate != WHOLE_STEP or not math.isnan(c.fraction):
         return c
-    row = "1" + "".join("1" if (s - 1) % c.policy.interval == 0 else "0" for s in range(1, steps))
-    fraction = timed.whole_step_fraction(computed, row)
+    fraction = timed.whole_step_fraction(computed, whole_step_row(steps, c.policy.interval))
     return dataclasses.replace(c, fraction=math.nan if fraction is None else fraction)
 
 

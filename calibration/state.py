@@ -167,8 +167,12 @@ class RunState:
         for stale in left | {group}:
             if stale in self.groups:
                 self._drop_group(stale, forget_icc=False)
+        if not self.groups:  # sites are reserved at their group's size: the next group reserves its own
+            self.reserved.clear()
         if self.calibrator is not None:
+            held = self.calibrator.nbytes
             self.calibrator.forget(tuple(roles))
+            self.stats.add_cache_bytes(self.calibrator.nbytes - held)
 
     def _drop_group(self, group: Group, forget_icc: bool) -> None:
         """Release a group's cache; ICC's per-branch values too when the input layout changed (`forget_icc`), not
@@ -204,7 +208,7 @@ class RunState:
 
     def _new_round(self, sigma: float) -> Round:
         if self.timer is not None:
-            self.timer.mark(self.stats)
+            self.timer.mark(self.stats, step_run=self.policy.granularity == "step")
         step = self.clock.step(sigma)
         time = self.clock.position(sigma) if self.policy.time_unit == "step" else sigma
         if self.policy.mode != "dynamic":  # fixed or plan: the round skips some block (plan: `skips` says which)

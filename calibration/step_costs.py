@@ -41,6 +41,7 @@ class RoundTime:
     evaluations: int
     whole: bool
     seconds: float
+    step_run: bool = False  # from a run with granularity step: its computed rounds count the whole call as blocks
 
 
 @dataclass
@@ -53,16 +54,18 @@ class RoundTimer:
     rounds: list[RoundTime] = field(default_factory=list)
     _open: tuple[float, float, float, int, int] | None = None
 
-    def mark(self, stats: RunStats, last: bool = False) -> None:
+    def mark(self, stats: RunStats, last: bool = False, step_run: bool = False) -> None:
+        """A round starts (or, `last`, the run ends: its final round also holds the host's cleanup, so it is not
+        kept)."""
         if self.sync is not None:
             self.sync()
         now = self.clock()
         totals = (stats.flops_blocks, stats.flops_filled, stats.evaluations, stats.calls_skipped)
-        if self._open is not None:
+        if self._open is not None and not last:
             start, blocks, filled, evaluations, skipped = self._open
             if totals[2] > evaluations and totals[0] >= blocks:  # the same run's counters moved: one round
                 self.rounds.append(RoundTime(totals[0] - blocks, totals[1] - filled, totals[2] - evaluations,
-                                             totals[3] > skipped, now - start))
+                                             totals[3] > skipped, now - start, step_run))
         self._open = None if last else (now, *totals)
 
 
@@ -96,7 +99,7 @@ class StepCosts:
 
 def fit_step_costs(rounds: Sequence[RoundTime]) -> StepCosts | None:
     """The cost model from timed rounds (see the module's docstring); None with fewer than MIN_ROUNDS block rounds."""
-    block_rounds = [r for r in rounds if not r.whole and r.evaluations]
+    block_rounds = [r for r in rounds if not r.whole and not r.step_run and r.evaluations]
     if len(block_rounds) < MIN_ROUNDS:
         return None
     x = torch.tensor([[1.0, r.blocks / r.evaluations, r.filled / r.evaluations] for r in block_rounds],
@@ -113,6 +116,8 @@ def fit_step_costs(rounds: Sequence[RoundTime]) -> StepCosts | None:
             break
         kept[worst] = False  # the worst round first: one far-off round must not push good ones off the fit
     whole = [r.seconds / r.evaluations for r in rounds if r.whole and r.evaluations]
+    if float(coef[0]) + float(coef[1]) <= 0:  # a full step priced at nothing: no model to budget with
+        return None
     return StepCosts(float(coef[0]), float(coef[1]), float(coef[2]), statistics.median(whole) if whole else None,
                      int(kept.sum()))
 

@@ -2,7 +2,8 @@
 
 A fitted plan's wall speedup is a measurement on one machine: its file records the device (`device_name`), the
 predicted and measured speedups and what a full step cost there per sample; a run elsewhere says its timing came from
-another device, and a run on the same device reports the speedup it reached against that full-step time.
+another device. (A run's own speedup needs full computation beside it at the same batch and resolution, which a run
+does not have: the run report gives its wall time.)
 """
 
 from __future__ import annotations
@@ -50,13 +51,3 @@ def timing_note(meta: dict[str, Any], device: torch.device) -> str | None:
             + (f" ({measured:.2f}x there)" if measured else "")
             + f", not on this {here}: its speedup here may differ; refit on this machine for a wall-clock target "
               "that holds here")
-
-
-def achieved_speedup(meta: dict[str, Any] | None, device: torch.device, evaluations: int, wall: float
-                     ) -> float | None:
-    """This run's wall speedup against the fit's full-step time, on the device the fit timed (None elsewhere or
-    without a timed fit): full computation would have cost that time for each sample the run evaluated."""
-    timing = (meta or {}).get("timing")
-    if not timing or timing["device"] != device_name(device) or wall <= 0:
-        return None
-    return timing["full_step_s"] * evaluations / wall

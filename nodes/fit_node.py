@@ -292,7 +292,7 @@ class FitTccPriorsNode(io.ComfyNode):
                                        "chooses between searched block plans and whole-step forecasts, fits the "
                                        "priors, then measures the speedup reached and full computation with fewer "
                                        "steps on the held-out seed. Apply Calibrated Cache then needs only the "
-                                       "file. Costs about 37–60 samplings of one seed, and up to 11 more for the "
+                                       "file. Costs about 37–60 samplings of one seed, and up to 13 more for the "
                                        "timing runs."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
@@ -421,8 +421,9 @@ def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], p
     report, policy = fitted.report, fitted.policy
     whole = bool(report["plan_whole_steps"])
     measured = report.get("plan_measured_speedup")
+    clock = "wall-clock on this machine" if report.get("plan_wall_timed") else "in FLOPs (too few steps to time)"
     lines = [
-        f"chosen for {speedup:g}x wall-clock on this machine: {policy.tag()} "
+        f"chosen for {speedup:g}x {clock}: {policy.tag()} "
         f"({'whole steps forecast, no block plan' if whole else 'searched block plan'}), predicted "
         f"{1 / report['plan_predicted_fraction']:.2f}x, compute fraction {report['plan_file_fraction']:.3f}"]
     if measured is not None:
@@ -430,9 +431,10 @@ def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], p
         lines.append(f"measured {measured:.2f}x (paired runs {low:.2f}-{high:.2f}x) against full computation on the "
                      f"held-out seeds")
         if measured < SHORTFALL * speedup:
-            lines.append(f"BELOW the target: this is the fastest policy the fit found within its cost model, and it "
-                         f"measured {measured:.2f}x here; a target of at most {math.floor(10 * measured) / 10:g} is "
-                         "one this machine keeps")
+            keeps = math.floor(10 * measured) / 10
+            lines.append(f"BELOW the target: the policy the fit chose within its cost model measured {measured:.2f}x "
+                         "here; " + (f"a target of at most {keeps:g} is one this machine keeps" if keeps > 1 else
+                                     "caching gains this model nothing on this machine: sample without it"))
     if "fewer_steps" in report:
         k, floor, own = int(report["fewer_steps"]), report["fewer_steps_error"], report["plan_held_out_error"]
         lines.append(f"full computation at {k} steps takes about the same time: rel L2 {floor:.4f} on the held-out "
@@ -453,7 +455,7 @@ def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], p
         lines.append(f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} "
                      f"-> {report['plan_calibration_error']:.4f} on the fitting seeds")
     lines += [f"search {report['plan_search_s']:.2f} s and {report['plan_search_bytes'] / 2**20:.1f} MiB of tables, "
-              f"{int(report['plan_runs'])} samplings of the fitting seeds",
+              f"{int(report['plan_runs'])} samplings of the fitting and held-out seeds",
               *(f"not searched: {note}" for note in fitted.skipped)]
     # the verdict says what the file holds, where a fixed policy's fit would advise leaving Apply's priors empty
     fit = [line for line in report_text(report, fitted.priors.variant, policy.tag(), seeds, path, cost).splitlines()

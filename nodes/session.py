@@ -29,7 +29,7 @@ from ..calibration import CacheMemory, CachePolicy, ModelCall, PolicyError, RunS
 from ..calibration.calibrator import Calibrator
 from ..calibration.icc import ICC_ANY_SIZE, FactorCache, LinearTarget, icc_too_small
 from ..calibration.step_costs import RoundTimer
-from .device_timing import achieved_speedup, timing_note
+from .device_timing import timing_note
 from ..priors import PriorMismatch, check_schedule, run_warnings
 from .compiled import BlockRunner, block_compiler
 from .families import BlockSite, Family, UnsupportedModel
@@ -275,10 +275,8 @@ class CacheSession:
                         "Another node may have replaced the blocks after Apply Calibrated Cache.", self.family.name)
         priors = self.priors.name if self.priors is not None else None
         self.last_stats = stats
-        achieved = None if self.priors is None else achieved_speedup(self.priors.meta, self.device,
-                                                                     stats.evaluations, wall)
         self.last_report = {**self._report_head(), "prior_notes": self.prior_notes, "uncached": None, "wall_s": wall,
-                            **stats.to_dict(), "wall_speedup_vs_fit": achieved}
+                            **stats.to_dict()}
         log.info("calibrated_cache [%s] %s: %s, wall %.2f s%s", self.policy.tag(), self.family.name, stats.summary(),
                  wall, f", priors {priors}" if priors else "")
         send_event("calibrated_cache.stats", self.last_report)

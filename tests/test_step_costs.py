@@ -62,9 +62,9 @@ def test_the_timer_gives_each_round_its_own_work_and_time():
     stats.flops_filled, stats.evaluations, stats.calls_skipped = 1e6, 4, 1
     timer.mark(stats)
     stats.evaluations = 6
-    timer.mark(stats, last=True)
+    timer.mark(stats, last=True)  # the run's last round also holds the host's cleanup: not kept
     assert [(r.blocks, r.filled, r.evaluations, r.whole, r.seconds) for r in timer.rounds] == [
-        (8e9, 0.0, 2, False, 1.0), (0.0, 1e6, 2, True, 2.0), (0.0, 0.0, 2, False, 3.0)]
+        (8e9, 0.0, 2, False, 1.0), (0.0, 1e6, 2, True, 2.0)]
 
 
 def test_whole_step_schedules_compute_the_first_two_calls_and_spread_or_step_the_rest():
@@ -75,19 +75,19 @@ def test_whole_step_schedules_compute_the_first_two_calls_and_spread_or_step_the
 class ModelledClock(RoundTimer):
     """Rounds take the time a cost model gives their work, so a fit's choice is deterministic: per sample, `outside`
     for every round that calls the model, `whole` for one that forecasts its calls whole, and per FLOP of a computed
-    block."""
+    block and of a forecast."""
 
-    def __init__(self, outside: float, per_flop: float, whole: float) -> None:
-        self.now, self.outside, self.per_flop, self.whole = 0.0, outside, per_flop, whole
+    def __init__(self, outside: float, per_flop: float, whole: float, per_fill: float = 0.0) -> None:
+        self.now, self.outside, self.per_flop, self.whole, self.per_fill = 0.0, outside, per_flop, whole, per_fill
         super().__init__(clock=lambda: self.now)
 
-    def mark(self, stats: RunStats, last: bool = False) -> None:
+    def mark(self, stats: RunStats, last: bool = False, step_run: bool = False) -> None:
         if self._open is not None:
-            _, blocks, _, evaluations, skipped = self._open
+            _, blocks, filled, evaluations, skipped = self._open
             n = stats.evaluations - evaluations
             self.now += n * (self.whole if stats.calls_skipped > skipped else self.outside)
-            self.now += (stats.flops_blocks - blocks) * self.per_flop
-        super().mark(stats, last)
+            self.now += (stats.flops_blocks - blocks) * self.per_flop + (stats.flops_filled - filled) * self.per_fill
+        super().mark(stats, last, step_run)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,11 @@ def test_where_the_work_outside_the_blocks_dominates_the_fit_forecasts_whole_ste
 
 
 def test_where_the_blocks_dominate_a_searched_block_plan_meets_the_wall_target(model):
-    fitted = fit(model, 3.0, ModelledClock(outside=1e-5, per_flop=1e-9, whole=1e-5))
+    fitted = fit(model, 3.0, ModelledClock(outside=1e-5, per_flop=1e-9, whole=1e-5, per_fill=5e-9))
     report = fitted.report
+    # forecasts are priced from the fit's own Taylor-2 timing run (the probes reuse, which costs no arithmetic)
+    assert report["cost_per_fill_gflop_s"] == pytest.approx(5.0, rel=0.05)
+    assert report["cost_per_gflop_s"] == pytest.approx(1.0, rel=0.05)
     assert report["plan_wall_timed"] == 1.0 and report["plan_predicted_fraction"] <= 1 / 3 * (1 + 1e-9)
     assert {c.aggregate for c in fitted.candidates} >= {WHOLE_STEP, "squares"}
     assert not math.isnan(report["plan_measured_speedup"]) and report["plan_measured_speedup"] > 1

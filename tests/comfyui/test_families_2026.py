@@ -231,12 +231,14 @@ def test_fit_tcc_priors_on_ltx2s_video_and_audio_latent_fits_and_reports_its_hel
     it saves (with a searched plan, given a target) apply to the cached run."""
     import folder_paths
 
+    from .test_priors import modelled_clock
     from .tiny_models import comfyui_nodes
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "cache_priors", ([str(tmp_path)], {".safetensors"}))
+    fit_node = comfyui_nodes().NODE_CLASS_MAPPINGS["CalibratedCache_FitTCCPriors"]
+    modelled_clock((*pack, fit_node), monkeypatch, outside=1e-6, per_flop=1e-12, whole=1e-6)  # not this host's noise
     model, positive, negative, latent = bundle(bundles, family)
     policy = pack[0].execute(**{**SETTINGS, "interval": 3}).result[0]
-    fit_node = comfyui_nodes().NODE_CLASS_MAPPINGS["CalibratedCache_FitTCCPriors"]
     priors, text = fit_node.execute(model, policy, positive, negative, latent, samples=2, seed=0, steps=9, cfg=2.0,
                                     sampler_name="euler", scheduler="simple", variant="drift", checkpoint="none",
                                     save_to="cache_priors folder", overwrite=False,
