@@ -277,19 +277,12 @@ FIGURES = [
                     slashed([comfyui_share("comfyui_share.json", "Flux", f"fora N={n}")["compute_fraction"]
                              for n in INTERVALS], 2)]),
     # README: calibrate for a speed target
-    Figure("README.md",
-           "the searched plan's rel_l2 is {} below the best uniform policy at 2× (euler 20), {} at 3× and {} at "
-           "interval 6's compute (euler 30), and at 4× {} below interval 4's best, which spends {} more",
-           "scenes_plans.json targets 2 and 4, scenes_plans_30.json targets 3 and 5.6: plan+tcc rel_l2 against "
-           "best_uniform (at 4×: the interval-4 row of lowest rel_l2 without a warm-up step)",
-           lambda: [plan_change(SP, 2), plan_change(SP30, 3), plan_change(SP30, 5.6),
-                    below(plan_row(SP, 4)["rel_l2"], best_uniform(SP, 4, warmup=0)["rel_l2"]),
-                    above(best_uniform(SP, 4, warmup=0)["compute_fraction"], plan_row(SP, 4)["compute_fraction"])]),
-    Figure("README.md", "at 6× it loses detail (FD {} at 30 steps, {} at 5.6×). A fit costs {} samplings",
-           "scenes_plans_30.json: plan+tcc fd at targets 6 and 5.6; scenes_plans.json: fit_cost_samplings",
-           lambda: [fixed(plan_row(SP30, 6)["fd"], 1),
-                    fixed(plan_row(SP30, 5.6)["fd"], 1),
-                    spread(fit_samplings(SP), 0)]),
+    Figure("README.md", "fits for 2 / 3 / 4 / 6× measured\n{}× at rel_l2 {}, below every uniform policy",
+           "wall_targets.json: each target's fit wall_speedup and rel_l2",
+           lambda: [slashed([t["fit"]["wall_speedup"] for t in result("wall_targets.json")["targets"]], 2),
+                    slashed([t["fit"]["rel_l2"] for t in result("wall_targets.json")["targets"]], 3)]),
+    Figure("README.md", "A fit\ncosts {} samplings of one seed, and up to 13 more",
+           "scenes_plans.json: fit_cost_samplings", lambda: [spread(fit_samplings(SP), 0)]),
     Figure("nodes/fit_node.py", "Costs about {} samplings of one seed",
            "scenes_plans.json: fit_cost_samplings (the target_speedup tooltip)",
            lambda: [spread(fit_samplings(SP), 0)]),
