@@ -2,10 +2,11 @@
 calibrating and accounting that goes with either. The call enters through `model`, its blocks through one method per
 granularity:
 
-* `model` (G1, and the accounting of every granularity): the whole model call. With step granularity, a step that
-  skips every block returns the forecast of the model's output, so nothing of the model runs; otherwise the model
-  runs, and what it computes outside its blocks (embedders, final layer) counts as computed, so that compute fractions
-  compare with whole-model caches.
+* `model` (G1, and the accounting of every granularity): the whole model call. At a whole step (granularity step, or
+  a plan's whole steps) it returns the forecast of the model's output, so nothing of the model runs; otherwise the
+  model runs, and what it computes outside its blocks (embedders, final layer) counts as computed, so that compute
+  fractions compare with whole-model caches. A plan's whole steps forecast from the outputs of the steps that computed
+  every block.
 * `block` (G2): any block, as a function from input streams to output streams. The cached value of each stream is its
   residual (output − input); a skipped block returns input + filled-in residual. ComfyUI's DiT loops expose this.
 * `gated` (G3): an adaLN block given as ordered sites (name, gate, pre-gate function). Computed sites run their
@@ -57,8 +58,16 @@ class ModelCall:
         self._observed: set[int] = set()  # reference runs: blocks computed where the policy reuses
         self._icc_only = state.icc is not None and state.calibrator is None
         self._step = state.policy.granularity == "step"
+        self._keeps_output = state.plan.keeps_output  # plans: only fully computed steps' outputs are anchors
+        self._records_output = state.calibrator is not None and state.calibrator.records_output
         self._spans = SpannedBlocks(self) if state.caches_spans else None
         self.block_flops = 0.0  # per sample: what the blocks of this call would cost, computed or not
+
+    @property
+    def caches_output(self) -> bool:
+        """Whether this call's model output is cached or recorded: `compute` must then return it in the units a
+        whole-step forecast extrapolates (see `model`)."""
+        return self._step or self._keeps_output or self._records_output
 
     # --- the entries ----------------------------------------------------------------------------------------------
 
@@ -72,7 +81,7 @@ class ModelCall:
         (else forecast)."""
         cost = flops if callable(flops) else (lambda: flops)
         block, name = OUTPUT
-        if self._step and self._skips_model(like):
+        if self.round.whole and self._skips_model(like):
             truth = compute if self.state.calibrator is not None and self.state.calibrator.needs_truth else None
             value, spent = self.recall(block, name, truth)
             self.account(None, False, cost(), spent, 1)
@@ -86,6 +95,12 @@ class ModelCall:
             full = cost()
             self.account(None, True, full, full, 1)
         else:  # the blocks accounted for themselves; the rest of the model was computed
+            if block in self._observed or (self._keeps_output and not self.round.skip):
+                self.remember(block, name, value)
+            elif self._records_output:
+                r = self.round
+                self.state.calibrator.anchor([Site(role, r.index, r.sigma, r.sigma, 0, block, name, r.step)
+                                              for role in self.roles], list(value.split(self.chunk)))
             self.state.stats.outside_flops = max(cost() - self.block_flops, 0.0)
             outside = self.state.stats.outside_flops * self.chunk * len(self.branches)
             self.state.stats.flops_full += outside
@@ -93,10 +108,10 @@ class ModelCall:
         return value, True
 
     def _skips_model(self, like: Tensor) -> bool:
-        """Step granularity: the round skips and the output is cached for this group and shape. A reference run
-        computes the model there and observes its output."""
+        """A whole step: the output is cached for this group and shape. A reference run computes the model there and
+        observes its output."""
         block, name = OUTPUT
-        if not (self.round.skip and block in self.cache.ready and self.fits(block, name, like)):
+        if not (block in self.cache.ready and self.fits(block, name, like)):
             return False
         calibrator = self.state.calibrator
         if calibrator is not None and calibrator.reference:

@@ -31,7 +31,8 @@ class CachePolicy:
 
     `granularity` is what a skipped evaluation fills in: each adaLN block's pre-gate sites ("module", engine models
     that expose them), each block's residual ("block"), or on a step that skips every block the model's output
-    itself ("step": the embedders, the final layer and the calls into the blocks are skipped too).
+    itself ("step": the embedders, the final layer and the calls into the blocks are skipped too). A plan may mix
+    the two: at its `calls` "0" steps the model's output is forecast whole, elsewhere skipped blocks are filled in.
     """
 
     mode: str = "fixed"
@@ -99,10 +100,13 @@ class CachePolicy:
         if self.granularity == "step" and self.plan is not None and len(set(self.plan.rows)) > 1:
             raise PolicyError("whole-step forecasting computes all blocks of a step or none, so its plan must compute "
                               "every block at the same steps: forecast block by block for this plan")
-        if self.icc is not None and self.granularity == "step":
+        if self.granularity == "step" and self.plan is not None and self.plan.whole_steps:
+            raise PolicyError("a plan that forecasts some model calls whole and fills in blocks at others runs block "
+                              "by block: set the granularity to block")
+        if self.icc is not None and (self.granularity == "step" or (self.plan is not None and self.plan.whole_steps)):
             raise PolicyError("ICC recomputes skipped blocks from their Linears' increments, and whole-step "
-                              "forecasting runs no block on a skipped step: forecast block by block, or set the ICC "
-                              "rank to 0")
+                              "forecasting runs no block on a skipped step: forecast block by block (a plan without "
+                              "whole steps), or set the ICC rank to 0")
         if self.icc is not None and (self.forecaster != "reuse" or self.goc is not None):
             raise PolicyError("ICC recomputes skipped blocks from their Linears' increments, so there is no reused or "
                               "forecast value to correct: use it with a reuse (FORA) policy and no GOC Corrector, or "
@@ -122,6 +126,8 @@ class CachePolicy:
         """A compact identity for logs, file names and prior metadata, e.g. `FORA_N3_W1` or `TAYLOR2_N4_W1_sigma`."""
         if self.plan is not None:
             parts = [f"PLAN{round(100 * self.plan.fraction())}-{self.plan.digest()}"]
+            if self.plan.whole_steps:
+                parts.append(f"WS{self.plan.whole_steps}")
         elif self.mode == "fixed":
             parts = [f"N{self.interval}"]
         else:

@@ -15,7 +15,8 @@ class StepPlan:
 
     `cacheable[s]`: the policy may skip step s. `full[s]` (fixed and plan modes): every block of step s is computed.
     The first cacheable step of the window is always computed, since a skip needs an anchor. `blocks[s]` (plan mode):
-    per block, whether it is computed at step s; a plan needs the run's `sigmas` to map onto them.
+    per block, whether it is computed at step s; a plan needs the run's `sigmas` to map onto them. `whole[s]`: a
+    skipping step s forecasts the model's output whole (granularity step, or a plan's whole steps).
     """
 
     def __init__(self, policy: CachePolicy, steps: int, sigmas: Sequence[float] | None = None) -> None:
@@ -29,10 +30,16 @@ class StepPlan:
             self.blocks = policy.plan.computed(sigmas)
             self.full = [all(row) for row in self.blocks]
             self.cacheable = [not f for f in self.full]
+            self.whole = policy.plan.whole(sigmas)
         elif policy.mode == "fixed":
             self.full = [not c or (s - first) % policy.interval == 0 for s, c in enumerate(self.cacheable)]
         else:
             self.full = [not c for c in self.cacheable]
+        if policy.granularity == "step":
+            self.whole = [not f for f in self.full]
+        elif policy.plan is None:
+            self.whole = [False] * steps
+        self.keeps_output = any(self.whole)  # the model's output is cached for whole-step forecasts
         self._dynamic = policy.mode == "dynamic"
         skippable = self.cacheable if self._dynamic else [not f for f in self.full]
         self._skippable_from = [any(skippable[s:]) for s in range(steps)] + [False]

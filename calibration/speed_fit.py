@@ -13,9 +13,11 @@ The runs, in order, all on the calibration (fitting) seeds but the held-out ones
    an error there weighs in the output (`search.gains`); timed, one whole-step run (TaylorSeer-2 forecasting the
    model's output at a uniform interval), which also times a forecast step;
 3. the search, per forecaster and error aggregate, then one run of each distinct searched plan; timed, also the
-   whole-step schedules with the most computed calls the wall budget allows (`whole_step_candidates`). Of the
-   candidates within the budget, the least measured error wins (the model ranks plans; a run decides between close
-   ones), so the choice is never worse on the fitting seeds than the uniform whole-step and searched block policies;
+   whole-step schedules with the most computed calls the wall budget allows (`whole_step_candidates`), and plans
+   that mix granularities per step (`mixing.py`: block plans searched at looser budgets, with the skipped steps where
+   it costs least forecast whole until the budget is met; the MIXED_RUNS best predicted are run). Of the candidates
+   within the budget, the least measured error wins (the model ranks plans; a run decides between close ones), so the
+   choice is never worse on the fitting seeds than the uniform whole-step and searched block policies;
 4. a local search from a block plan (`_refine`): computed steps moved by one, kept where they measure better, within
    a budget of runs;
 5. TCC priors fitted for the winning plan (`fitting.fit_tcc`: one fitting run, then full, uncalibrated and calibrated
@@ -44,7 +46,9 @@ from torch import Tensor
 
 from .calibrator import Calibrator
 from .errors import PolicyError
+from .call import OUTPUT
 from .fitting import AFTER, BEFORE, FIT, FULL, HELD_OUT, FitRun, fit_plan, fit_tcc, rel_l2
+from .mixing import StepSeconds, mix, output_gain
 from .plan import BlockPlan
 from .policy import CachePolicy
 from .registry import make_forecaster
@@ -62,6 +66,11 @@ PROBE_GROUPS = 8
 PROBE_WINDOWS = 4
 REFINE_RUNS = 24
 WHOLE_STEP = "whole-step"
+MIXED = "mixed"
+# Block plans searched at these multiples of the budget, and at the budget of an aligned plan computing as many steps
+# as the fastest whole-step schedule within the budget (and one more), are mixed down to it.
+MIXED_LOOSER = (1.5, 2.0)
+MIXED_RUNS = 3  # mixed plans run on the fitting seeds: the best predicted of each forecaster, then the next best
 TIMING_PAIRS = 2  # held-out full and cached runs, interleaved, for the measured wall speedup
 # Relative gain on the fitting seeds that priors must show to be kept: on two seeds, the 0.7% (scenes Flux, 4x) and
 # 1.5% (testbed, 3x) gains measured there came with higher held-out errors (docs/methods.md, "Searched plans").
@@ -71,10 +80,11 @@ PRIORS_MARGIN = 0.02
 @dataclass
 class Candidate:
     policy: CachePolicy
-    aggregate: str  # the search's error aggregate, or WHOLE_STEP for a uniform whole-step policy
+    aggregate: str  # the search's error aggregate, WHOLE_STEP for a whole-step policy, MIXED for a mixed plan
     predicted: float  # the model's squared relative error of the output (NaN: not modelled)
     fraction: float  # predicted fraction of full computation's cost: wall time where timed, else FLOPs
     error: float = math.nan  # measured rel_l2 on the calibration seeds
+    squared: float = math.nan  # measured mean squared relative error there (what the error model predicts)
     measured_fraction: float = math.nan  # measured compute fraction (FLOPs)
 
 
@@ -101,7 +111,7 @@ def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS
     """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
     runs = [(FIT, True)] * (2 + groups + windows + REFINE_RUNS) + [(FIT, True)] * forecasters * len(AGGREGATES)
     if timed:  # the whole-step probe and candidates, and the held-out timing pairs
-        runs += [(FIT, True)] * 4 + ([(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]) * held_out
+        runs += [(FIT, True)] * (4 + MIXED_RUNS) + ([(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]) * held_out
     if tcc:
         steps = fit_plan("drift", 1, held_out, verify=True)
         runs += [(s.part, s.cached) for s in steps]
@@ -147,9 +157,10 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
             skipped.append(err)
     if not methods:
         raise skipped[0]
-    recorder = TrajectoryRecorder(steps)
+    recorder = TrajectoryRecorder(steps, outputs=timer is not None)
     reference, recorded = run(plan_policy(base, everything_once), recorder, FIT)
     grams = recorder.grams()
+    output_gram = grams.pop(OUTPUT[0], None)
     elements = recorder.block_elements()
     if not grams:
         raise PolicyError("the recording run saw no block that can be skipped: nothing to plan")
@@ -157,16 +168,23 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
 
     weights, probes = _gains(run, base, sigmas, blocks, speedup, grams, reference, groups, windows)
     candidates: list[Candidate] = []
+    gain = None
     whole_probe = whole_step_policy(base, steps, max(2, min(round(speedup), steps)))
     if timer is not None:
         # the probes reuse, which costs no arithmetic: a Taylor-2 run filling every block from its third step on
         # times what forecasts cost; a whole-step run times what forecasting a model call costs, and is a candidate
         anchored = BlockPlan(tuple(sigmas), ("1" * min(3, steps) + "0" * (steps - min(3, steps)),) * blocks)
         run(plan_policy(base, anchored, "taylor", 2), None, FIT)
-        candidates.append(_measured(run, Candidate(whole_probe, WHOLE_STEP, math.nan, math.nan), reference))
+        probe = _measured(run, Candidate(whole_probe, WHOLE_STEP, math.nan, math.nan), reference)
+        candidates.append(probe)
+        taylor2 = make_forecaster(plan_policy(base, everything_once, "taylor", 2))
+        gain = None if output_gram is None else output_gain(output_gram, whole_step_row(steps, whole_probe.interval),
+                                                            taylor2, 3, sigmas, probe.squared)
     computed = [recorded.block_flops.get(b, 0.0) for b in range(blocks)]
     timed = fit_step_costs(timer.rounds) if timer is not None else None
     seconds, nbytes = 0.0, 0
+    mixable = timed is not None and timed.whole is not None and gain is not None
+    mixed: list[Candidate] = []
     for (forecaster, order), (method, history) in methods.items():
         overhead = (2.0 * history if history > 1 else 0.0) + (TCC_FLOPS if tcc else 0.0)
         filled = [once.skipped_flops.get(b, 0.0) + overhead * elements.get(b, 0) for b in range(blocks)]
@@ -186,6 +204,26 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
             if any(c.policy == policy for c in candidates):
                 continue
             candidates.append(_measured(run, Candidate(policy, aggregate, found.predicted, found.fraction), reference))
+        if mixable:
+            step_seconds = StepSeconds(costs.outside, costs.computed, costs.skipped, timed.whole)
+            anchors = whole_step_count(sigmas, speedup, timed, computed) or 0
+            budgets = {looser / speedup for looser in MIXED_LOOSER} | \
+                {step_seconds.aligned(k, steps) for k in (anchors, anchors + 1) if 0 < k < steps}
+            for budget in sorted(b for b in budgets if b < 1.0):
+                try:
+                    found = search([grams.get(b) for b in range(blocks)], weights, sigmas, costs, budget, method,
+                                   history)
+                except PolicyError:
+                    continue
+                seconds, nbytes = seconds + found.seconds, max(nbytes, found.nbytes)
+                made = mix(found.plan.rows, [grams.get(b) for b in range(blocks)], weights, output_gram, gain,
+                           step_seconds, sigmas, 1.0 / speedup, method, history)
+                if made is not None:
+                    plan, predicted = made
+                    mixed.append(Candidate(plan_policy(base, plan, forecaster, order), MIXED, predicted,
+                                           step_seconds.fraction(plan)))
+    for c in best_per_forecaster(mixed, MIXED_RUNS):
+        candidates.append(_measured(run, c, reference))
     if timed is not None and timed.whole is not None:
         candidates = [_whole_fraction(c, timed, computed, steps) for c in candidates]
         probe_row = whole_step_row(steps, whole_probe.interval)
@@ -201,7 +239,9 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
                           (f"choose a target speedup of at most {reach:g}" if reach > 1 else
                            "caching gains this model nothing on this machine"))
     searched = min(within, key=lambda c: c.error)
-    best, moves = _refine(run, searched, reference, refine) if searched.aggregate != WHOLE_STEP else (searched, 0)
+    best, moves = _refine(run, searched, reference, refine) if searched.aggregate not in (WHOLE_STEP, MIXED) \
+        else (searched, 0)
+    computed_steps, filled_steps, whole_steps = step_mix(best.policy, steps)
     report: dict[str, float] = {
         "target_speedup": float(speedup), "plan_predicted_fraction": searched.fraction,
         "plan_calibration_fraction": best.measured_fraction, "plan_calibration_error": best.error,
@@ -212,12 +252,15 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
         "plan_search_s": seconds, "plan_search_bytes": float(nbytes), "plan_forecasters_skipped": float(len(skipped)),
         "plan_runs": 2 + probes + len(candidates) + moves + (timer is not None), "plan_priors": 0.0,
         "plan_file_fraction": best.measured_fraction, "plan_whole_steps": float(searched.aggregate == WHOLE_STEP),
-        "plan_wall_timed": float(timed is not None)}
+        "plan_mixed": float(searched.aggregate == MIXED), "plan_wall_timed": float(timed is not None),
+        "plan_steps_computed": float(computed_steps), "plan_steps_blocks_filled": float(filled_steps),
+        "plan_steps_forecast_whole": float(whole_steps)}
     if timed is not None:
         report.update({"cost_outside_s": timed.outside, "cost_per_gflop_s": timed.per_flop * 1e9,
                        "cost_per_fill_gflop_s": timed.per_fill * 1e9, "cost_rounds": float(timed.rounds),
                        "plan_predicted_speedup": 1.0 / searched.fraction, "cost_full_step_s": timed.step(computed),
-                       **({"cost_whole_step_s": timed.whole} if timed.whole is not None else {})})
+                       **({"cost_whole_step_s": timed.whole} if timed.whole is not None else {}),
+                       **({"cost_output_gain": gain} if gain is not None else {})})
     variants = tcc_variants(variant)
     priors = TccPriors({}, variants[0])
     if tcc:
@@ -263,6 +306,17 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
     return SpeedFit(best.policy, priors, report, candidates, [str(err) for err in skipped])
 
 
+def step_mix(policy: CachePolicy, steps: int) -> tuple[int, int, int]:
+    """A fitted policy's granularity mix: steps computing every block, steps filling blocks in, steps forecast whole."""
+    if policy.plan is None:  # the uniform whole-step probe
+        row = whole_step_row(steps, policy.interval)
+        return row.count("1"), 0, row.count("0")
+    plan = policy.plan
+    computed = sum(all(r[s] == "1" for r in plan.rows) for s in range(steps))
+    whole = steps - computed if policy.granularity == "step" else plan.whole_steps
+    return computed, steps - computed - whole, whole
+
+
 def whole_step_policy(base: CachePolicy, steps: int, interval: int) -> CachePolicy:
     """A uniform whole-step policy: after one computed step, every `interval`-th model call computed and the others
     forecast whole by TaylorSeer order 2 (granularity step)."""
@@ -286,13 +340,28 @@ def whole_step_rows(steps: int, computed: int) -> list[str]:
     return list(dict.fromkeys(r for r in rows if r.count("1") >= 2))
 
 
+def best_per_forecaster(candidates: list[Candidate], runs: int) -> list[Candidate]:
+    """Up to `runs` distinct candidates, least predicted error first: the best of each forecaster, then the next best
+    (the model's errors compare plans of one forecaster better than across forecasters)."""
+    ranked = sorted({c.policy: c for c in candidates}.values(), key=lambda c: c.predicted)
+    firsts = list({(c.policy.forecaster, c.policy.order): c for c in reversed(ranked)}.values())
+    chosen = sorted(firsts, key=lambda c: c.predicted)[:runs]
+    return chosen + [c for c in ranked if c not in chosen][:runs - len(chosen)]
+
+
+def whole_step_count(sigmas: list[float], speedup: float, timed: StepCosts, computed: list[float]) -> int | None:
+    """The most model calls a whole-step schedule may compute within the target's predicted wall time."""
+    steps = len(sigmas) - 1
+    return max((k for k in range(2, steps) if (timed.whole_step_fraction(computed, "1" * k + "0" * (steps - k))
+                                               or math.inf) <= (1.0 / speedup) * (1 + SLACK)), default=None)
+
+
 def whole_step_candidates(base: CachePolicy, sigmas: list[float], speedup: float, timed: StepCosts,
                           computed: list[float]) -> list[Candidate]:
     """Whole-step schedules with the most computed calls whose predicted wall time meets the target (TaylorSeer
     order 2 forecasts the model's output in between)."""
     steps, blocks = len(sigmas) - 1, len(computed)
-    count = max((k for k in range(2, steps) if (timed.whole_step_fraction(computed, "1" * k + "0" * (steps - k))
-                                                or math.inf) <= (1.0 / speedup) * (1 + SLACK)), default=None)
+    count = whole_step_count(sigmas, speedup, timed, computed)
     if count is None:
         return []
     out = []
@@ -318,8 +387,15 @@ def _whole_fraction(c: Candidate, timed: StepCosts, computed: list[float], steps
 
 def _measured(run: Run, c: Candidate, reference: Tensor) -> Candidate:
     out, stats = run(c.policy, None, FIT)
-    c.error, c.measured_fraction = rel_l2(out, reference), stats.compute_fraction
+    c.error, c.squared, c.measured_fraction = rel_l2(out, reference), squared_error(out, reference), \
+        stats.compute_fraction
     return c
+
+
+def squared_error(out: Tensor, reference: Tensor) -> float:
+    """Mean over samples of the squared relative error, the quantity the error models predict."""
+    return float(((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1).clamp_min(1e-12))
+                 .square().mean())
 
 
 def measure_speedup(run: Run, policy: CachePolicy, calibrator: Calibrator | None
@@ -397,7 +473,7 @@ def _refine(run: Run, start: Candidate, reference: Tensor, budget: int) -> tuple
                 error = rel_l2(out, reference)
                 if error < best.error:
                     best = Candidate(policy, best.aggregate, best.predicted, best.fraction, error,
-                                     stats.compute_fraction)
+                                     squared_error(out, reference), stats.compute_fraction)
                     improved = True
                     break
             if improved:
@@ -429,9 +505,7 @@ def _gains(run: Run, base: CachePolicy, sigmas: list[float], blocks: int, speedu
             if not errors:  # nothing there can be skipped
                 continue
             out, _ = run(plan_policy(base, BlockPlan(tuple(sigmas), tuple(rows))), None, FIT)
-            measured = float(((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
-                              .clamp_min(1e-12)).square().mean())
-            probes.append(Probe(kind, index, errors, measured))
+            probes.append(Probe(kind, index, errors, squared_error(out, reference)))
     return gains(probes, sigmas, blocks, block_groups, step_windows), len(probes)
 
 

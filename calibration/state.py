@@ -46,6 +46,7 @@ class Round:
     step: int
     time: float
     skip: bool | None
+    whole: bool = False  # the model's output is forecast whole (where a computed one is cached)
     seen: set[Hashable] = field(default_factory=set)
 
 
@@ -219,7 +220,7 @@ class RunState:
             self._skips_in_row = 0
         self.stats.rounds += 1
         self.stats.steps.add(step)
-        return Round(self.stats.rounds - 1, sigma, step, time, skip)
+        return Round(self.stats.rounds - 1, sigma, step, time, skip, bool(skip) and self.plan.whole[step])
 
     def skips(self, round_: Round, block: int) -> bool:
         """Whether the round fills `block` in (ready anchors aside): every skipping block of a fixed or dynamic round,

@@ -23,7 +23,7 @@ class RunStats:
     flops_blocks: float = 0.0
     flops_filled: float = 0.0
     evaluations: int = 0  # samples the model was called on (a batched cond/uncond call of 2 images counts 4)
-    calls_skipped: int = 0  # whole model calls forecast (granularity step)
+    calls_skipped: int = 0  # whole model calls forecast (granularity step, a plan's whole steps)
     cache_bytes: int = 0
     peak_cache_bytes: int = 0
     cache_offloaded: bool = False  # the caches lived in CPU memory
@@ -65,6 +65,7 @@ class RunStats:
             "steps": len(self.steps),
             "blocks_computed": self.blocks_computed,
             "blocks_skipped": self.blocks_skipped,
+            "calls_skipped": self.calls_skipped,
             "sites_computed": self.sites_computed,
             "sites_skipped": self.sites_skipped,
             "compute_fraction": self.compute_fraction,

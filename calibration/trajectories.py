@@ -47,8 +47,10 @@ class TrajectoryRecorder(Calibrator):
     reference = True
     records_anchors = True
 
-    def __init__(self, steps: int, sketcher: Sketcher | None = None) -> None:
+    def __init__(self, steps: int, sketcher: Sketcher | None = None, outputs: bool = False) -> None:
+        """`outputs`: record the model's output too (block -1), for plans that forecast whole steps."""
         self.steps = steps
+        self.records_output = outputs
         self.sketch = sketcher or Sketcher()
         self._run: dict[tuple[int, str, str], dict[int, Tensor]] = {}
         self._grams: dict[tuple[int, str], Tensor] = {}

@@ -35,7 +35,7 @@ from ..calibration.calibrator import Calibrator
 from ..calibration.icc import SVD_MODES, FactorCache, StatsRecorder
 from ..calibration.fitting import FIT, HELD_OUT, FitRun, fit_plan, fit_tcc
 from ..calibration.search import SLACK
-from ..calibration.speed_fit import WHOLE_STEP, SpeedFit, fit_for_speed, fit_runs, priors_verdict
+from ..calibration.speed_fit import MIXED, WHOLE_STEP, SpeedFit, fit_for_speed, fit_runs, priors_verdict
 from ..calibration.step_costs import RoundTimer
 from ..calibration.tcc import VARIANTS, resolve_variant
 from ..priors import save_priors
@@ -289,10 +289,11 @@ class FitTccPriorsNode(io.ComfyNode):
                 io.Float.Input("target_speedup", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
                                tooltip="0: fit priors for the connected policy. Above 1: make sampling this many "
                                        "times faster by the clock on this machine: the fit times its own runs, "
-                                       "chooses between searched block plans and whole-step forecasts, fits the "
+                                       "chooses among searched block plans, whole-step forecasts and plans mixing "
+                                       "them step by step, fits the "
                                        "priors, then measures the speedup reached and full computation with fewer "
                                        "steps on the held-out seed. Apply Calibrated Cache then needs only the "
-                                       "file. Costs about 37–60 samplings of one seed, and up to 13 more for the "
+                                       "file. Costs about 37–60 samplings of one seed, and up to 16 more for the "
                                        "timing runs."),
             ],
             outputs=[TccPriorsType.Output(display_name="priors"), io.String.Output(display_name="report")],
@@ -413,18 +414,23 @@ def fit_for_target(cls, model: ModelPatcher, base: CachePolicy, positive: list, 
     return io.NodeOutput(FittedPriors.output(fitted.priors, meta, path), text, ui=ui.PreviewText(text))
 
 
+MIX_KEYS = ("plan_steps_computed", "plan_steps_blocks_filled", "plan_steps_forecast_whole")
+
+
 def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], path: str, cost: float | None,
                 verify: bool) -> str:
     """The node's report of a speed fit: the policy it chose for the wall-clock target, its predicted and measured
     wall speedup (and a plain word where the measurement falls short), the candidates, the cost model, the search's
     cost, and what the file holds, priors or the policy alone, and why."""
     report, policy = fitted.report, fitted.policy
-    whole = bool(report["plan_whole_steps"])
+    whole, mixed = bool(report["plan_whole_steps"]), bool(report.get("plan_mixed"))
+    kind = ("whole steps forecast, no block plan" if whole else
+            "searched plan mixing whole-step forecasts and block fills" if mixed else "searched block plan")
     measured = report.get("plan_measured_speedup")
     clock = "wall-clock on this machine" if report.get("plan_wall_timed") else "in FLOPs (too few steps to time)"
     lines = [
         f"chosen for {speedup:g}x {clock}: {policy.tag()} "
-        f"({'whole steps forecast, no block plan' if whole else 'searched block plan'}), predicted "
+        f"({kind}), predicted "
         f"{1 / report['plan_predicted_fraction']:.2f}x, compute fraction {report['plan_file_fraction']:.3f}"]
     if measured is not None:
         low, high = report["plan_measured_speedup_low"], report["plan_measured_speedup_high"]
@@ -441,9 +447,14 @@ def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], p
                      f"seeds against this policy's {own:.4f}"
                      + (f"; FEWER STEPS DO AS WELL OR BETTER here: sample {k} steps without the cache"
                         if floor <= own else ""))
+    if "plan_steps_computed" in report:
+        lines.append(f"of {sum(int(report[k]) for k in MIX_KEYS)} steps: {int(report['plan_steps_computed'])} "
+                     f"compute every block, {int(report['plan_steps_blocks_filled'])} fill blocks in, "
+                     f"{int(report['plan_steps_forecast_whole'])} forecast the model's output whole")
     if policy.plan is not None:
-        lines.append(policy.plan.picture())
-    lines += [f"candidate {c.policy.tag()} ({'whole steps' if c.aggregate == WHOLE_STEP else 'block plan'}): "
+        lines.append(policy.plan.picture() + ("\n('-': the model's output forecast whole)" if mixed else ""))
+    names = {WHOLE_STEP: "whole steps", MIXED: "mixed"}
+    lines += [f"candidate {c.policy.tag()} ({names.get(c.aggregate, 'block plan')}): "
               f"predicted {1 / c.fraction:.2f}x, rel L2 {c.error:.4f} on the fitting seeds" for c in fitted.candidates]
     if "cost_outside_s" in report:
         lines.append(f"cost model from {int(report['cost_rounds'])} timed steps, per sample: outside the blocks "
@@ -451,7 +462,7 @@ def target_text(fitted: SpeedFit, speedup: float, seeds: dict[str, list[int]], p
                      f"ms/GFLOP, forecasts {report['cost_per_fill_gflop_s'] * 1e3:.3g} ms/GFLOP"
                      + (f", a step forecast whole {report['cost_whole_step_s'] * 1e3:.3g} ms"
                         if "cost_whole_step_s" in report else ""))
-    if not whole:
+    if not whole and not mixed:
         lines.append(f"refined by {int(report['plan_refine_runs'])} runs: rel L2 {report['plan_searched_error']:.4f} "
                      f"-> {report['plan_calibration_error']:.4f} on the fitting seeds")
     lines += [f"search {report['plan_search_s']:.2f} s and {report['plan_search_bytes'] / 2**20:.1f} MiB of tables, "

@@ -196,7 +196,7 @@ class CacheSession:
         the trajectory; a forecast step returns x − σ·value, and nothing of the model runs. Otherwise the model runs
         (its blocks through the block hooks), and what it computes outside them counts toward the compute fraction.
         The model's FLOPs are measured on its first call for a shape."""
-        step = self.policy.granularity == "step"
+        step, units = self.policy.granularity == "step", call.caches_output
         scale = sigma.reshape(-1, *(1,) * (x.dim() - 1)).to(x.dtype)
         key = tuple(x.shape[1:])
         measure = key not in self._model_flops
@@ -217,7 +217,7 @@ class CacheSession:
                     denoised.append(run())
             finally:
                 self.call, self._inside = call, None
-            return (x - denoised[-1]) / scale if step else denoised[-1]
+            return (x - denoised[-1]) / scale if units else denoised[-1]
 
         out, computed = call.model(value, lambda: self._model_flops.get(key, 1.0), x)
         return denoised[-1] if computed else x - scale * out

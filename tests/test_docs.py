@@ -281,7 +281,7 @@ FIGURES = [
            "wall_targets.json: each target's fit wall_speedup and rel_l2",
            lambda: [slashed([t["fit"]["wall_speedup"] for t in result("wall_targets.json")["targets"]], 2),
                     slashed([t["fit"]["rel_l2"] for t in result("wall_targets.json")["targets"]], 3)]),
-    Figure("README.md", "A fit\ncosts {} samplings of one seed, and up to 13 more",
+    Figure("README.md", "A fit\ncosts {} samplings of one seed, and up to 16 more",
            "scenes_plans.json: fit_cost_samplings", lambda: [spread(fit_samplings(SP), 0)]),
     Figure("nodes/fit_node.py", "Costs about {} samplings of one seed",
            "scenes_plans.json: fit_cost_samplings (the target_speedup tooltip)",

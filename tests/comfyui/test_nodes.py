@@ -181,6 +181,37 @@ def test_whole_step_forecasting_runs_nothing_of_the_model_on_a_skipped_step(pack
     assert "ran through the cache" not in caplog.text  # its blocks run plainly: no warning that none was hooked
 
 
+def test_a_plan_mixing_whole_steps_and_block_fills_calls_the_model_only_at_its_called_steps(pack, bundles):
+    """A fitted plan may forecast the model's output whole at some steps and fill blocks in at others (issue 33):
+    through Apply, ComfyUI's model runs only at the called steps, whose skipped blocks are filled in, and a whole
+    step's output is forecast from steps that computed every block (noise units, converted back by σ)."""
+    import comfy.samplers
+
+    from .tiny_models import diffusion_model
+
+    model, positive, negative, latent = bundle(bundles, "Flux")
+    package = pack[1].__module__.rsplit(".", 2)[0]
+    plan_policy = importlib.import_module(f"{package}.calibration.speed_fit").plan_policy
+    BlockPlan = importlib.import_module(f"{package}.calibration.plan").BlockPlan
+    CachePolicy = importlib.import_module(f"{package}.calibration.policy").CachePolicy
+    blocks = len(session_of(patched(pack, model)).blocks)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 12).tolist()
+    plan = BlockPlan(tuple(sigmas), ("110010001000",) * blocks, "111011101011")
+    mixed = pack[1].execute(model, plan_policy(CachePolicy(granularity="block"), plan)).result[0]
+    full = run_sampler(model, positive, negative, latent, steps=12, cfg=2.0)
+    calls = []
+    handle = diffusion_model(model).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        out = run_sampler(mixed, positive, negative, latent, steps=12, cfg=2.0)
+    finally:
+        handle.remove()
+    report = session_of(mixed).last_report
+    assert len(calls) == 9 and report["calls_skipped"] == 3  # cond and uncond batched: one call per called step
+    assert report["blocks_skipped"] == 2 * blocks * (12 - 4)  # filled at 5 called steps, not run at 3 whole ones
+    assert torch.isfinite(out).all() and 0 < ((out - full).norm() / full.norm()).item() < 0.5
+    assert torch.equal(run_sampler(mixed, positive, negative, latent, steps=12, cfg=2.0), out)
+
+
 def test_whole_step_forecasting_refuses_a_policy_that_computes_some_blocks_of_every_step(pack):
     policy_node, _ = pack
     message = policy_node.validate_inputs(**{**SETTINGS, "granularity": "step", "last_blocks": 1})

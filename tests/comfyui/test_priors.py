@@ -470,18 +470,22 @@ def test_a_target_speedup_fit_writes_one_file_that_apply_samples_with_alone(pack
 def test_where_the_work_outside_the_blocks_dominates_a_target_fit_forecasts_whole_steps(pack, folders, flux,
                                                                                          monkeypatch):
     """Outside the blocks (the sampler, ComfyUI's per-step work, embedders) costs far more than the blocks: no block
-    plan reaches 2x by the clock, whole-step forecasting does, and the file holds it; Apply samples with it."""
+    plan reaches 2x by the clock; forecasting whole steps does (uniformly, or mixed with block fills), and the file
+    holds it; Apply samples with it, and ComfyUI's model is not called at the whole steps."""
     modelled_clock(pack, monkeypatch, outside=1e-2, per_flop=1e-12, whole=1e-5)
     model, positive, negative, latent = flux
     priors, text = pack[2].execute(model, policy_of(pack), positive, negative, {"samples": latent},
                                    **{**FIT, "samples": 3, "steps": 12}, target_speedup=2.0).result
     meta = priors.meta
-    assert meta["policy"]["granularity"] == "step" and meta["report"]["plan_whole_steps"] == 1.0
-    assert "whole steps forecast, no block plan" in text and "not searched:" in text
+    whole = meta["report"]["plan_steps_forecast_whole"]
+    assert whole >= 1 and meta["report"]["plan_whole_steps"] + meta["report"]["plan_mixed"] == 1.0
+    assert ("whole steps forecast, no block plan" in text or "mixing whole-step forecasts and block fills" in text)
+    assert "not searched:" in text and f"{int(whole)} forecast the model's output whole" in text
     patched = pack[1].execute(model, prior_file=priors.name).result[0]
     run_sampler(patched, positive, negative, latent, steps=12, cfg=2.0, seed=2)
     report = session_of(patched).last_report
     assert report["blocks_skipped"] > 0 and report["compute_fraction"] < 0.5
+    assert report["calls_skipped"] == whole  # cond and uncond batched: one call per whole step
 
 
 def test_a_target_speedup_fit_says_what_its_file_holds_and_that_verify_cannot_skip_the_fitting_seeds(pack):
