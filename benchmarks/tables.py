@@ -108,20 +108,30 @@ def scenes_rows(setting: str | None = None, target: float | None = None):
 
 
 HEADLINE_METHODS = ("fora", "taylor2", "foca", "fora+tcc", "fora+goc", "taylor2-step", "fbcache", "lazycache",
-                    "lazycache-default", "easycache", "easycache-default")
+                    "lazycache-default", "easycache", "easycache-default", "fewer-steps")
 
 
 def headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Euler 20 at interval 4 (and the peers tuned to it, and at their defaults), with the same configs' rel_l2 at 50
     steps beside."""
-    at50 = {r["method"]: r for r in report["rows"] if r["setting"] == "euler 50" and r["target"] in (None, 0.25)}
-    rows = [dict(r, rel_l2_50=at50.get(r["method"], {}).get("rel_l2")) for r in report["rows"]
-            if r["setting"] == "euler 20" and (r["method"] == "full" or r["method"] in HEADLINE_METHODS
-                                               and r["target"] in (None, 0.25))]
-    return rows
+    at50 = _numbered([r for r in report["rows"] if r["setting"] == "euler 50" and r["target"] in (None, 0.25)])
+    rows = [r for r in report["rows"] if r["setting"] == "euler 20" and (
+        r["method"] == "full" or r["method"] in HEADLINE_METHODS and r["target"] in (None, 0.25))]
+    return [dict(r, rel_l2_50=at50.get(key, {}).get("rel_l2")) for key, r in _numbered(rows).items()]
 
 
-HEADLINE: list[Column] = [("config", lambda r: r["method"]),
+def _numbered(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Rows by (method, how many rows of that method came before): fewer-steps rows come two per setting."""
+    seen: dict[str, int] = {}
+    out = {}
+    for r in rows:
+        seen[r["method"]] = seen.get(r["method"], -1) + 1
+        out[(r["method"], seen[r["method"]])] = r
+    return out
+
+
+HEADLINE: list[Column] = [("config", lambda r: f"full computation, {r['params']['steps']} steps"
+                           if r["method"] == "fewer-steps" else r["method"]),
                           ("compute fraction", number("compute_fraction", 2)),
                           ("wall speedup", lambda r: f"{r['wall_speedup']:.2f}×" if "wall_speedup" in r else "1"),
                           ("share of ideal", number("share_of_ideal", 2)),
@@ -129,6 +139,7 @@ HEADLINE: list[Column] = [("config", lambda r: r["method"]),
                           ("adherence", number("adherence", 2))]
 
 FORECASTERS = ("fora", "taylor1", "taylor2", "foca", "spectrum", "dmd")
+FEWER = ("fewer-steps",)  # full computation at steps / interval: the same cost
 
 SPANS: list[Column] = [("config", lambda r: r["config"]), ("compute fraction", number("compute_fraction", 3)),
                        ("ideal", number("ideal", 2)), ("wall speedup (min–max)", speedup),
@@ -172,7 +183,10 @@ FAMILY_TABLE: list[Column] = [("tiny model", lambda r: r["family"]), ("cached as
                               ("compute fraction", number("compute_fraction", 3)),
                               ("skipped blocks", lambda r: str(r["blocks_skipped"])),
                               ("FORA rel_l2", number("fora_rel_l2", 4)), ("Taylor-2 rel_l2", number("taylor2_rel_l2", 4)),
-                              ("FORA wall speedup (min–max)", speedup)]
+                              ("FORA wall speedup (min–max)", speedup),
+                              ("full computation at fewer steps: rel_l2, wall speedup",
+                               lambda r: "" if "fewer_steps" not in r else
+                               f"{r['fewer_steps']} steps: {r['fewer_rel_l2']:.4f}, {r['fewer_wall_speedup']:.2f}×")]
 FAMILY_TABLE_080: list[Column] = FAMILY_TABLE + [("spans", lambda r: "yes" if r["spans"] else "no")]
 MODULE_SITES: list[Column] = [("forecaster", lambda r: r["forecaster"]), ("interval", lambda r: str(r["interval"])),
                               ("sites", lambda r: r["level"]), ("compute fraction", number("compute_fraction", 3)),
@@ -273,13 +287,52 @@ def wall_target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for t in report["targets"]:
         fit = t["fit"]
-        rows.append({**fit, "target": f"{t['target']:g}×", "config": f"fit: {fit['config']} ({fit['granularity']})",
-                     "of_target": f"{fit['wall_speedup'] / t['target']:.2f}"})
+        mix = "" if fit.get("plan_steps_computed") is None else (
+            f": {fit['plan_steps_computed']:.0f} computed, {fit['plan_steps_blocks_filled']:.0f} filled, "
+            f"{fit['plan_steps_forecast_whole']:.0f} whole")
+        kind = "mixed" if fit["granularity"] == "block" and fit.get("plan_steps_forecast_whole") else fit["granularity"]
+        rows.append({**fit, "target": f"{t['target']:g}×", "of_target": f"{fit['wall_speedup'] / t['target']:.2f}",
+                     "config": f"fit: {fit['config']} ({kind}{mix})"})
         for kind in ("block", "whole-step", "fewer steps"):
             best = t[f"best {kind}"]
             rows.append({**(best or {}), "target": "", "config": f"best {kind}: {best['config'] if best else 'none'}",
                          "of_target": ""})
     return rows
+
+
+WALL_SOURCES = (("scenes Flux, 20 steps", "wall_targets.json"), ("scenes Flux, 30 steps", "wall_targets_30.json"),
+                ("small SD3 (random weights), 50 steps", "wall_targets_sd3.json"))
+
+
+def wall_summary_rows(_: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model and target: the fit's predicted and measured wall speedup, its error and granularity mix,
+    beside the best uniform policy (block or whole-step) and fewer steps at least as fast (studies/wall_targets.py)."""
+    rows = []
+    for model, source in WALL_SOURCES:
+        for t in load(source)["targets"]:
+            fit, report = t["fit"], t["fit_report"]
+            uniform = [b for b in (t["best block"], t["best whole-step"]) if b]
+            best = min(uniform, key=lambda b: b["rel_l2"]) if uniform else None
+            fewer = t["best fewer steps"]
+            mix = "" if fit.get("plan_steps_computed") is None else (
+                f"{fit['plan_steps_computed']:.0f} / {fit['plan_steps_blocks_filled']:.0f} / "
+                f"{fit['plan_steps_forecast_whole']:.0f}")
+            rows.append({"model": model, "target": f"{t['target']:g}×",
+                         "speed": f"{report['plan_predicted_speedup']:.2f}× / {fit['wall_speedup']:.2f}× "
+                                  f"({fit['wall_speedup'] / t['target']:.2f})",
+                         "rel_l2": f"{fit['rel_l2']:.3f}", "mix": mix,
+                         "uniform": f"{best['rel_l2']:.3f} ({best['config']})" if best else "none",
+                         "fewer": f"{fewer['rel_l2']:.3f} ({fewer['steps']} steps)" if fewer else "none"})
+            model = ""
+    return rows
+
+
+WALL_SUMMARY: list[Column] = [("model", lambda r: r["model"]), ("target", lambda r: r["target"]),
+                              ("fit: predicted / measured wall speedup (of target)", lambda r: r["speed"]),
+                              ("rel_l2", lambda r: r["rel_l2"]),
+                              ("steps computed / filled / whole", lambda r: r["mix"]),
+                              ("best uniform at that speed", lambda r: r["uniform"]),
+                              ("fewer steps at that speed", lambda r: r["fewer"])]
 
 
 def maybe(key: str, digits: int) -> Callable[[dict[str, Any]], str]:
@@ -292,13 +345,16 @@ WALL_TARGETS: list[Column] = [("target", lambda r: r["target"]), ("config", lamb
                               ("of target", lambda r: r["of_target"]), ("compute fraction", maybe("compute_fraction", 3)),
                               ("rel_l2", maybe("rel_l2", 3)), ("adherence", maybe("adherence", 2)),
                               ("fd", maybe("fd", 2))]
+WALL_TARGETS_RANDOM = WALL_TARGETS[:-2]  # a random-weight model: no reader scores its images
 
 
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]]], list[Column]]] = {
     "testbed-forecasters": ("testbed.json", BENCH, rows_of(("full", "engine-all", "fora", "taylor1", "taylor2", "foca",
-                                                            "spectrum", "dmd", "fbcache")), QUALITY),
-    "testbed-forecasters-rel_l2": ("testbed.json", BENCH, by_interval(FORECASTERS, "rel_l2"), pivot(FORECASTERS, 4)),
-    "testbed-forecasters-fd": ("testbed.json", BENCH, by_interval(FORECASTERS, "fd"), pivot(FORECASTERS, 2)),
+                                                            "spectrum", "dmd", "fbcache", "fewer-steps")), QUALITY),
+    "testbed-forecasters-rel_l2": ("testbed.json", BENCH, by_interval(FORECASTERS + FEWER, "rel_l2"),
+                                   pivot(FORECASTERS + FEWER, 4)),
+    "testbed-forecasters-fd": ("testbed.json", BENCH, by_interval(FORECASTERS + FEWER, "fd"),
+                               pivot(FORECASTERS + FEWER, 2)),
     "testbed-tcc": ("testbed.json", BENCH, rows_of(("fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot")),
                     QUALITY),
     "testbed-goc": ("testbed.json", BENCH, rows_of(("fora+goc", "fora+goc-noinflection", "fora+goc+tcc")), QUALITY),
@@ -334,6 +390,10 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[dict[str, Any]
     "scenes-plans-30": ("scenes_plans_30.json", "", scenes_plan_rows, SCENES_PLANS),
     "testbed-plan-oracle": ("plan_oracle.json", "", oracle_rows, ORACLE),
     "wall-targets": ("wall_targets.json", "", wall_target_rows, WALL_TARGETS),
+    "wall-targets-sd3": ("wall_targets_sd3.json", "", wall_target_rows, WALL_TARGETS_RANDOM),
+    "wall-targets-30": ("wall_targets_30.json", "", wall_target_rows, WALL_TARGETS),
+    "wall-targets-summary": ("wall_targets.json", "COMFYUI_PATH=… python studies/wall_targets.py [--model sd3] --steps "
+                             "20|30|50 --json …", wall_summary_rows, WALL_SUMMARY),
     "search-memory": ("search_memory.json", "python studies/search_memory.py --steps 20 50 100 --json "
                       "benchmarks/results/search_memory.json", lambda r: r["rows"], SEARCH_MEMORY),
     "spans-guard": ("spans_guard.json", "", guard_rows, SPANS_GUARD),

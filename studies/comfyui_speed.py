@@ -11,8 +11,8 @@ computes, the pack's work on computed and on skipped block calls, the pack's wor
 the session's block hook and APPLY_MODEL wrapper), so the same command measures an older checkout of the pack (run it
 from that checkout). Families whose blocks the pack object-patches (PixArt, Lumina2) are left out: there the block's
 own forward is the pack's hook.
-`share` times full computation against FORA and Taylor-2 at compute fractions about 0.5, 0.33, 0.25 and 0.17,
-interleaved, over several repeats, and reports the median of the paired ratios, their spread, and the share of the
+`share` times full computation against FORA and Taylor-2 at compute fractions about 0.5, 0.33, 0.25 and 0.17, and
+against full computation at that share of the steps (the honest floor), interleaved, over several repeats, and reports the median of the paired ratios, their spread, and the share of the
 ideal speedup (1 / compute fraction) it reaches.
 """
 
@@ -182,7 +182,7 @@ def share(args: argparse.Namespace, policy_node, apply_node) -> list[dict]:
     print(f"{'family':<13} {'config':<14} {'compute':>7} {'ideal':>7} {'wall speedup':>22} {'share of ideal':>14}")
     for family in args.families:
         model, positive, negative, latent = FAMILIES[family]()
-        configs = {"full": model}
+        configs = {"full": (model, args.steps)}
         kinds = [("fora", {}), ("taylor2", {"forecaster": "taylor"})]
         if args.whole_step:
             kinds += [("fora step", {"granularity": "step"}), ("taylor2 step", {"forecaster": "taylor",
@@ -190,20 +190,22 @@ def share(args: argparse.Namespace, policy_node, apply_node) -> list[dict]:
         for n in intervals:
             for name, extra in kinds:
                 policy = policy_node.execute(**{**POLICY, "interval": n, **extra}).result[0]
-                configs[f"{name} N={n}"] = apply_node.execute(model, policy).result[0]
-        for m in configs.values():
-            run_sampler(m, positive, negative, latent, steps=args.steps, cfg=2.0)
+                configs[f"{name} N={n}"] = apply_node.execute(model, policy).result[0], args.steps
+        for k in sorted({max(2, round(args.steps / n)) for n in intervals}, reverse=True):
+            configs[f"full, {k} steps"] = model, k  # the honest floor: full computation at about each cost
+        for m, steps in configs.values():
+            run_sampler(m, positive, negative, latent, steps=steps, cfg=2.0)
         times = {name: [] for name in configs}
         for _ in range(args.repeats):
-            for name, m in configs.items():
+            for name, (m, steps) in configs.items():
                 start = time.perf_counter()
-                run_sampler(m, positive, negative, latent, steps=args.steps, cfg=2.0)
+                run_sampler(m, positive, negative, latent, steps=steps, cfg=2.0)
                 times[name].append(time.perf_counter() - start)
-        for name, m in configs.items():
+        for name, (m, steps) in configs.items():
             if name == "full":
                 continue
             ratios = [f / c for f, c in zip(times["full"], times[name])]
-            fraction = session_of(m).last_report["compute_fraction"]
+            fraction = steps / args.steps if m is model else session_of(m).last_report["compute_fraction"]
             speedup = statistics.median(ratios)
             rows.append({"family": family, "config": name, "compute_fraction": fraction, "ideal": 1 / fraction,
                          "wall_speedup": speedup, "spread": [min(ratios), max(ratios)],

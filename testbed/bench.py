@@ -210,10 +210,16 @@ def quality_methods(quick: bool) -> list[Method]:
     return methods + icc_methods((0.5,) if quick else (0.5, 0.33))
 
 
+def fewer_steps(steps: int, intervals) -> list[tuple[int, int]]:
+    """(interval, steps) of full computation at about each interval's cost, steps/interval (at least 2, below
+    `steps`): the honest floor every caching row is compared with, full computation at the same cost."""
+    return [(n, min(steps - 1, max(2, round(steps / n)))) for n in intervals]
+
+
 def planned_rows(quick: bool, skip_quality: bool, skip_speed: bool = False) -> int:
     """The rows a run measures, for its progress bar: quality (with the dynamic rows, the ablation and the transfer
     table as one) and speed (full computation counted as a row: it is timed as often as each configuration)."""
-    quality = len(quality_methods(quick)) + len(INTERVALS)
+    quality = len(quality_methods(quick)) + len(INTERVALS) + 1  # the fewer-steps rows as one
     if not quick:
         quality += len(ablation_methods()) + len(tcc_ablation_methods()) + len(schedule_methods()) + 1
         quality += len(granularity_methods())
@@ -264,9 +270,14 @@ def quality_section(samples: int, quick: bool, shift: float, progress: Progress 
         return rows
 
     full_row = row_for(Method("full", {}, None), full, full, 1.0, classifier, labels)
+    fewer = [row_for(Method("fewer-steps", {"interval": n, "steps": k}, None, k / steps),
+                     sample(model, labels, noise, k, cfg, shift=shift)[0], full, k / steps, classifier, labels)
+             for n, k in fewer_steps(steps, FORECAST_INTERVALS.values())]
+    if progress is not None:
+        progress.advance(1, "full computation at fewer steps")
     return {"config": {"samples": samples, "steps": steps, "cfg": cfg, "sampler": "euler", "shift": shift, "seed": 0,
                        "model": meta["config"]},
-            "rows": [full_row, *rows_for(methods)],
+            "rows": [full_row, *rows_for(methods), *fewer],
             "ablation": [] if quick else rows_for(ablation_methods() + tcc_ablation_methods()),
             "granularity": [] if quick else rows_for(granularity_methods()),
             "schedule": None if quick else {"shift": SHIFT, "rows": rows_for(schedule_methods(), run(None, shift=SHIFT)[0],
@@ -354,7 +365,7 @@ def speed_policies(width: int) -> list[tuple[str, dict[str, Any], CachePolicy]]:
     return rows
 
 
-SPEED_ROWS = (len(speed_policies(256)) + 1) * 2  # full computation and each configuration; the testbed and the stack
+SPEED_ROWS = (len(speed_policies(256)) + 1 + len(SPEED_INTERVALS)) * 2  # full, each config, fewer steps; two models
 
 
 def paired_times(runs: dict[str, Callable[[], Any]], repeats: int,
@@ -413,6 +424,11 @@ def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float
         if factor_cache.factorized > before:
             first[key] = (time.perf_counter() - start, factor_cache.factorized - before)
         advance(key)
+    fewer = sorted({k for _, k in fewer_steps(steps, SPEED_INTERVALS)}, reverse=True)
+    for k in fewer:  # full computation at fewer steps, timed beside the rest
+        runs[f"fewer {k}"] = lambda k=k: sample(model, labels, noise, k, cfg)
+        runs[f"fewer {k}"]()
+        advance(f"full computation, {k} steps")
     full_out = run(None)[0]
     times = paired_times(runs, repeats, advance)
     rows = []
@@ -433,6 +449,12 @@ def speed_rows(model: DiT, labels: Tensor, noise: Tensor, steps: int, cfg: float
             rows_per_call = 2 * labels.shape[0] * model.config.tokens
             row["node_refuses"] = icc_too_small(rows_per_call, model.config.width, device) is not None
         rows.append(row)
+    for k in fewer:
+        ratios = [f / c for f, c in zip(times["full"], times[f"fewer {k}"])]
+        speedup = statistics.median(ratios)
+        rows.append({"method": "fewer-steps", "params": {"steps": k}, "compute_fraction": k / steps,
+                     "ideal_speedup": steps / k, "wall_speedup": speedup, "spread": [min(ratios), max(ratios)],
+                     "share_of_ideal": speedup * k / steps, "peak_cache_bytes": 0})
     return rows
 
 

@@ -193,10 +193,15 @@ def test_benchmark_reports_every_method_and_the_orderings_its_tables_claim(tmp_p
                                            "dmd", "fbcache", "fora+tcc", "taylor+tcc", "foca+tcc", "fora+tcc-oneshot",
                                            "fora+goc",
                                            "fora+goc-noinflection", "fora+goc+tcc", "icc-r16", "icc-r32",
-                                           "icc-plain-svd", "icc+tcc"}
+                                           "icc-plain-svd", "icc+tcc", "fewer-steps"}
     for row in rows:  # quality rows carry no wall figure: only paired ones are printed, in the speed section
         assert set(row) >= {"method", "params", "compute_fraction", "rel_l2", "psnr", "fd", "accuracy"}
         assert "wall_speedup" not in row
+    steps = loaded["quality"]["config"]["steps"]
+    fewer = {r["params"]["interval"]: r for r in rows if r["method"] == "fewer-steps"}  # the honest floor
+    assert set(fewer) == {2, 3, 4, 5, 6, 8} and all(r["rel_l2"] > 0 for r in fewer.values())
+    assert all(r["compute_fraction"] == r["params"]["steps"] / steps == pytest.approx(1 / n, abs=0.1)
+               for n, r in fewer.items())
     engine_all = next(r for r in rows if r["method"] == "engine-all")
     assert engine_all["bit_identical"] and engine_all["rel_l2"] == 0.0
     fora = {r["target_fraction"]: r["compute_fraction"] for r in rows if r["method"] == "fora"}

@@ -109,7 +109,7 @@ def test_classifier_training_is_seeded_reproducible(tmp_path) -> None:
 
 
 def test_the_speed_sections_progress_bar_moves_with_every_run_not_only_after_the_last_round():
-    from calibrated_cache.testbed.bench import speed_policies, speed_rows
+    from calibrated_cache.testbed.bench import SPEED_INTERVALS, fewer_steps, speed_policies, speed_rows
     from calibrated_cache.testbed.model import DiT, DiTConfig
 
     class Recorder:
@@ -124,8 +124,11 @@ def test_the_speed_sections_progress_bar_moves_with_every_run_not_only_after_the
     labels, noise = torch.zeros(1, dtype=torch.long), torch.randn(1, 1, 4, 4)
     bar, repeats = Recorder(), 2
     rows = speed_rows(model, labels, noise, 4, 2.0, "cpu", repeats, bar)
-    runs = len(speed_policies(48)) + 1  # full computation is timed as often as each configuration
-    assert len(rows) == runs - 1
+    fewer = {k for _, k in fewer_steps(4, SPEED_INTERVALS)}  # full computation at fewer steps: 2 of 4 here
+    runs = len(speed_policies(48)) + 1 + len(fewer)  # full computation is timed as often as each configuration
+    assert len(rows) == runs - 1 and fewer == {2}
+    floor = rows[-1]
+    assert floor["method"] == "fewer-steps" and floor["params"] == {"steps": 2} and floor["compute_fraction"] == 0.5
     assert len(bar.steps) == runs * (repeats + 1)
     assert sum(amount for amount, _ in bar.steps) == pytest.approx(runs)
     assert bar.steps[0][1] == "speed: full"

@@ -10,7 +10,8 @@ fractions 0.5, 0.33, 0.25 and 0.17; the warm-up step makes them about 0.55, 0.41
 settings (dpmpp_2m at 20 steps, euler and dpmpp_2m at 50) at interval 4. The thresholds of the dynamic policy and of
 the peers are tuned on the calibration prompts to the compute fraction the FORA row of the same interval reaches, and
 the peers also run at their nodes' default threshold (0.2). TCC priors are fitted by the Fit TCC Priors node on calibration prompts and seeds
-disjoint from the evaluation ones. Quality against full computation from the same noise: rel_l2 and PSNR of the
+disjoint from the evaluation ones. Full computation at fewer steps, at about each interval's cost (steps / interval,
+and one more), is the honest floor beside them. Quality against full computation from the same noise: rel_l2 and PSNR of the
 decoded images; prompt adherence and FD from the scene reader. Speed (euler, 20 steps): every config timed against full
 computation, interleaved, median of paired ratios. The peers' compute fraction is the share of model evaluations
 they run (they skip whole evaluations; their own bookkeeping is not counted).
@@ -83,6 +84,10 @@ class Config:
     model: Any
     fraction: Callable[[], float] = field(default=lambda: 1.0)
     per_prompt: bool = False  # ComfyUI's EasyCache and LazyCache: one prompt at a time
+    steps: int | None = None  # full computation at fewer steps than the setting's
+
+    def setting(self, setting: Setting) -> Setting:
+        return setting if self.steps is None else Setting(setting.sampler, self.steps)
 
 
 class Harness:
@@ -202,6 +207,14 @@ def pack_configs(h: Harness, setting: Setting, quick: bool, log, intervals: list
     return configs
 
 
+def fewer_step_configs(h: Harness, setting: Setting, intervals: list[int]) -> list[Config]:
+    """Full computation at the step counts nearest each interval's cost (steps / interval, and one more for the warm-up
+    step the caching rows compute): the honest floor of every caching row, at the same wall time."""
+    counts = {n: sorted({max(2, round(setting.steps / n)), max(2, round(setting.steps / n)) + 1}) for n in intervals}
+    return [Config("fewer-steps", {"interval": n, "steps": k}, TARGETS[n], h.model, lambda k=k: k / setting.steps,
+                   steps=k) for n in intervals for k in counts[n]]
+
+
 def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: list[int]) -> list[Config]:
     """The dynamic policy and ComfyUI's EasyCache and LazyCache, thresholds tuned on the calibration prompts (with
     euler, once per step count) to the compute fraction the fixed FORA policy of each interval reaches there, so that
@@ -255,7 +268,7 @@ def quality(h: Harness, setting: Setting, configs: list[Config], log) -> list[di
              "adherence": adherence(h.reader, full, h.eval_specs), "fd": frechet(features, h.real_mean, h.real_cov)}]
     log(format_row(rows[0]))
     for c in configs:
-        x, calls = h.counted(c.model, setting, h.eval, EVAL_SEED, c.per_prompt)
+        x, calls = h.counted(c.model, c.setting(setting), h.eval, EVAL_SEED, c.per_prompt)
         fraction = calls / full_calls_alone if c.per_prompt else c.fraction()
         rel = float(((x - full).flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1)).mean())
         rows.append({"setting": rows[0]["setting"], "method": c.method, "params": c.params, "target": c.target,
@@ -269,13 +282,13 @@ def quality(h: Harness, setting: Setting, configs: list[Config], log) -> list[di
 def speed(h: Harness, setting: Setting, configs: list[Config], rows: list[dict], repeats: int, log) -> None:
     """Paired, interleaved: each repeat times full computation (batched, and one prompt at a time for the peers)
     and every config once."""
-    models = {"full": (h.model, False), "full alone": (h.model, True),
-              **{f"{c.method} {c.params}": (c.model, c.per_prompt) for c in configs}}
+    models = {"full": (h.model, False, setting), "full alone": (h.model, True, setting),
+              **{f"{c.method} {c.params}": (c.model, c.per_prompt, c.setting(setting)) for c in configs}}
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
-        for name, (model, per_prompt) in models.items():
+        for name, (model, per_prompt, run) in models.items():
             start = time.perf_counter()
-            h.sample(model, setting, h.eval, EVAL_SEED, per_prompt)
+            h.sample(model, run, h.eval, EVAL_SEED, per_prompt)
             times[name].append(time.perf_counter() - start)
     for c, row in zip(configs, rows[1:]):
         reference = times["full alone" if c.per_prompt else "full"]
@@ -326,6 +339,7 @@ def main() -> int:
         intervals = [3] if args.quick else list(TARGETS) if setting == settings[0] else [4]  # others: about 0.25
         configs = pack_configs(h, setting, args.quick, log, intervals) + tuned_configs(h, setting, args.quick, log,
                                                                                        intervals)
+        configs += fewer_step_configs(h, setting, intervals)
         rows = quality(h, setting, configs, log)
         if setting.sampler == "euler" and setting.steps == 20:
             speed(h, setting, configs, rows, args.repeats, log)

@@ -19,7 +19,8 @@ def rows():
     h = bench.Harness(n_eval=8, n_cal=8)
     setting = bench.Setting("euler", 20)
     configs = (bench.pack_configs(h, setting, quick=True, log=print, intervals=[3])
-               + bench.tuned_configs(h, setting, quick=True, log=print, intervals=[3]))
+               + bench.tuned_configs(h, setting, quick=True, log=print, intervals=[3])
+               + bench.fewer_step_configs(h, setting, intervals=[3]))
     return {r["method"]: r for r in bench.quality(h, setting, configs, log=print)}
 
 
@@ -40,3 +41,11 @@ def test_every_config_runs_at_about_the_compute_it_promises(rows):
             assert row["compute_fraction"] <= row["target"] * 1.35, (method, row)
     for peer in ("easycache", "lazycache", "fbcache"):  # tuned on the calibration prompts, measured on others
         assert abs(rows[peer]["compute_fraction"] - rows["fora"]["compute_fraction"]) < 0.1, rows[peer]
+
+
+def test_full_computation_at_fewer_steps_samples_at_its_own_step_count_beside_the_caching_rows(rows):
+    """The honest floor: at interval 3, 7 and 8 of 20 steps (one more for the caching rows' warm-up step); the row
+    kept here is the last, 8 steps, whose samples differ from full computation's 20 and whose compute is its share."""
+    fewer = rows["fewer-steps"]
+    assert fewer["params"] == {"interval": 3, "steps": 8} and fewer["compute_fraction"] == pytest.approx(8 / 20)
+    assert fewer["rel_l2"] > 0 and fewer["target"] == rows["fora"]["target"]
