@@ -426,9 +426,13 @@ def caption(report: dict[str, Any], command: str) -> str:
 def render(name: str) -> str:
     source, command, select, columns = TABLES[name]
     report = load(source)
-    lines = [caption(report, command), "", "| " + " | ".join(h for h, _ in columns) + " |",
-             "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in select(report)]
+    rows = select(report)
+    cells = [[cell(r) for _, cell in columns] for r in rows]
+    # a column no result fills yet is left out
+    kept = [i for i in range(len(columns)) if any(row[i] for row in cells)] if cells else list(range(len(columns)))
+    lines = [caption(report, command), "", "| " + " | ".join(columns[i][0] for i in kept) + " |",
+             "|" + "---|" * len(kept)]
+    lines += ["| " + " | ".join(row[i] for i in kept) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 

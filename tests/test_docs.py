@@ -46,6 +46,22 @@ def test_generated_tables_match_their_result_files():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_generated_table_leaves_out_a_column_no_result_fills_yet_and_keeps_a_partly_filled_one(monkeypatch):
+    """A row a rerun has not measured yet (full computation at fewer steps, before its result files are rerun) must
+    not leave an empty column in the docs; once one row has it, the column shows, blank where others lack it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import tables
+
+    machine = {"processor": "x86_64", "cpu_count": 2, "torch": "2.13.0", "device": "cpu"}
+    columns = [("config", lambda r: r["config"]), ("floor", tables.number("floor", 2))]
+    monkeypatch.setitem(tables.TABLES, "probe", ("probe.json", "probe", lambda r: r["rows"], columns))
+    report = {"machine": machine, "rows": [{"config": "fora"}, {"config": "taylor2", "floor": None}]}
+    monkeypatch.setattr(tables, "load", lambda name: report)
+    assert "| config |\n|---|\n| fora |\n| taylor2 |" in tables.render("probe")
+    report["rows"][1]["floor"] = 0.25
+    assert "| config | floor |\n|---|---|\n| fora |  |\n| taylor2 | 0.25 |" in tables.render("probe")
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_table_of_figures_names_the_command_that_produced_it(page):
     lines = page.read_text().splitlines()
