@@ -63,11 +63,11 @@ class Calibrator(ABC):
     """`reference = True` makes the run compute every block and call `observe` where the policy would skip.
 
     `records_anchors` asks for `anchor` calls; `records_output` for the model's output at every step too (as `anchor`
-    calls at block -1, "output": the value a whole-step forecast caches); `anchors` is how many computed values per site the calibrator needs
-    kept (the policy's forecaster may keep fewer); `needs_truth` asks the engine to offer the site's true value
-    (fitting only: it costs a computation); `flops` is the elementwise work per value element of the last correction
-    that changed a value, for honest compute accounting; `nbytes` the tensors a corrector holds for the run beyond the
-    policy's own cache, for the run's peak-cache figure.
+    calls at block -1, "output": the value a whole-step forecast caches); `anchors` is how many computed values per
+    site the calibrator needs kept (the policy's forecaster may keep fewer); `needs_truth` asks the engine to offer the
+    site's true value (fitting only: it costs a computation); `flops` is the elementwise work per value element of the
+    last correction that changed a value, for honest compute accounting; `nbytes` the tensors a corrector holds for the
+    run beyond the policy's own cache, for the run's peak-cache figure.
     """
 
     reference: bool = False

@@ -47,7 +47,8 @@ class BlockPlan:
                     self.calls[0] != "1":
                 raise PolicyError(f"a plan's calls must be {steps} characters of 0 and 1 starting with 1, one per step")
             if any(c == "0" and row[s] == "1" for s, c in enumerate(self.calls) for row in self.rows):
-                raise PolicyError("a plan computes a block at a step whose model call it forecasts whole: refit the plan")
+                raise PolicyError("a plan computes a block at a step whose model call it forecasts whole: refit the "
+                                  "plan")
             if "0" not in self.calls:  # every step called: the same plan as no calls at all
                 object.__setattr__(self, "calls", "")
 

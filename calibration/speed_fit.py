@@ -111,7 +111,8 @@ def fit_runs(tcc: bool = True, held_out: bool = True, groups: int = PROBE_GROUPS
     """The (part, cached) runs `fit_for_speed` makes, at most (identical searched plans run once): for progress."""
     runs = [(FIT, True)] * (2 + groups + windows + REFINE_RUNS) + [(FIT, True)] * forecasters * len(AGGREGATES)
     if timed:  # the whole-step probe and candidates, and the held-out timing pairs
-        runs += [(FIT, True)] * (4 + MIXED_RUNS) + ([(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]) * held_out
+        held = [(HELD_OUT, False), (HELD_OUT, True)] * TIMING_PAIRS + [(HELD_OUT, False)]
+        runs += [(FIT, True)] * (4 + MIXED_RUNS) + held * held_out
     if tcc:
         steps = fit_plan("drift", 1, held_out, verify=True)
         runs += [(s.part, s.cached) for s in steps]

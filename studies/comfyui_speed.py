@@ -12,8 +12,9 @@ the session's block hook and APPLY_MODEL wrapper), so the same command measures 
 from that checkout). Families whose blocks the pack object-patches (PixArt, Lumina2) are left out: there the block's
 own forward is the pack's hook.
 `share` times full computation against FORA and Taylor-2 at compute fractions about 0.5, 0.33, 0.25 and 0.17, and
-against full computation at that share of the steps (the honest floor), interleaved, over several repeats, and reports the median of the paired ratios, their spread, and the share of the
-ideal speedup (1 / compute fraction) it reaches.
+against full computation at that share of the steps (the honest floor), interleaved, over several repeats, and
+reports the median of the paired ratios, their spread, and the share of the ideal speedup (1 / compute fraction) it
+reaches.
 """
 
 from __future__ import annotations

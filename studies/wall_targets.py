@@ -164,7 +164,8 @@ def main() -> int:
         plan_ratios = timed(h, setting, {"fit": (model, args.steps)}, args.repeats)["fit"]
         x = h.sample(model, setting, h.eval, EVAL_SEED)
         report = priors.meta["report"]
-        mix = {k: report.get(k) for k in ("plan_steps_computed", "plan_steps_blocks_filled", "plan_steps_forecast_whole")}
+        mix = {k: report.get(k) for k in ("plan_steps_computed", "plan_steps_blocks_filled",
+                                          "plan_steps_forecast_whole")}
         row = scored(h, x, full, {"config": priors.meta["policy_tag"],
                                   "granularity": priors.meta["policy"]["granularity"], **mix}, plan_ratios,
                      h.report(model)["compute_fraction"])

@@ -9,10 +9,10 @@ With euler at 20 steps every method runs at fixed intervals 2, 3, 4 and 6 after 
 fractions 0.5, 0.33, 0.25 and 0.17; the warm-up step makes them about 0.55, 0.41, 0.32 and 0.23 at 20 steps); the other
 settings (dpmpp_2m at 20 steps, euler and dpmpp_2m at 50) at interval 4. The thresholds of the dynamic policy and of
 the peers are tuned on the calibration prompts to the compute fraction the FORA row of the same interval reaches, and
-the peers also run at their nodes' default threshold (0.2). TCC priors are fitted by the Fit TCC Priors node on calibration prompts and seeds
-disjoint from the evaluation ones. Full computation at fewer steps, at about each interval's cost (steps / interval,
-and one more), is the honest floor beside them. Quality against full computation from the same noise: rel_l2 and PSNR of the
-decoded images; prompt adherence and FD from the scene reader. Speed (euler, 20 steps): every config timed against full
+the peers also run at their nodes' default threshold (0.2). TCC priors are fitted by the Fit TCC Priors node on
+calibration prompts and seeds disjoint from the evaluation ones. Full computation at fewer steps, at about each
+interval's cost (steps / interval, and one more), is the honest floor beside them. Quality against full computation
+from the same noise: rel_l2 and PSNR of the decoded images; prompt adherence and FD from the scene reader. Speed (euler, 20 steps): every config timed against full
 computation, interleaved, median of paired ratios. The peers' compute fraction is the share of model evaluations
 they run (they skip whole evaluations; their own bookkeeping is not counted).
 
