@@ -117,7 +117,8 @@ def headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     at50 = _numbered([r for r in report["rows"] if r["setting"] == "euler 50" and r["target"] in (None, 0.25)])
     rows = [r for r in report["rows"] if r["setting"] == "euler 20" and (
         r["method"] == "full" or r["method"] in HEADLINE_METHODS and r["target"] in (None, 0.25))]
-    return [dict(r, rel_l2_50=at50.get(key, {}).get("rel_l2")) for key, r in _numbered(rows).items()]
+    return [dict(r, rel_l2_50=at50.get(key, {}).get("rel_l2"), steps_50=at50.get(key, {}).get("params", {}).get("steps"))
+            for key, r in _numbered(rows).items()]
 
 
 def _numbered(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -130,7 +131,7 @@ def _numbered(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any
     return out
 
 
-HEADLINE: list[Column] = [("config", lambda r: f"full computation, {r['params']['steps']} steps"
+HEADLINE: list[Column] = [("config", lambda r: f"full computation, {r['params']['steps']} steps ({r['steps_50']} at 50)"
                            if r["method"] == "fewer-steps" else r["method"]),
                           ("compute fraction", number("compute_fraction", 2)),
                           ("wall speedup", lambda r: f"{r['wall_speedup']:.2f}×" if "wall_speedup" in r else "1"),
