@@ -185,6 +185,7 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
     timed = fit_step_costs(timer.rounds) if timer is not None else None
     seconds, nbytes = 0.0, 0
     mixable = timed is not None and timed.whole is not None and gain is not None
+    block_grams = [grams.get(b) for b in range(blocks)]
     mixed: list[Candidate] = []
     for (forecaster, order), (method, history) in methods.items():
         overhead = (2.0 * history if history > 1 else 0.0) + (TCC_FLOPS if tcc else 0.0)
@@ -193,7 +194,7 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
                                                                   recorded.outside_flops)
         for aggregate in AGGREGATES:
             try:
-                found = search([grams.get(b) for b in range(blocks)], weights, sigmas, costs, 1.0 / speedup, method,
+                found = search(block_grams, weights, sigmas, costs, 1.0 / speedup, method,
                                history, aggregate)
             except PolicyError as err:  # no block plan this fast: whole steps may still be
                 if timed is None or timed.whole is None:
@@ -212,12 +213,12 @@ def fit_for_speed(run: Run, base: CachePolicy, sigmas: list[float], blocks: int,
                 {step_seconds.aligned(k, steps) for k in (anchors, anchors + 1) if 0 < k < steps}
             for budget in sorted(b for b in budgets if b < 1.0):
                 try:
-                    found = search([grams.get(b) for b in range(blocks)], weights, sigmas, costs, budget, method,
+                    found = search(block_grams, weights, sigmas, costs, budget, method,
                                    history)
                 except PolicyError:
                     continue
                 seconds, nbytes = seconds + found.seconds, max(nbytes, found.nbytes)
-                made = mix(found.plan.rows, [grams.get(b) for b in range(blocks)], weights, output_gram, gain,
+                made = mix(found.plan.rows, block_grams, weights, output_gram, gain,
                            step_seconds, sigmas, 1.0 / speedup, method, history)
                 if made is not None:
                     plan, predicted = made

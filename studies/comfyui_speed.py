@@ -32,7 +32,7 @@ from tiny_models import (FAMILIES, diffusion_model, load_pack,  # noqa: E402  (b
                          run_sampler, session_of)
 
 import torch  # noqa: E402
-from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.bench import fewer_steps, machine, provenance  # noqa: E402
 from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 POLICY = dict(mode="fixed", forecaster="reuse", interval=4, warmup_steps=0, start=0.0, end=1.0, first_blocks=0,
@@ -192,7 +192,7 @@ def share(args: argparse.Namespace, policy_node, apply_node) -> list[dict]:
             for name, extra in kinds:
                 policy = policy_node.execute(**{**POLICY, "interval": n, **extra}).result[0]
                 configs[f"{name} N={n}"] = apply_node.execute(model, policy).result[0], args.steps
-        for k in sorted({max(2, round(args.steps / n)) for n in intervals}, reverse=True):
+        for k in sorted({k for _, k in fewer_steps(args.steps, intervals)}, reverse=True):
             configs[f"full, {k} steps"] = model, k  # the honest floor: full computation at about each cost
         for m, steps in configs.values():
             run_sampler(m, positive, negative, latent, steps=steps, cfg=2.0)

@@ -31,10 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks.scenes.bench import CAL_SEED, EVAL_SEED, POLICY, Harness, Setting  # noqa: E402
+from benchmarks.scenes.bench import CAL_SEED, EVAL_SEED, Harness, Setting  # noqa: E402
 from benchmarks.scenes.evaluator import adherence, frechet, read  # noqa: E402
 from comfyui_speed import SMALL_SD3  # noqa: E402  (registers the small SD3 among the tiny models)
-from tiny_models import FAMILIES, comfyui_nodes, load_pack, make_inputs, session_of  # noqa: E402
+from tiny_models import FAMILIES, comfyui_nodes, load_pack, make_inputs  # noqa: E402
 
 import comfy.utils  # noqa: E402
 import torch  # noqa: E402
@@ -48,8 +48,9 @@ KINDS = {"fora": {}, "taylor2": {"forecaster": "taylor", "order": 2},
          "taylor2-step": {"forecaster": "taylor", "order": 2, "granularity": "step"}}
 
 
-class SmallSD3:
-    """The small SD3-class model with the scenes harness's interface; no image reader (quality is rel_l2 alone)."""
+class SmallSD3(Harness):
+    """The small SD3-class model in the scenes harness (its nodes, policies and reports); no image reader (quality is
+    rel_l2 alone)."""
 
     reader = None
 
@@ -69,19 +70,10 @@ class SmallSD3:
         positive, negative, latent = make_inputs(SMALL_SD3, seed=1)  # another conditioning for the fits
         self.cal = positive, negative, {"samples": latent}
 
-    def policy(self, **settings):
-        return self.policy_node.execute(**{**POLICY, **settings}).result[0]
-
-    def apply(self, policy, **inputs):
-        return self.apply_node.execute(self.model, policy, **inputs).result[0]
-
     def sample(self, model, setting: Setting, inputs, seed: int) -> torch.Tensor:
         positive, negative, latent = inputs
         return self.nodes.KSampler().sample(model, seed, setting.steps, 2.0, setting.sampler, "simple", positive,
                                             negative, latent)[0]["samples"]
-
-    def report(self, model) -> dict:
-        return session_of(model).last_report
 
 
 def timed(h: Harness, setting: Setting, models: dict[str, tuple[Any, int]], repeats: int) -> dict[str, list[float]]:

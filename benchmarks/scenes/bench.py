@@ -51,7 +51,7 @@ from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E
 from tiny_models import (  # noqa: E402  (tests/comfyui, on sys.path through flux.py)
     comfyui_nodes, load_pack, session_of, with_copied_input)
 
-from calibrated_cache.testbed.bench import machine, provenance  # noqa: E402
+from calibrated_cache.testbed.bench import fewer_steps, machine, provenance  # noqa: E402
 from calibrated_cache.testbed.results import add_allow_dirty, committed, write_result  # noqa: E402
 
 from .codec import context, decode  # noqa: E402
@@ -210,9 +210,8 @@ def pack_configs(h: Harness, setting: Setting, quick: bool, log, intervals: list
 def fewer_step_configs(h: Harness, setting: Setting, intervals: list[int]) -> list[Config]:
     """Full computation at the step counts nearest each interval's cost (steps / interval, and one more for the warm-up
     step the caching rows compute): the honest floor of every caching row, at the same wall time."""
-    counts = {n: sorted({max(2, round(setting.steps / n)), max(2, round(setting.steps / n)) + 1}) for n in intervals}
     return [Config("fewer-steps", {"interval": n, "steps": k}, TARGETS[n], h.model, lambda k=k: k / setting.steps,
-                   steps=k) for n in intervals for k in counts[n]]
+                   steps=k) for n, fewer in fewer_steps(setting.steps, intervals) for k in (fewer, fewer + 1)]
 
 
 def tuned_configs(h: Harness, setting: Setting, quick: bool, log, intervals: list[int]) -> list[Config]:
