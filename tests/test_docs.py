@@ -172,6 +172,11 @@ def scenes(method: str, target: float | None, setting: str = "euler 20", source:
     return one(result(source)["rows"], setting=setting, method=method, target=target)
 
 
+def fewer_scenes(steps: int, setting: str = "euler 20") -> dict[str, Any]:
+    """Full computation at `steps` steps in the 0.3.64 scenes benchmark."""
+    return one(result(SCENES_0364)["rows"], setting=setting, method="fewer-steps", steps=steps)
+
+
 def spans(config: str) -> dict[str, Any]:
     return one(result("spans.json")["rows"], config=config)
 
@@ -584,6 +589,15 @@ FIGURES = [
                     fixed(scenes("lazycache", 0.25)["compute_fraction"], 2),
                     block_level_shares()]
            + [fixed(scenes("fora", t)["share_of_ideal"], 2) for t in (0.5, 0.25, 0.17)]),
+    Figure("docs/benchmarks.md",
+           "(10 steps: {} at {}, against FORA + TCC's {} at {} and FORA's {} at {}; 8 steps: {} at {},\n  against FORA + "
+           "TCC's {} at {} and FORA's {} at {}). At interval 2 the forecasters and TCC win (FoCa\n  {} at {}, FORA + TCC "
+           "{} at {}, Taylor-2 {} at {}, against 11 steps' {} at {})",
+           "scenes.json: euler 20 fewer-steps rows against FORA, FORA + TCC, FoCa and Taylor-2",
+           lambda: [v for row in (fewer_scenes(10), scenes("fora+tcc", 0.33), scenes("fora", 0.33), fewer_scenes(8),
+                                  scenes("fora+tcc", 0.25), scenes("fora", 0.25), scenes("foca", 0.5),
+                                  scenes("fora+tcc", 0.5), scenes("taylor2", 0.5), fewer_scenes(11))
+                    for v in (fixed(row["rel_l2"], 3), f"{row['wall_speedup']:.2f}×")]),
     Figure("docs/benchmarks.md", "even handed a copy of its input (rel_l2 {},\n  adherence {} against full computation's {})",
            "scenes.json: easycache and easycache-default rows, rel_l2 and adherence; full adherence",
            lambda: [spread([r["rel_l2"] for r in result("scenes.json")["rows"] if r["method"].startswith("easycache")],
