@@ -160,7 +160,7 @@ def _fit_speed(args: argparse.Namespace, base) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .priors import PriorFileError, load_priors
+    from .priors import PriorFileError, file_hash, load_priors
     from .priors.report import summarize
 
     if os.path.isdir(args.file):
@@ -169,7 +169,9 @@ def _inspect(args: argparse.Namespace) -> int:
         inside = f"; it holds {', '.join(found[:5])}{more}" if found else "; it holds no .safetensors file"
         raise SystemExit(f"error: {args.file} is a directory: give a prior file (.safetensors) inside it{inside}")
     try:
-        print(summarize(load_priors(args.file), args.sites))
+        summary = summarize(load_priors(args.file), args.sites)
+        print(f"{'file':<13} sha256 {file_hash(args.file)} (the same on every machine that holds this file)")
+        print(summary)
     except PriorFileError as err:
         raise SystemExit(f"error: {err}") from None
     return 0

@@ -16,7 +16,6 @@ granularity:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
@@ -28,7 +27,8 @@ from .registry import make_forecaster
 from .spans import SpannedBlocks
 
 if TYPE_CHECKING:
-    from .state import GroupCache, Round, RunState
+    from .rounds import Decision, Round
+    from .state import GroupCache, RunState
 
 GatedSite = tuple[str, Tensor, Callable[[Tensor], Tensor]]
 Outputs = Mapping[str, Tensor | None]
@@ -43,9 +43,10 @@ class ModelCall:
     """It is also a block runner for adaLN blocks that expose `sites(c)`: `call(i, block, h, c)`."""
 
     def __init__(self, state: "RunState", round_: "Round", branches: list[Hashable], cache: "GroupCache", chunk: int,
-                 roles: list[str], device: torch.device) -> None:
+                 roles: list[str], device: torch.device, decision: "Decision") -> None:
         self.state = state
         self.round = round_
+        self.decision = decision  # the round decider's: which blocks this call computes
         self.branches = branches
         self.cache = cache
         self.chunk = chunk
@@ -202,10 +203,8 @@ class ModelCall:
         """Whether a block is computed in this call (with step granularity, always: whole steps are skipped)."""
         if self._step:
             return True
-        state = self.state
-        reuses = state.skips(self.round, block) and block not in state.always and block not in state.uncacheable and \
-            block in self.cache.ready
-        calibrator = state.calibrator
+        reuses = not self.decision.computes[block]
+        calibrator = self.state.calibrator
         if calibrator is not None and calibrator.reference:
             if reuses:
                 self._observed.add(block)
@@ -429,12 +428,7 @@ class ModelCall:
         # or single change must not drown in steady ones, so the round skips only if every one is steady.
         residuals = [(outputs[k] - probe[k]).split(self.chunk) for k in keys]
         parts = [tuple(r[i] for r in residuals) for i in range(len(self.branches))]
-        if self.round.skip is None:  # the round's first call decides for the round
-            self.round.skip = state.decide(parts, self.branches)
-        elif self.round.skip and not state.steady(parts, self.branches):
-            # split calls (cond and uncond apart): the first call could not see this one's branches, which moved,
-            # so this call computes them though the round skips
-            self.round = dataclasses.replace(self.round, skip=False)
-        if not self.round.skip:
-            for b, part in zip(self.branches, parts):
-                state.probe_refs[b] = part
+        if self.round.skip is False:
+            state.decider.refresh(self.branches, parts)
+        else:
+            self.round, self.decision = state.decider.probe(self.round, self.branches, parts, self.cache.ready)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .calibrator import Calibrator, Reused, Site
+from .consensus import Consensus
 from .errors import PolicyError
 
 INFLECTION_MODES = ("auto", "off", "manual")
@@ -119,8 +120,10 @@ class GocCorrector(Calibrator):
 
     flops = 3.0  # a subtraction and a multiply-add per value element (inflection detection is once per computation)
 
-    def __init__(self, settings: GocSettings) -> None:
+    def __init__(self, settings: GocSettings, consensus: Consensus | None = None) -> None:
+        """`consensus`: where the tokens are sharded over several ranks, a turn's sums run over all of them."""
         self.settings = settings
+        self.consensus = consensus or Consensus()
         self._tracks: dict[tuple, Track] = {}
         self.nbytes = 0
 
@@ -173,7 +176,7 @@ class GocCorrector(Calibrator):
             if track.computed is not None:
                 increment = (value - track.computed).flatten(1)
                 if track.increment is not None:
-                    turn = torch.nn.functional.cosine_similarity(increment.float(), track.increment.float(), dim=1)
+                    turn = self._cosine(increment.float(), track.increment.float())
                     shape = (-1, *(1,) * (value.dim() - 1))
                     track.steady = (turn >= self.settings.threshold).to(value.dtype).view(shape)
                 track.increment = increment
@@ -183,6 +186,14 @@ class GocCorrector(Calibrator):
         track.anchor, track.signature, track.last = anchor, signature, None
         if self.settings.inflection == "auto":
             track.computed = value
+
+
+    def _cosine(self, a: Tensor, b: Tensor) -> Tensor:
+        """Per sample, cos(a, b) over every token, on however many ranks the tokens are sharded."""
+        if not self.consensus.shards_tokens:
+            return torch.nn.functional.cosine_similarity(a, b, dim=1)
+        sums = self.consensus.total(torch.stack([(a * b).sum(1), a.square().sum(1), b.square().sum(1)]))
+        return sums[0] / (sums[1].sqrt() * sums[2].sqrt()).clamp_min(1e-8)
 
 
 def track_key(sites: list[Site]) -> tuple:

@@ -170,10 +170,8 @@ class SpannedBlocks:
     # --- skipping -------------------------------------------------------------------------------------------------
 
     def _skips(self, span: Span, inputs: Mapping[str, Tensor]) -> bool:
-        call, state = self.call, self.call.state
-        return (state.skips(call.round, span.first) and {k for k, _ in span.layout} <= set(inputs)
-                and span.first not in state.always
-                and all(b in call.cache.ready for b in range(span.first, span.last + 1))
+        call = self.call
+        return (not any(call.decision.computes[span.first:span.last + 1]) and {k for k, _ in span.layout} <= set(inputs)
                 and all(call.fits(span.first, span.site(k), inputs[k]) for k in span.streams))
 
     def _filled(self, span: Span, inputs: Mapping[str, Tensor], cost: Callable[[], float]

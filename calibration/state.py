@@ -16,19 +16,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
-import torch
 from torch import Tensor
 
 from .calibrator import Calibrator
 from .call import ModelCall
 from .chain import chained
 from .clock import StepClock
+from .consensus import Consensus
 from .forecast import Forecaster, WeightedForecaster
 from .goc import GocCorrector
 from .icc import FactorCache, IccRun
 from .memory import CacheMemory
 from .policy import CachePolicy, PolicyError
 from .registry import history, make_forecaster
+from .rounds import Round, RoundDecider
 from .schedule import StepPlan
 from .spans import Span
 from .stats import RunStats
@@ -37,17 +38,6 @@ from .step_costs import RoundTimer
 SiteKey = tuple[int, str]
 Group = tuple[Hashable, ...]
 log = logging.getLogger("calibrated_cache")
-
-
-@dataclass
-class Round:
-    index: int
-    sigma: float
-    step: int
-    time: float
-    skip: bool | None
-    whole: bool = False  # the model's output is forecast whole (where a computed one is cached)
-    seen: set[Hashable] = field(default_factory=set)
 
 
 @dataclass
@@ -69,10 +59,12 @@ class RunState:
     def __init__(
         self, policy: CachePolicy, sigmas: Sequence[float], blocks: int, calibrator: Calibrator | None = None,
         factors: FactorCache | None = None, memory: CacheMemory | None = None, timer: RoundTimer | None = None,
+        consensus: Consensus | None = None,
     ) -> None:
         """`factors`: ICC's factor cache (it outlives runs; its channel statistics come from a prior file). `memory`:
         where the caches live and their cap. `timer`: times each round for a fit's cost model (runs without a
-        calibrator only: a calibrator's own work is not the plan's)."""
+        calibrator only: a calibrator's own work is not the plan's). `consensus`: the ranks this model runs on
+        together (multi-GPU sequence or CFG parallelism), which every data-dependent decision is agreed with."""
         if blocks < 1:
             raise PolicyError(f"the model has {blocks} blocks: there is nothing to cache")
         self.icc: IccRun | None = None
@@ -87,7 +79,9 @@ class RunState:
         self.blocks = blocks
         self.timer = timer if calibrator is None else None
         # A policy with GOC attached corrects first; a given calibrator (TCC priors or their fit) sees GOC's output.
-        self.calibrator = chained(None if policy.goc is None else GocCorrector(policy.goc), calibrator)
+        self.consensus = consensus or Consensus()
+        goc = None if policy.goc is None else GocCorrector(policy.goc, self.consensus)
+        self.calibrator = chained(goc, calibrator)
         if self.calibrator is not None:
             self.calibrator.start()
         self.clock = StepClock(sigmas)
@@ -97,19 +91,16 @@ class RunState:
                               f"model has {blocks}: fit a plan for this model (Fit TCC Priors with a target speedup)")
         self.time_range = (0.0, float(self.clock.steps)) if policy.time_unit == "step" else (
             float(self.clock.sigmas[-1]), float(self.clock.sigmas[0]))
-        self.always = set(range(policy.probe_blocks)) | set(range(blocks - policy.last_blocks, blocks))
-        if self.plan.blocks is not None:  # blocks the plan computes at every step of this run
-            self.always |= {b for b in range(blocks) if all(step[b] for step in self.plan.blocks)}
+        self.decider = RoundDecider(policy, self.clock, self.plan, blocks, self.consensus, self.memory.limit is not None,
+                                    self.release)
+        self.always, self.uncacheable = self.decider.always, self.decider.uncacheable
         self.stats = RunStats(cache_offloaded=self.memory.offload, cache_limit_bytes=self.memory.limit)
         self.history = max(history(policy), self.calibrator.anchors if self.calibrator else 0)
         self.reserved: dict[tuple[int, str], int] = {}  # bytes each cached site may reach, under a limit
         self.groups: dict[Group, GroupCache] = {}
         self.homes: dict[Hashable, Group] = {}  # each branch's group at its newest call
-        self.probe_refs: dict[Hashable, tuple[Tensor, ...]] = {}  # dynamic: each branch's probe residuals, by stream
         self.round: Round | None = None
-        self._skips_in_row = 0
         self.site_costs: dict[tuple[int, int], dict[str, float]] = {}  # (block, tokens) -> FLOPs per site
-        self.uncacheable: set[int] = set()
         self.layouts: dict[int, tuple[tuple[str, bool], ...]] = {}  # block outputs: (stream, has a residual)
         # Blocks are cached in spans when nothing needs a block's own value: see spans.py.
         self.caches_spans = policy.granularity == "block" and self.calibrator is None and self.icc is None and \
@@ -148,7 +139,8 @@ class RunState:
             cache = self.groups[group] = GroupCache(signature)
         self.stats.model_calls += 1
         self.stats.evaluations += x.shape[0]
-        return ModelCall(self, r, list(branches), cache, chunk, roles, x.device)
+        decision = self.decider.call(r, group, cache.ready)
+        return ModelCall(self, r, list(branches), cache, chunk, roles, x.device, decision)
 
     def _regroup(self, group: Group, roles: Sequence[str]) -> None:
         """ComfyUI batches cond and uncond by the memory it finds free, so a run may switch between batched and split
@@ -210,50 +202,10 @@ class RunState:
     def _new_round(self, sigma: float) -> Round:
         if self.timer is not None:
             self.timer.mark(self.stats, step_run=self.policy.granularity == "step")
-        step = self.clock.step(sigma)
-        time = self.clock.position(sigma) if self.policy.time_unit == "step" else sigma
-        if self.policy.mode != "dynamic":  # fixed or plan: the round skips some block (plan: `skips` says which)
-            skip: bool | None = not self.plan.full[step]
-        else:
-            skip = None if self.plan.cacheable[step] else False
-        if skip is False:
-            self._skips_in_row = 0
+        r = self.decider.open(sigma)
         self.stats.rounds += 1
-        self.stats.steps.add(step)
-        return Round(self.stats.rounds - 1, sigma, step, time, skip, bool(skip) and self.plan.whole[step])
-
-    def skips(self, round_: Round, block: int) -> bool:
-        """Whether the round fills `block` in (ready anchors aside): every skipping block of a fixed or dynamic round,
-        the plan's blocks of this step in plan mode."""
-        return bool(round_.skip) and (self.plan.blocks is None or self.plan.skips(round_.step, block))
-
-    def probe_change(self, parts: Sequence[tuple[Tensor, ...]], branches: Sequence[Hashable]) -> Tensor:
-        """How far the probe moved since the last computed round, as one scalar on the device: the largest mean
-        relative L1 change of a probe residual over every image of every branch (cond and uncond) and every stream,
-        so that one image, branch or small stream still changing is not averaged away by steady ones. Infinite when a
-        branch has nothing to compare with: no reference yet, or streams of another shape (ComfyUI pads text for a
-        batch, not for a branch run alone). One maximum, so that several devices can combine theirs with a max."""
-        changes = []
-        for branch, residuals in zip(branches, parts):
-            refs = self.probe_refs.get(branch)
-            if refs is None or [r.shape for r in refs] != [r.shape for r in residuals]:
-                return torch.tensor(float("inf"), device=residuals[0].device)
-            for r, ref in zip(residuals, refs):
-                images = r.shape[0]
-                moved = (r - ref).abs().reshape(images, -1).mean(1)
-                changes.append(moved / ref.abs().reshape(images, -1).mean(1).clamp_min(1e-12))
-        return torch.cat(changes).max()
-
-    def steady(self, parts: Sequence[tuple[Tensor, ...]], branches: Sequence[Hashable]) -> bool:
-        """Whether every image of every branch and stream moved less than the threshold (one device sync)."""
-        return bool(self.probe_change(parts, branches) < self.policy.threshold)
-
-    def decide(self, parts: Sequence[tuple[Tensor, ...]], branches: Sequence[Hashable]) -> bool:
-        """Dynamic policy: the round skips only while the probe is `steady` for every image of the call's branches
-        (`parts`: each branch's probe residuals, by stream), at most `max_skips` rounds in a row."""
-        skip = self._skips_in_row < self.policy.max_skips and self.steady(parts, branches)
-        self._skips_in_row = self._skips_in_row + 1 if skip else 0
-        return skip
+        self.stats.steps.add(r.step)
+        return r
 
     def admit(self, block: int, name: str, nbytes: int) -> bool:
         """Whether a site of `block` may be cached: under a limit, its full size is reserved at its first store, and a
@@ -269,7 +221,12 @@ class RunState:
                         "fit are computed every step (raise the limit or enable offload for more speed)",
                         limit / 2**20, block)
         self.stats.blocks_over_limit += 1
-        self.always.add(block)
+        self.decider.refuse(block)
+        self.release(block)
+        return False
+
+    def release(self, block: int) -> None:
+        """Drop a block's caches: it is computed every step from now on (over the memory cap on some rank)."""
         for key in [k for k in self.reserved if k[0] == block]:
             del self.reserved[key]
         for cache in self.groups.values():
@@ -278,7 +235,6 @@ class RunState:
             cache.ready.discard(block)
         if self.icc is not None:
             self.stats.add_cache_bytes(-self.icc.forget_block(block))
-        return False
 
     def finish(self) -> RunStats:
         """Release every cache; the statistics stay."""
@@ -286,7 +242,7 @@ class RunState:
             self.timer.mark(self.stats, last=True)
         self.groups.clear()
         self.homes.clear()
-        self.probe_refs.clear()
+        self.decider.probe_refs.clear()
         if self.icc is not None:
             self.icc.clear()
         self.stats.add_cache_bytes(-self.stats.cache_bytes)

@@ -9,6 +9,7 @@ from .apply_node import ApplyCalibratedCacheNode
 from .fit_node import FitTccPriorsNode
 from .goc_node import GocCorrectorNode
 from .policy_node import CachePolicyNode
+from .raylight import ApplyCalibratedCacheRaylightNode, raylight_installed
 
 folders.register()
 routes.register()
@@ -16,4 +17,5 @@ routes.register()
 
 class CalibratedCacheExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CachePolicyNode, GocCorrectorNode, ApplyCalibratedCacheNode, FitTccPriorsNode]
+        nodes = [CachePolicyNode, GocCorrectorNode, ApplyCalibratedCacheNode, FitTccPriorsNode]
+        return nodes + [ApplyCalibratedCacheRaylightNode] if raylight_installed() else nodes

@@ -152,23 +152,31 @@ class ApplyCalibratedCacheNode(io.ComfyNode):
     def execute(cls, model: ModelPatcher, policy: CachePolicy | None = None, priors: FittedPriors | None = None,
                 prior_file: str = folders.NONE, icc_rank: int = 0, icc_svd: str = SVD_MODES[0],
                 cache_offload: bool = False, cache_limit_mb: int = 0) -> io.NodeOutput:
-        memory = cache_memory(cache_offload, cache_limit_mb)
-        fitted = chosen_priors(priors, prior_file)
-        policy, replaced = run_policy(policy, fitted)
-        policy = with_icc(policy, icc_rank, icc_svd)
         node_id = getattr(cls.hidden, "unique_id", None)  # None when called from a script rather than a prompt
-        tcc = icc_priors(fitted, block_policy(policy))
-        factors = factor_cache(model, fitted.channels if fitted is not None else None) if policy.icc else None
-        m, session = patch_model(model, policy, node_id, tcc, factors, memory)
-        session.notes = [replaced] if replaced else []
-        if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
-            # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
-            parts = IDENTITY if tcc is not None else ("family", "architecture")
-            check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name, parts, comfyui_version())
-            session.prior_check = f"{', '.join(parts)} match the model"
-        if tcc is not None:
-            check_policy(tcc.meta, session.policy, tcc.name)
+        m, _, replaced = apply_cache(model, policy, chosen_priors(priors, prior_file), icc_rank, icc_svd,
+                                     cache_memory(cache_offload, cache_limit_mb), node_id)
         return io.NodeOutput(m, ui=ui.PreviewText(replaced) if replaced else None)
+
+
+def apply_cache(model: ModelPatcher, policy: CachePolicy | None, fitted: FittedPriors | None, icc_rank: int,
+                icc_svd: str, memory: CacheMemory, node_id: str | None = None
+                ) -> tuple[ModelPatcher, CacheSession, str | None]:
+    """What Apply Calibrated Cache does to one model (on every GPU, for the Raylight node): the patched clone, its
+    session, and the note when a plan file replaced the connected policy."""
+    policy, replaced = run_policy(policy, fitted)
+    policy = with_icc(policy, icc_rank, icc_svd)
+    tcc = icc_priors(fitted, block_policy(policy))
+    factors = factor_cache(model, fitted.channels if fitted is not None else None) if policy.icc else None
+    m, session = patch_model(model, policy, node_id, tcc, factors, memory)
+    session.notes = [replaced] if replaced else []
+    if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
+        # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
+        parts = IDENTITY if tcc is not None else ("family", "architecture")
+        check_model(fitted.meta, fingerprint(model, session.family.name), fitted.name, parts, comfyui_version())
+        session.prior_check = f"{', '.join(parts)} match the model"
+    if tcc is not None:
+        check_policy(tcc.meta, session.policy, tcc.name)
+    return m, session, replaced
 
 
 def run_policy(policy: CachePolicy | None, fitted: FittedPriors | None) -> tuple[CachePolicy, str | None]:

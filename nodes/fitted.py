@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from ..calibration.icc import ChannelTable, host_array
 from ..calibration.tcc import SiteKey, SitePrior, TccPriors
-from ..priors import load_priors, model_fingerprint
+from ..priors import file_hash, load_priors, model_fingerprint
 from ..priors.fingerprint import tensor_sample
 
 TccPriorsType = io.Custom("TCC_PRIORS")
@@ -50,7 +51,8 @@ class FittedPriors:
         sites = {key: {f.name: host_array(v) if isinstance(v := getattr(prior, f.name), Tensor) else v
                        for f in fields(prior) if f.init}
                  for key, prior in self.priors.priors.items()}
-        return HeldPriors(self.meta, self.path, self.priors.variant, sites)
+        digest = file_hash(self.path) if os.path.isfile(self.path) else json.dumps(self.meta, sort_keys=True)
+        return HeldPriors(self.meta, self.path, self.priors.variant, sites, digest)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class HeldPriors:
     path: str
     variant: str
     sites: dict[SiteKey, dict[str, Any]]  # each site's SitePrior fields, its tensors as arrays
+    digest: str  # the file's hash: the GPUs of one model check they all read the same file
 
     @property
     def name(self) -> str:

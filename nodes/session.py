@@ -27,6 +27,7 @@ import torch
 
 from ..calibration import CacheMemory, CachePolicy, ModelCall, PolicyError, RunState, RunStats
 from ..calibration.calibrator import Calibrator
+from ..calibration.consensus import Consensus, RankDivergence
 from ..calibration.icc import ICC_ANY_SIZE, FactorCache, LinearTarget, icc_too_small
 from ..calibration.step_costs import RoundTimer
 from .device_timing import timing_note
@@ -80,6 +81,8 @@ class CacheSession:
         self.notes: list[str] = []  # what Apply Calibrated Cache set aside (a connected policy a plan replaced)
         self.compiled: BlockRunner | None = None  # runs a computed block compiled, under TorchCompileModel
         self.plain: set[int] = set()  # this run's blocks that gave no stream to cache, so ran plainly
+        self.ranks: Callable[[], Consensus] = Consensus  # the ranks a run agrees with (Raylight: its process group)
+        self.decisions: list[tuple] | None = None  # when a list, runs append their decisions (to compare ranks)
 
     def outer_sample(self, executor, *args, **kwargs):
         guider, sigmas = executor.class_obj, args[3]
@@ -94,12 +97,19 @@ class CacheSession:
         schedule = sigmas.flatten().tolist()
         calibrator = self.calibrator if self.priors is None else self.priors.calibrator()  # this run's own
         try:
-            run = RunState(self.policy, schedule, len(self.blocks), calibrator, self.factors, self.memory, self.timer)
+            run = RunState(self.policy, schedule, len(self.blocks), calibrator, self.factors, self.memory, self.timer,
+                           self.ranks())
         except PolicyError as err:  # settings this model cannot take (a plan for another block count): the fix
             raise ValueError(f"calibrated_cache: {err}") from None
         except ValueError as err:  # FlipSigmas (ascending) or SplitSigmas leaving one sigma: nothing to fix
             reason = f"this sampler's schedule cannot be cached ({err})"
             return self._uncached(reason, lambda: executor(*args, **kwargs))
+        run.decider.log = self.decisions
+        if self.priors is not None:  # every GPU of the model must read the same file (one collective per run)
+            try:
+                run.consensus.same("prior files", self.priors.digest)
+            except RankDivergence as err:
+                raise ValueError(str(err)) from None
         if run.caches_spans and (not self.family.chained or _has_control(guider)):
             run.end_spans()
         self.prior_notes = []
@@ -184,20 +194,37 @@ class CacheSession:
             log.info("calibrated_cache: a ControlNet adds to the blocks' outputs in place; blocks are cached one by "
                      "one from here on in this run instead of as spans")
             self.run.end_spans()
-        call = self.call = self.run.call(float(sigma.flatten()[0]), branches, x, roles)
+        own = self._own_branches(len(branches), x.shape[0])
+        call = self.call = self.run.call(float(sigma.flatten()[0]), branches[own], x[own], roles[own])
         try:
-            return self._model(call, x, sigma, lambda: executor(*args, **kwargs))
+            return self._model(call, x, sigma, lambda: executor(*args, **kwargs), own)
         finally:
             self.call = previous
 
-    def _model(self, call: ModelCall, x: torch.Tensor, sigma: torch.Tensor, run: Callable[[], torch.Tensor]):
+    def _own_branches(self, branches: int, batch: int) -> slice:
+        """The branches this rank's blocks evaluate: all of them, or under Raylight's CFG parallelism its share (its
+        forward is handed that share of the batch, and the outputs are gathered after it)."""
+        rank, parts = self.run.consensus.branch_part
+        if parts == 1:
+            return slice(None)
+        if branches % parts or batch % branches:
+            raise ValueError(f"calibrated_cache: CFG parallelism over {parts} GPUs needs a batch of {parts} branches "
+                             f"(this one holds {branches}): set cfg above 1, or turn CFG parallelism off in Raylight")
+        share = branches // parts
+        return slice(rank * share, (rank + 1) * share)
+
+    def _model(self, call: ModelCall, x: torch.Tensor, sigma: torch.Tensor, run: Callable[[], torch.Tensor],
+               own: slice = slice(None)):
         """The model call through the engine. With step granularity its cached value is the output in noise units,
         (x − denoised)/σ: ε for ε-prediction models, the velocity for flow models, which is what varies smoothly along
         the trajectory; a forecast step returns x − σ·value, and nothing of the model runs. Otherwise the model runs
         (its blocks through the block hooks), and what it computes outside them counts toward the compute fraction.
-        The model's FLOPs are measured on its first call for a shape."""
+        The model's FLOPs are measured on its first call for a shape. Under CFG parallelism (`own`: this rank's
+        branches) the model computes and gathers every branch, this rank caches its own, and a whole step gathers the
+        ranks' forecasts."""
         step, units = self.policy.granularity == "step", call.caches_output
         scale = sigma.reshape(-1, *(1,) * (x.dim() - 1)).to(x.dtype)
+        mine = x[own]
         key = tuple(x.shape[1:])
         measure = key not in self._model_flops
         denoised: list[torch.Tensor] = []
@@ -211,16 +238,16 @@ class CacheSession:
                     with FlopCounter() as counter:
                         denoised.append(run())
                     # the blocks count at their plain cost, not at what ran through the engine (ICC's projections)
-                    outside = (counter.get_total_flops() - self._inside) / x.shape[0]
+                    outside = (counter.get_total_flops() - self._inside) / mine.shape[0]
                     self._model_flops[key] = max(outside + call.block_flops, 1.0)
                 else:
                     denoised.append(run())
             finally:
                 self.call, self._inside = call, None
-            return (x - denoised[-1]) / scale if units else denoised[-1]
+            return ((x - denoised[-1]) / scale)[own] if units else denoised[-1][own]
 
-        out, computed = call.model(value, lambda: self._model_flops.get(key, 1.0), x)
-        return denoised[-1] if computed else x - scale * out
+        out, computed = call.model(value, lambda: self._model_flops.get(key, 1.0), mine)
+        return denoised[-1] if computed else x - scale * self.run.consensus.gather(out)
 
     def plain_block(self, site: BlockSite, args: dict) -> None:
         """A hooked block that passed no tensor stream the pack can cache runs as it is; the log says so once a run."""

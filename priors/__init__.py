@@ -1,7 +1,7 @@
 """Prior files: format, validation against a run, model fingerprints and summaries. Pure torch; never imports comfy."""
 
 from .fingerprint import model_fingerprint
-from .format import PriorFile, PriorFileError, load_priors, read_metadata, save_priors
+from .format import PriorFile, PriorFileError, file_hash, load_priors, read_metadata, save_priors
 from .validate import PriorMismatch, check_model, check_policy, check_schedule, run_warnings
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "check_model",
     "check_policy",
     "check_schedule",
+    "file_hash",
     "load_priors",
     "model_fingerprint",
     "read_metadata",

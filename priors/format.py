@@ -9,6 +9,7 @@ Files are written to a temporary name in the target folder and renamed, so no re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +71,16 @@ def save_priors(path: str | Path, priors: TccPriors, meta: dict[str, Any],
         raise ValueError(f"prior metadata lacks {missing}")
     strings = {k: json.dumps(v) if k in JSON_FIELDS else str(v) for k, v in full.items()}
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=strings))
+
+
+def file_hash(path: str | Path) -> str:
+    """The SHA-256 of a prior file's bytes (16 hex digits): two copies are the same file wherever they lie, which
+    `inspect` shows and the GPUs of one model check."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import signal
@@ -136,6 +137,12 @@ def test_fit_priors_shows_progress_on_stderr_and_counts_one_request_in_the_singu
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "on 1 request (seeds" in shown and "fitted on 1 request (seeds" in shown
+    copy = tmp_path / "elsewhere" / out.name  # a worker compares this line to know it holds the same file
+    copy.parent.mkdir()
+    copy.write_bytes(out.read_bytes())
+    assert main(["inspect", str(copy)]) == 0
+    assert shown.splitlines()[0] == capsys.readouterr().out.splitlines()[0] == f"file          sha256 " \
+        f"{hashlib.sha256(out.read_bytes()).hexdigest()[:16]} (the same on every machine that holds this file)"
     header = next(line for line in shown.splitlines() if line.startswith("role "))
     assert header.split()[:3] == ["role", "step", "sigma"]  # Euler: one model evaluation per step
 

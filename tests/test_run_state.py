@@ -252,13 +252,13 @@ def test_the_dynamic_change_is_one_scalar_the_largest_over_images_branches_and_s
     """One maximum per decision, on the device, that devices sharing a batch can combine with a max."""
     run = RunState(CachePolicy(mode="dynamic"), flow_sigmas(4).tolist(), 2)
     ref = (torch.ones(2, 3), torch.full((2, 5), 2.0))
-    run.probe_refs = {"cond": ref, "uncond": ref}
+    run.decider.probe_refs = {"cond": ref, "uncond": ref}
     cond = (torch.tensor([[1.1] * 3, [1.0] * 3]), torch.full((2, 5), 2.0))  # image 0 of stream 0: 10%
     uncond = (torch.ones(2, 3), torch.tensor([[2.0] * 5, [2.5, 2.0, 2.0, 2.0, 2.0]]))  # image 1 of stream 1: 5%
-    change = run.probe_change([cond, uncond], ["cond", "uncond"])
+    change = run.decider.change([cond, uncond], ["cond", "uncond"])
     assert change.dim() == 0 and change.item() == pytest.approx(0.1)
-    assert run.probe_change([uncond, cond], ["uncond", "cond"]).item() == pytest.approx(0.1)
-    assert run.probe_change([cond], ["other"]).item() == float("inf")  # no reference: the round computes
+    assert run.decider.change([uncond, cond], ["uncond", "cond"]).item() == pytest.approx(0.1)
+    assert run.decider.change([cond], ["other"]).item() == float("inf")  # no reference: the round computes
 
 
 class _Staleness(Calibrator):

@@ -556,3 +556,54 @@ def test_a_plan_file_that_replaces_a_connected_policy_says_so_on_the_node_and_in
 def test_apply_without_a_policy_or_a_plan_file_names_the_fix(pack, flux):
     with pytest.raises(ValueError, match="needs a Cache Policy"):
         pack[1].execute(flux[0])
+
+
+def test_a_prior_file_copied_to_another_folder_and_machine_layout_is_accepted_for_the_same_weights(
+        pack, folders, modules, wan, tmp_path, monkeypatch):
+    """A queue spread over workers (ComfyUI-Distributed): the file fitted on one machine, copied into another's
+    cache_priors subfolder, applies there to the same weights loaded from that machine's own model file, samples
+    alike, and both copies show one hash in `inspect`."""
+    import folder_paths
+
+    priors = fit(pack, wan).result[0]
+    model, positive, negative, latent = wan
+    here = run_sampler(apply(pack, model, priors=priors), positive, negative, latent, steps=9, cfg=2.0)
+    other = tmp_path / "other_machine"
+    (other / "cache_priors" / "shared").mkdir(parents=True)
+    copied = other / "cache_priors" / "shared" / os.path.basename(priors.path)
+    copied.write_bytes(open(priors.path, "rb").read())
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "cache_priors", ([str(other / "cache_priors")],
+                                                                            {".safetensors"}))
+    there_model = build_family("Wan", str(other / "models")).model_patcher
+    name = f"shared/{copied.name}"
+    assert name in modules["folders"].prior_files()
+    there = run_sampler(apply(pack, there_model, prior_file=name), positive, negative, latent, steps=9, cfg=2.0)
+    assert torch.equal(here, there)
+    hashes = importlib.import_module(f"{pack[1].__module__.rsplit('.', 2)[0]}.priors").file_hash
+    assert hashes(copied) == hashes(priors.path)
+
+
+def test_every_gpu_of_a_model_checks_it_reads_the_same_prior_file_once_per_run(pack, folders, wan):
+    """With the model on several GPUs the run starts by comparing the prior file's hash across them (one collective);
+    a mismatch stops the run with the consensus's message."""
+    consensus = importlib.import_module(f"{pack[1].__module__.rsplit('.', 2)[0]}.calibration.consensus")
+    checked = []
+
+    class TwoRanks(consensus.Consensus):
+        ranks = 2
+
+        def same(self, what, digest):
+            checked.append((what, digest))
+            if digest != expected:
+                raise consensus.RankDivergence("calibrated_cache: the ranks of this model hold different prior files")
+
+    priors = fit(pack, wan).result[0]
+    expected = importlib.import_module(f"{pack[1].__module__.rsplit('.', 2)[0]}.priors").file_hash(priors.path)
+    model, positive, negative, latent = wan
+    patched = apply(pack, model, priors=priors)
+    session_of(patched).ranks = TwoRanks
+    run_sampler(patched, positive, negative, latent, steps=9, cfg=2.0)
+    assert checked == [("prior files", expected)]
+    expected = "another file"
+    with pytest.raises(ValueError, match="hold different prior files"):
+        run_sampler(patched, positive, negative, latent, steps=9, cfg=2.0)
