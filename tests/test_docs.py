@@ -172,6 +172,16 @@ def scenes(method: str, target: float | None, setting: str = "euler 20", source:
     return one(result(source)["rows"], setting=setting, method=method, target=target)
 
 
+def gpu_cost(name: str, config: str) -> dict[str, Any]:
+    return one(result(name)["rows"], config=config)
+
+
+def largest_gpu_cost_error() -> float:
+    """The largest distance of a two-rank run to the same policy in one process, over both studies."""
+    return max(r["rel_l2_vs_one_process"] for name in ("multi_gpu_cost.json", "multi_gpu_cost_cfg.json")
+               for r in result(name)["rows"])
+
+
 def fewer_scenes(steps: int, setting: str = "euler 20") -> dict[str, Any]:
     """Full computation at `steps` steps in the 0.3.64 scenes benchmark."""
     return one(result(SCENES_0364)["rows"], setting=setting, method="fewer-steps", steps=steps)
@@ -589,6 +599,20 @@ FIGURES = [
                     fixed(scenes("lazycache", 0.25)["compute_fraction"], 2),
                     block_level_shares()]
            + [fixed(scenes("fora", t)["share_of_ideal"], 2) for t in (0.5, 0.25, 0.17)]),
+    Figure("docs/multi-gpu.md", "| USP | {} ms/step | {} ms/step | {} ms/step ({} votes a run) | {} ms/step ({} "
+           "collectives a run) |\n| CFG | {} ms/step | {} ms/step | {} ms/step ({} votes a run) | {} ms/step ({} "
+           "collectives a run) |", "multi_gpu_cost.json and multi_gpu_cost_cfg.json: ms per step and collectives",
+           lambda: [v for name in ("multi_gpu_cost.json", "multi_gpu_cost_cfg.json") for v in (
+               [f"{gpu_cost(name, 'uncached')['ms_per_step']:.1f}", f"{gpu_cost(name, 'fixed')['ms_per_step']:.1f}",
+                f"{gpu_cost(name, 'fixed_voted')['ms_per_step']:.1f}",
+                str(gpu_cost(name, 'fixed_voted')['collectives_per_run']),
+                f"{gpu_cost(name, 'dynamic')['ms_per_step']:.1f}", str(gpu_cost(name, 'dynamic')['collectives_per_run'])])]),
+    Figure("docs/multi-gpu.md", "skips less ({} of\n96 block evaluations under USP, against the fixed policy's {}), "
+           "not because of its votes. Every config's output is\nwithin {} (relative L2)",
+           "multi_gpu_cost*.json: blocks skipped; the largest rel_l2 against one process",
+           lambda: [str(gpu_cost("multi_gpu_cost.json", "dynamic")["blocks_skipped"]),
+                    str(gpu_cost("multi_gpu_cost.json", "fixed")["blocks_skipped"]),
+                    f"{largest_gpu_cost_error():.1e}".replace("e-0", "e-")]),
     Figure("docs/benchmarks.md",
            "(10 steps: {} at {}, against FORA + TCC's {} at {} and FORA's {} at {}; 8 steps: {} at {},\n  against FORA + "
            "TCC's {} at {} and FORA's {} at {}). At interval 2 the forecasters and TCC win (FoCa\n  {} at {}, FORA + TCC "
