@@ -78,7 +78,6 @@ class RankConsensus(Consensus):
         self.group = group
         self.tokens = tokens
         self.ranks = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
         self._token_ranks = 1 if tokens is None else dist.get_world_size(tokens)
         self.branches = branches
         self._branch_part = (0, 1) if branches is None else (dist.get_rank(branches), dist.get_world_size(branches))

@@ -187,7 +187,6 @@ class GocCorrector(Calibrator):
         if self.settings.inflection == "auto":
             track.computed = value
 
-
     def _cosine(self, a: Tensor, b: Tensor) -> Tensor:
         """Per sample, cos(a, b) over every token, on however many ranks the tokens are sharded."""
         if not self.consensus.shards_tokens:

@@ -3,7 +3,8 @@
 A round's decision is made from inputs every rank of a multi-GPU model sees alike (the step, the policy, the plan),
 and where it depends on data (the dynamic policy's probe, a memory cap's admissions, blocks whose caches a rank does
 not hold), from votes reduced across the ranks once per model call, before any block that may be skipped runs
-(`consensus.py`). The hot path reads the result: `Decision.computes[block]`.
+(`consensus.py`; under sequence parallelism the dynamic policy's token sums add one reduction before the vote). The
+hot path reads the result: `Decision.computes[block]`.
 
 Fixed and planned policies without a memory cap decide from the plan alone and run no collective. The dynamic policy
 votes once per model call that may skip, after its probe blocks (which every round computes); a memory cap votes
@@ -124,16 +125,19 @@ class RoundDecider:
         moved, size = [], []
         for branch, residuals in zip(branches, parts):
             refs = self.probe_refs.get(branch)
-            if refs is None or [r.shape for r in refs] != [r.shape for r in residuals]:
-                return torch.tensor(float("inf"), device=residuals[0].device)
-            for r, ref in zip(residuals, refs):
+            known = refs is not None and [r.shape for r in refs] == [r.shape for r in residuals]
+            for i, r in enumerate(residuals):  # float32 sums: some devices (MPS) have no float64
                 images = r.shape[0]
-                moved.append((r - ref).abs().reshape(images, -1).sum(1, dtype=torch.float64))
-                size.append(ref.abs().reshape(images, -1).sum(1, dtype=torch.float64))
+                if not known:  # the same shape as a known one's, so that every rank's sums can be added
+                    moved.append(torch.full((images,), float("inf"), device=r.device))
+                    size.append(torch.ones(images, device=r.device))
+                    continue
+                moved.append((r - refs[i]).abs().reshape(images, -1).sum(1, dtype=torch.float32))
+                size.append(refs[i].abs().reshape(images, -1).sum(1, dtype=torch.float32))
         sums = torch.stack([torch.cat(moved), torch.cat(size)])
-        if self.consensus.shards_tokens:
+        if self.consensus.shards_tokens:  # run on every rank alike, a rank without references included
             sums = self.consensus.total(sums)
-        return (sums[0] / sums[1].clamp_min(1e-300)).max()
+        return (sums[0] / sums[1].clamp_min(1e-30)).max()
 
     def refuse(self, block: int) -> None:
         """A block whose caches do not fit the memory cap is computed every step from now on (on every rank, once the
@@ -148,8 +152,8 @@ class RoundDecider:
 
     def _voted(self, round_: Round, branches: Sequence[Hashable], ready: set[int], change: float | Tensor
                ) -> tuple[list[bool], float]:
-        """This call's data-dependent inputs, reduced across the ranks (one collective): per block whether some rank
-        cannot fill it in, and the largest change."""
+        """This call's data-dependent inputs, reduced across the ranks (one MAX all-reduce): per block whether some
+        rank cannot fill it in, and the largest change."""
         n = self.blocks
         unready = self._unready(ready)
         if self.consensus.ranks == 1:

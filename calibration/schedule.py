@@ -51,7 +51,3 @@ class StepPlan:
         round of the same step (Heun) may skip too.
         """
         return self._skippable_from[step if self._dynamic else step + 1]
-
-    def skips(self, step: int, block: int) -> bool:
-        """Plan mode: whether `block` is filled in at `step` (other modes decide per round)."""
-        return not self.blocks[step][block]

@@ -169,6 +169,7 @@ def apply_cache(model: ModelPatcher, policy: CachePolicy | None, fitted: FittedP
     factors = factor_cache(model, fitted.channels if fitted is not None else None) if policy.icc else None
     m, session = patch_model(model, policy, node_id, tcc, factors, memory)
     session.notes = [replaced] if replaced else []
+    session.prior_digest = None if fitted is None else fitted.digest
     if fitted is not None:  # refused here, at node time, rather than after the sampler has loaded the model
         # statistics alone carry over to LoRAs and merges of the same architecture; TCC priors do not
         parts = IDENTITY if tcc is not None else ("family", "architecture")

@@ -46,13 +46,17 @@ class FittedPriors:
         own runs derived from them (their stacks on the device)."""
         return cls(TccPriors(priors.priors, priors.variant), meta, path, channels)
 
+    @property
+    def digest(self) -> str:
+        """The file's hash (the GPUs of one model check they all read the same file); the metadata where unsaved."""
+        return file_hash(self.path) if os.path.isfile(self.path) else json.dumps(self.meta, sort_keys=True)
+
     def held(self) -> HeldPriors:
         """What a patched model keeps of these priors (their channel statistics go to ICC's factor cache)."""
         sites = {key: {f.name: host_array(v) if isinstance(v := getattr(prior, f.name), Tensor) else v
                        for f in fields(prior) if f.init}
                  for key, prior in self.priors.priors.items()}
-        digest = file_hash(self.path) if os.path.isfile(self.path) else json.dumps(self.meta, sort_keys=True)
-        return HeldPriors(self.meta, self.path, self.priors.variant, sites, digest)
+        return HeldPriors(self.meta, self.path, self.priors.variant, sites)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,6 @@ class HeldPriors:
     path: str
     variant: str
     sites: dict[SiteKey, dict[str, Any]]  # each site's SitePrior fields, its tensors as arrays
-    digest: str  # the file's hash: the GPUs of one model check they all read the same file
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ from comfy_api.latest import io
 from ..calibration import CachePolicy
 from ..calibration.consensus import Consensus, current
 from ..calibration.icc import SVD_MODES
+from ..calibration.rounds import CHECK_RANKS
 from . import folders, raylight_actor
 from .apply_node import ApplyCalibratedCacheNode, apply_cache, cache_memory
 from .fitted import load
@@ -27,6 +28,7 @@ from .policy_node import CATEGORY
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY_ACTORS = io.Custom("RAY_ACTORS")  # Raylight's socket: {"workers": [one Ray actor per GPU], ...}
 PATCH_CONTRACT = os.path.join("src", "raylight", "comfy_extra_dist", "ray_patch_decorator.py")
+BASE = "calibrated_cache_base"  # an actor model's attachment: the model before this node patched it
 
 
 def raylight_installed() -> bool:
@@ -53,8 +55,8 @@ class ApplyCalibratedCacheRaylightNode(io.ComfyNode):
             category=CATEGORY,
             description="Apply Calibrated Cache on every GPU of a Raylight model (sequence, CFG or FSDP parallel): "
                         "every GPU takes the same decision at every block, so their collectives stay matched "
-                        "(docs/multi-gpu.md). Planned policies cost no communication; the dynamic one a small "
-                        "all-reduce per step.",
+                        "(docs/multi-gpu.md). Fixed and planned policies without a cache cap cost no "
+                        "communication; the dynamic one a small all-reduce per step.",
             inputs=[RAY_ACTORS.Input("ray_actors", tooltip="From Raylight's model loader (RAY_ACTORS)."), *inputs],
             outputs=[RAY_ACTORS.Output(display_name="ray_actors")],
         )
@@ -69,19 +71,28 @@ class ApplyCalibratedCacheRaylightNode(io.ComfyNode):
         cache_memory(cache_offload, cache_limit_mb)  # a bad setting is refused here, once, not on every GPU
         path = None if prior_file in (None, folders.NONE) else folders.find_prior(prior_file)
         settings = {"policy": None if policy is None else policy.to_dict(), "prior_path": path, "icc_rank": icc_rank,
-                    "icc_svd": icc_svd, "cache_offload": cache_offload, "cache_limit_mb": cache_limit_mb}
+                    "icc_svd": icc_svd, "cache_offload": cache_offload, "cache_limit_mb": cache_limit_mb,
+                    "check_ranks": os.environ.get(CHECK_RANKS) == "1"}  # this process's, the same on every GPU
         cloudpickle.register_pickle_by_value(raylight_actor)
         return io.NodeOutput(ray_patch(raylight_actor.patch_on_actor)(None, ray_actors, PACK_DIR, settings)[0])
 
 
 def patch_rank(model, settings: dict[str, Any]):
     """On one actor: the patched clone of its model, deciding with the other GPUs through `rank_consensus`. Every GPU
-    reads the prior file itself; each run starts by checking they read the same one."""
+    reads the prior file itself; each run starts by checking they read the same one. The actor keeps the patched model
+    in place of its own (Raylight's `model_function_runner`), so a later run of the node patches the model it was given
+    the first time, not the patched one: caches never stack."""
+    if settings["check_ranks"]:
+        os.environ[CHECK_RANKS] = "1"
+    else:
+        os.environ.pop(CHECK_RANKS, None)
+    base = model.attachments.get(BASE, model)
     policy = None if settings["policy"] is None else CachePolicy.from_dict(settings["policy"])
     fitted = None if settings["prior_path"] is None else load(settings["prior_path"])
-    m, session, _ = apply_cache(model, policy, fitted, settings["icc_rank"], settings["icc_svd"],
+    m, session, _ = apply_cache(base, policy, fitted, settings["icc_rank"], settings["icc_svd"],
                                 cache_memory(settings["cache_offload"], settings["cache_limit_mb"]))
     session.ranks = rank_consensus
+    m.attachments[BASE] = base
     return m
 
 

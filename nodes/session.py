@@ -83,6 +83,7 @@ class CacheSession:
         self.plain: set[int] = set()  # this run's blocks that gave no stream to cache, so ran plainly
         self.ranks: Callable[[], Consensus] = Consensus  # the ranks a run agrees with (Raylight: its process group)
         self.decisions: list[tuple] | None = None  # when a list, runs append their decisions (to compare ranks)
+        self.prior_digest: str | None = None  # the applied prior file's hash, TCC priors or ICC statistics alike
 
     def outer_sample(self, executor, *args, **kwargs):
         guider, sigmas = executor.class_obj, args[3]
@@ -105,9 +106,9 @@ class CacheSession:
             reason = f"this sampler's schedule cannot be cached ({err})"
             return self._uncached(reason, lambda: executor(*args, **kwargs))
         run.decider.log = self.decisions
-        if self.priors is not None:  # every GPU of the model must read the same file (one collective per run)
+        if self.prior_digest is not None:  # every GPU of the model must read the same file (one collective per run)
             try:
-                run.consensus.same("prior files", self.priors.digest)
+                run.consensus.same("prior files", self.prior_digest)
             except RankDivergence as err:
                 raise ValueError(str(err)) from None
         if run.caches_spans and (not self.family.chained or _has_control(guider)):
@@ -195,9 +196,11 @@ class CacheSession:
                      "one from here on in this run instead of as spans")
             self.run.end_spans()
         own = self._own_branches(len(branches), x.shape[0])
-        call = self.call = self.run.call(float(sigma.flatten()[0]), branches[own], x[own], roles[own])
         try:
+            call = self.call = self.run.call(float(sigma.flatten()[0]), branches[own], x[own], roles[own])
             return self._model(call, x, sigma, lambda: executor(*args, **kwargs), own)
+        except RankDivergence as err:  # the GPUs of a Raylight model diverged: one message, not a deep traceback
+            raise ValueError(str(err)) from None
         finally:
             self.call = previous
 
@@ -207,11 +210,11 @@ class CacheSession:
         rank, parts = self.run.consensus.branch_part
         if parts == 1:
             return slice(None)
-        if branches % parts or batch % branches:
+        if branches != parts or batch != branches:  # Raylight splits a batch of exactly one image per GPU
             raise ValueError(f"calibrated_cache: CFG parallelism over {parts} GPUs needs a batch of {parts} branches "
-                             f"(this one holds {branches}): set cfg above 1, or turn CFG parallelism off in Raylight")
-        share = branches // parts
-        return slice(rank * share, (rank + 1) * share)
+                             f"of one image each (this one holds {batch} images of {branches} branches): set the batch "
+                             "size to 1 and cfg above 1, or turn CFG parallelism off in Raylight")
+        return slice(rank, rank + 1)
 
     def _model(self, call: ModelCall, x: torch.Tensor, sigma: torch.Tensor, run: Callable[[], torch.Tensor],
                own: slice = slice(None)):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from calibrated_cache.calibration import CachePolicy, RunState
+from calibrated_cache.calibration import CacheMemory, CachePolicy, RunState
 from calibrated_cache.calibration.consensus import Consensus
 from calibrated_cache.testbed.sampling import flow_sigmas
 
@@ -55,7 +55,7 @@ def test_ranks_with_different_policies_stop_together_at_the_first_vote(tmp_path)
         assert result["error"].startswith("RankDivergence: calibrated_cache: the GPUs running this model reached round")
 
 
-def test_one_process_runs_no_collective_and_decides_as_before():
-    run = RunState(CachePolicy(mode="dynamic", granularity="block"), flow_sigmas(4).tolist(), 2)
-    assert type(run.consensus) is Consensus and run.consensus.ranks == 1
+def test_one_process_has_a_consensus_that_reduces_nothing_and_never_votes():
+    run = RunState(CachePolicy(granularity="block"), flow_sigmas(4).tolist(), 2, memory=CacheMemory(False, 1024))
+    assert type(run.consensus) is Consensus and run.consensus.ranks == 1 and not run.decider.votes
     assert run.consensus.agree(torch.ones(3)).tolist() == [1.0, 1.0, 1.0] and run.consensus.collectives == 0

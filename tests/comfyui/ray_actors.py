@@ -32,4 +32,5 @@ class TinyWorker:
             return out, None
         session = wrappers[0].__self__
         return out, {"tag": session.policy.tag(), "consensus": session.ranks.__name__,
-                     "skipped": session.last_report["blocks_skipped"], "module": type(session).__module__}
+                     "skipped": session.last_report["blocks_skipped"], "module": type(session).__module__,
+                     "sessions": len(wrappers)}

@@ -122,8 +122,8 @@ def test_ranks_that_diverge_stop_together_with_one_message(tmp_path, case, flags
     """Rank 1 is given another threshold (dynamic) or interval (fixed, with CALIBRATED_CACHE_CHECK_RANKS=1): the
     vote's digest differs, and both ranks raise RankDivergence at that round instead of hanging."""
     results, seconds = run_ranks(tmp_path, "Wan", (case,), "--diverge", "--timeout", "20", *flags)
-    for result in results:
-        assert result.get("error", "").startswith("RankDivergence: calibrated_cache: the GPUs running this model")
+    for result in results:  # the session turns the engine's RankDivergence into a ValueError without a deep traceback
+        assert result.get("error", "").startswith("ValueError: calibrated_cache: the GPUs running this model")
     assert seconds < RUN_SECONDS
 
 
@@ -132,4 +132,6 @@ def test_ranks_that_diverge_without_a_vote_fail_within_the_collective_timeout(tm
     within the process group's timeout rather than hang."""
     results, seconds = run_ranks(tmp_path, "Wan", ("fixed",), "--diverge", "--timeout", "10")
     assert any("error" in result for result in results)
+    for result in results:  # each rank got as far as the cached two-rank run, or was aborted by the process group
+        assert "uncached_parallel" in result or result["error"].startswith("no result")
     assert seconds < RUN_SECONDS

@@ -5,6 +5,7 @@ patch contract (`ray_patch`, imported from Raylight's source) on two real Ray ac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import os
 import sys
@@ -61,7 +62,8 @@ def test_the_raylight_node_is_offered_only_where_raylight_is_installed(pack, ray
 def test_the_node_patches_every_actors_model_through_raylights_contract(pack, raylight, monkeypatch):
     """Each actor's model comes back patched by the pack loaded there from its folder, deciding with the other GPUs
     through `rank_consensus` (one process per actor here: no process group, so no collective), and samples as the
-    Apply node's model does in this process."""
+    Apply node's model does in this process; running the node again (new settings) patches the actor's original
+    model, so caches never stack."""
     import ray
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*raylight[1], str(HERE), os.environ.get("PYTHONPATH", "")]))
@@ -78,10 +80,11 @@ def test_the_node_patches_every_actors_model_through_raylights_contract(pack, ra
         workers = [ray.remote(TinyWorker).remote("Wan") for _ in range(2)]
         actors = {"workers": workers}
         node = pack["nodes.raylight"].ApplyCalibratedCacheRaylightNode
+        node.execute(actors, dataclasses.replace(policy, interval=2))
         assert node.execute(actors, policy).result[0] is actors
         for out, session in ray.get([w.sample.remote(STEPS) for w in workers]):
             assert session == {"tag": policy.tag(), "consensus": "rank_consensus", "skipped": session["skipped"],
-                               "module": "calibrated_cache.nodes.session"} and session["skipped"] > 0
+                               "module": "calibrated_cache.nodes.session", "sessions": 1} and session["skipped"] > 0
             assert torch.equal(out, expected)
     finally:
         ray.shutdown()
