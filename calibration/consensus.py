@@ -60,7 +60,7 @@ class Consensus:
         """The branch group's parts, in rank order along the batch."""
         return part
 
-    def same(self, what: str, digest: str) -> None:
+    def same(self, what: str, text: str) -> None:
         """Refuse, on every rank, a value that differs between ranks (e.g. a prior file's hash)."""
 
 
@@ -108,10 +108,8 @@ class RankConsensus(Consensus):
         self._dist.all_gather(parts, part.contiguous(), group=self.branches)
         return torch.cat(parts)
 
-    def same(self, what: str, digest: str) -> None:
-        value = float(zlib.crc32(digest.encode()) % DIGEST_SPAN)
-        reduced = self.agree(torch.tensor([value, -value], dtype=torch.float64))
-        if reduced[0] != -reduced[1]:
+    def same(self, what: str, text: str) -> None:
+        if diverged(self.agree(torch.tensor(witness(digest(text)), dtype=torch.float64))):
             raise RankDivergence(f"calibrated_cache: the ranks of this model hold different {what}: every GPU must "
                                  "read the same file (copy it to every machine, and compare `python -m "
                                  "calibrated_cache inspect FILE` on each)")
@@ -126,6 +124,17 @@ class RankConsensus(Consensus):
 def digest(*parts: object) -> float:
     """A number every rank computes alike from alike inputs (exact in float64, so a MAX compares it bit for bit)."""
     return float(zlib.crc32(repr(parts).encode()) % DIGEST_SPAN)
+
+
+def witness(value: float) -> list[float]:
+    """A digest as two votes, itself and its negative: after a MAX they are each other's negatives only where every
+    rank voted the same digest."""
+    return [value, -value]
+
+
+def diverged(reduced: Tensor) -> bool:
+    """Whether the last two of a reduced vote, a `witness`, show ranks that voted different digests."""
+    return bool(reduced[-2] != -reduced[-1])
 
 
 def current(group=None, tokens=None, branches=None) -> Consensus:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .clock import StepClock
-from .consensus import Consensus, RankDivergence, digest
+from .consensus import Consensus, RankDivergence, digest, diverged, witness
 from .policy import CachePolicy
 from .schedule import StepPlan
 
@@ -160,9 +160,9 @@ class RoundDecider:
             return unready, float(change)
         state = digest(self.identity, round_.index, round_.step, round_.skip, len(branches))
         votes = torch.tensor([float(change), *map(float, unready), *(float(b in self.refused) for b in range(n)),
-                              state, -state], dtype=torch.float64)
+                              *witness(state)], dtype=torch.float64)
         agreed = self.consensus.agree(votes)
-        if agreed[-2] != -agreed[-1]:
+        if diverged(agreed):
             raise RankDivergence(
                 f"calibrated_cache: the GPUs running this model reached round {round_.index} (step {round_.step}) in "
                 "different states (another policy, plan or schedule on some GPU): every GPU must run the same "
