@@ -92,7 +92,9 @@ class RoundDecider:
 
     def call(self, round_: Round, branches: Sequence[Hashable], ready: set[int]) -> Decision:
         """A model call's decision at its start, from the blocks its group holds values for (`ready`)."""
-        unready = self._voted(round_, branches, ready, 0.0)[0] if round_.skip and self.votes else self._unready(ready)
+        if not round_.skip:  # every block computes (the dynamic policy decides after its probe)
+            return self._decided(round_, branches, None)
+        unready = self._voted(round_, branches, ready, 0.0)[0] if self.votes else self._unready(ready)
         return self._decided(round_, branches, unready)
 
     def probe(self, round_: Round, branches: Sequence[Hashable], parts: Sequence[tuple[Tensor, ...]],
@@ -174,8 +176,9 @@ class RoundDecider:
         self.refused.clear()
         return [bool(v) for v in agreed[1:1 + n].tolist()], float(agreed[0])
 
-    def _decided(self, round_: Round, branches: Sequence[Hashable], unready: list[bool]) -> Decision:
-        """Compute every block the round does not skip, and those that cannot be filled in."""
+    def _decided(self, round_: Round, branches: Sequence[Hashable], unready: list[bool] | None) -> Decision:
+        """Compute every block the round does not skip, and those that cannot be filled in (`unready`, read only
+        where the round skips)."""
         if not round_.skip:
             computes = [True] * self.blocks
         elif self.plan.blocks is None:
